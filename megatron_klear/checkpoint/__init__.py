@@ -1,0 +1,1 @@
+"""HF <-> Megatron mapping, HF safetensors I/O and Megatron distributed checkpoints."""

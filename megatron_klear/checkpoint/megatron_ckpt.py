@@ -1,0 +1,155 @@
+"""Megatron-Core distributed checkpoints of a Qwen3 model, written atomically.
+
+Layout of a model checkpoint directory::
+
+    DIR/megatron_klear.json   what this is (written last: its presence marks a complete checkpoint)
+    DIR/config.json           the HF config the model was built from
+    DIR/<tokenizer files>     copied from the HF source when there is one
+    DIR/model/                Megatron-Core dist_checkpointing (torch_dist), TP/PP-agnostic
+
+A checkpoint is written under a temporary sibling name and renamed at the end, so an
+interrupted write never leaves a directory that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_klear.errors import CheckpointError
+from megatron_klear.models.qwen3 import Qwen3Config
+
+MARKER = "megatron_klear.json"
+FORMAT_VERSION = 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_str(value: Optional[str]) -> str:
+    if not dist.is_initialized():
+        assert value is not None
+        return value
+    obj = [value]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]  # type: ignore[return-value]
+
+
+def is_valid_checkpoint(path: str | Path) -> bool:
+    """True if ``path`` is a completely written checkpoint."""
+    p = Path(path)
+    return (p / MARKER).is_file() and (p / "model" / "metadata.json").is_file()
+
+
+def read_marker(path: str | Path) -> dict:
+    """The metadata of a complete checkpoint; a clear error otherwise."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: checkpoint directory does not exist")
+    if not is_valid_checkpoint(p):
+        raise CheckpointError(
+            f"{p}: not a complete megatron-klear checkpoint (missing {MARKER} or model/metadata.json; "
+            "an interrupted write?)"
+        )
+    return json.loads((p / MARKER).read_text())
+
+
+def check_output_dir(out: str | Path, force: bool) -> None:
+    """Refuse to overwrite an existing output unless ``force``."""
+    if Path(out).exists() and not force:
+        raise CheckpointError(f"{out}: output directory exists; pass --force to replace it")
+
+
+@contextmanager
+def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory, shared by all ranks, renamed to ``out`` on success.
+
+    On failure the temporary directory is removed and ``out`` is untouched.
+    """
+    out = Path(out).absolute()
+    check_output_dir(out, force)
+    tmp = None
+    if _rank() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = str(out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time())}")
+        Path(tmp).mkdir()
+    tmp_path = Path(_broadcast_str(tmp))
+    try:
+        yield tmp_path
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp_path, ignore_errors=True)
+        raise
+    _barrier()
+    if _rank() == 0:
+        old = None
+        if out.exists():  # only with force: swap in the new one, then drop the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        tmp_path.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def write_marker(path: Path, cfg: Qwen3Config, **extra) -> None:
+    """Write config.json and the completion marker (rank 0). Call last."""
+    if _rank() != 0:
+        return
+    (path / "config.json").write_text(json.dumps(cfg.raw, indent=2, sort_keys=True))
+    meta = {"format_version": FORMAT_VERSION, "kind": "qwen3-megatron", **extra}
+    (path / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def save_model(model: torch.nn.Module, path: Path) -> None:
+    """Save this rank's model stage into ``path/model`` (collective over all ranks)."""
+    from megatron.core import dist_checkpointing
+
+    target = path / "model"
+    if _rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(target))
+
+
+def load_model(model: torch.nn.Module, path: str | Path) -> dict:
+    """Load a checkpoint written at any TP/PP into this rank's model stage.
+
+    Returns the checkpoint's metadata. Shape mismatches name the tensor and both shapes.
+    """
+    from megatron.core import dist_checkpointing
+
+    meta = read_marker(path)
+    sharded = model.sharded_state_dict()
+    try:
+        state = dist_checkpointing.load(sharded, str(Path(path) / "model"))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load into this model: {e}") from e
+    _load_state_checked(model, state, path)
+    return meta
+
+
+def _load_state_checked(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and isinstance(tensor, torch.Tensor) and own[name] is not None:
+            if tuple(own[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{path}: tensor {name} has shape {tuple(tensor.shape)} in the checkpoint "
+                    f"but {tuple(own[name].shape)} in the model"
+                )
+    model.load_state_dict(state, strict=False)

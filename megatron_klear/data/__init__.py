@@ -1,0 +1,1 @@
+"""Tokenizer, chat formatting and datasets."""

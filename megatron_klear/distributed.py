@@ -1,0 +1,119 @@
+"""Process groups from torchrun or Slurm environments, device choice, parallel validation."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_klear.compat import install_cpu_compat
+from megatron_klear.errors import ConfigError
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. Data parallel size is whatever is left of the world."""
+
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+
+    def validate(self, world_size: int) -> int:
+        """Check the sizes against the world; returns the data-parallel size."""
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        mp = self.tp * self.pp
+        if world_size % mp != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tp x pp = {self.tp} x {self.pp} = {mp}"
+            )
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+        return world_size // mp
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits in the job, read from torchrun or Slurm variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        env = os.environ
+        if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also srun + torchrun)
+            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
+            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        return cls(0, 1, 0)
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its local GPU if there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_min: int = 30) -> DistEnv:
+    """Initialise torch.distributed and Megatron's model-parallel groups.
+
+    Uses NCCL on GPUs and gloo on CPU (with the CPU compatibility layer). The parallel
+    layout is validated before any collective is created.
+    """
+    env = DistEnv.from_environ()
+    parallel.validate(env.world_size)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        install_cpu_compat()
+        backend = "gloo"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_min),
+        )
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
+        )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return env
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    """True on global rank 0 (or when not distributed)."""
+    return not dist.is_initialized() or dist.get_rank() == 0

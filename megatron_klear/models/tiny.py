@@ -1,0 +1,77 @@
+"""Random-initialised Qwen3 HF model directories for tests, benchmarks and the demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_klear.data.tokenizer import build_tokenizer
+
+
+@dataclass
+class TinyModelArgs:
+    """Shape of a tiny Qwen3 model (defaults: a few hundred thousand parameters)."""
+
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    ffn: int = 128
+    vocab: int = 512
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    max_positions: int = 4096
+    seed: int = 0
+    max_shard_size: str = "5GB"
+    with_tokenizer: bool = True
+
+
+def qwen3_hf_config(a: TinyModelArgs, tok=None):
+    """The ``transformers.Qwen3Config`` for these arguments."""
+    from transformers import Qwen3Config
+
+    ids = {}
+    if tok is not None:
+        ids = dict(
+            bos_token_id=None,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        )
+    return Qwen3Config(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.ffn,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=a.head_dim,
+        max_position_embeddings=a.max_positions,
+        tie_word_embeddings=a.tie_embeddings,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        architectures=["Qwen3ForCausalLM"],
+        dtype=a.dtype,
+        **ids,
+    )
+
+
+def make_tiny_model(out: str | Path, a: TinyModelArgs) -> Path:
+    """Write an HF Qwen3 directory (config, safetensors, tokenizer) loadable offline."""
+    from transformers import Qwen3ForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(a.vocab, out) if a.with_tokenizer else None
+    cfg = qwen3_hf_config(a, tok)
+    torch.manual_seed(a.seed)
+    dtype = getattr(torch, a.dtype)
+    model = Qwen3ForCausalLM(cfg).to(dtype)
+    with torch.no_grad():  # HF zero-inits nothing we care about, but make norms non-trivial
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=a.max_shard_size)
+    return out

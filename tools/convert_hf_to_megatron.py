@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Convert an HF Qwen3 model directory into a Megatron-Core distributed checkpoint.
+
+    python tools/convert_hf_to_megatron.py --hf DIR --out DIR [--tp N --pp N] [--force]
+
+The checkpoint loads at any TP/PP that divides the model, whatever --tp/--pp wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_klear.checkpoint.convert import hf_to_megatron  # noqa: E402
+from megatron_klear.errors import CheckpointError, ConfigError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output Megatron checkpoint directory")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write with")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write with")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    a = p.parse_args(argv)
+    try:
+        hf_to_megatron(a.hf, a.out, tp=a.tp, pp=a.pp, force=a.force)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out} (tp={a.tp}, pp={a.pp})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Create a random-initialised Qwen3 HF model directory with a locally built tokenizer.
+
+    python tools/make_tiny_model.py --out /tmp/tiny [--layers 2 --hidden 64 --heads 4 --kv-heads 2
+        --head-dim 32 --ffn 128 --vocab 512 --tie-embeddings --dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output HF model directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    for f in fields(TinyModelArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.force:
+        p.error(f"{out}: output directory exists and is not empty; pass --force to replace it")
+    args = TinyModelArgs(**{f.name: getattr(a, f.name) for f in fields(TinyModelArgs)})
+    make_tiny_model(out, args)
+    from megatron_klear.models.qwen3 import load_hf_config
+
+    print(f"wrote {out}: Qwen3 with {load_hf_config(out).num_params:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
