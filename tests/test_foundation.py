@@ -1,0 +1,262 @@
+"""Foundation: Qwen3 on Megatron-Core vs HF transformers, conversion round trips, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_klear.checkpoint import mapping
+from megatron_klear.checkpoint.convert import hf_to_megatron, megatron_to_hf
+from megatron_klear.checkpoint.megatron_ckpt import is_valid_checkpoint
+from megatron_klear.distributed import ParallelConfig
+from megatron_klear.errors import CheckpointError, ConfigError
+from megatron_klear.launch import spawn
+from megatron_klear.models.qwen3 import Qwen3Config, load_hf_config, padded_vocab_size
+from tests.dist_workers import logits_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+
+
+def hf_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def converted(hf_models, tmp_path_factory) -> dict[str, Path]:
+    """Every tiny model converted at TP=2 x PP=2 (the hardest layout to write)."""
+    root = tmp_path_factory.mktemp("mg")
+    out = {}
+    for name, d in hf_models.items():
+        out[name] = root / name
+        hf_to_megatron(str(d), str(out[name]), tp=2, pp=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def input_ids(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 500, (2, 24), generator=g)
+    p = tmp_path_factory.mktemp("ids") / "ids.json"
+    p.write_text(json.dumps(ids.tolist()))
+    return p, ids
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_megatron_logits_match_hf(tp, pp, converted, hf_models, input_ids, tmp_path):
+    """Checkpoints written at TP2xPP2 load at every layout and give HF's logits."""
+    ids_path, ids = input_ids
+    spawn(logits_worker, tp * pp, tp, pp, [str(p) for p in converted.values()], str(ids_path), str(tmp_path))
+    for name, ck in converted.items():
+        ours = torch.load(tmp_path / f"{ck.name}_tp{tp}_pp{pp}.pt")
+        ref = hf_logits(hf_models[name], ids)
+        assert ours.shape == ref.shape
+        rel = ((ours - ref).norm() / ref.norm()).item()
+        assert rel < 1e-4, f"{name} at tp={tp} pp={pp}: relative error {rel:.2e}"
+        assert ours.abs().max() > 0
+
+
+def test_round_trip_is_bit_exact(converted, hf_models, tmp_path):
+    for name, ck in converted.items():
+        out = tmp_path / name
+        megatron_to_hf(str(ck), str(out))
+        a, b = load_file(hf_models[name] / "model.safetensors"), load_file(out / "model.safetensors")
+        assert sorted(a) == sorted(b), name
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), f"{name}: {k} differs"
+        assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+def test_export_loads_in_transformers_offline(converted, tmp_path, input_ids):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    megatron_to_hf(str(converted["gqa4_tied"]), str(out), max_shard_bytes=20_000)  # force shards
+    assert (out / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("<think>") != tok.unk_token_id
+    assert model(input_ids[1]).logits.shape[-1] == 512
+
+
+def test_tp1_written_checkpoint_loads_at_tp2_pp2(hf_models, tmp_path, input_ids):
+    ids_path, ids = input_ids
+    ck = tmp_path / "gqa4_untied"
+    hf_to_megatron(str(hf_models["gqa4_untied"]), str(ck), tp=1, pp=1)
+    spawn(logits_worker, 4, 2, 2, [str(ck)], str(ids_path), str(tmp_path))
+    ours = torch.load(tmp_path / "gqa4_untied_tp2_pp2.pt")
+    ref = hf_logits(hf_models["gqa4_untied"], ids)
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_dump_logits_cli(converted, hf_models, input_ids, tmp_path):
+    ids_path, ids = input_ids
+    out = tmp_path / "l.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "tools/dump_logits.py"),
+           "--load", str(converted["gqa1_untied"]), "--tp", "1", "--pp", "2", "--input-ids", str(ids_path), "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
+    ref = hf_logits(hf_models["gqa1_untied"], ids)
+    assert ((torch.load(out) - ref).norm() / ref.norm()).item() < 1e-4
+
+
+# --- the mapping, as pure functions -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("te", [False, True])
+def test_mapping_shard_unshard_inverse(te):
+    cfg = load_cfg(heads=8, kv=2, hd=8)
+    specs = mapping.param_specs(cfg, te=te)
+    assert ("decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in specs) == te
+    g = torch.Generator().manual_seed(0)
+    for spec in specs.values():
+        hf = {n: torch.randn(_hf_shape(cfg, n), generator=g) for n in spec.hf}
+        full = mapping.to_megatron(spec, hf, cfg, padded_vocab_size(cfg.vocab_size, 2))
+        shards = [mapping.shard(spec, full, r, 2) for r in range(2)]
+        assert torch.equal(mapping.unshard(spec, shards), full)
+        back = mapping.to_hf(spec, full, cfg)
+        assert all(torch.equal(back[n], hf[n]) for n in spec.hf)
+
+
+def test_qkv_layout_is_grouped_per_kv_head():
+    """Megatron's fused QKV puts each group's queries, then its key, then its value."""
+    cfg = load_cfg(heads=4, kv=2, hd=1, hidden=1)
+    spec = mapping.param_specs(cfg)["decoder.layers.0.self_attention.linear_qkv.weight"]
+    hf = {spec.hf[0]: torch.tensor([[0.0], [1], [2], [3]]), spec.hf[1]: torch.tensor([[10.0], [11]]),
+          spec.hf[2]: torch.tensor([[20.0], [21]])}
+    full = mapping.to_megatron(spec, hf, cfg, 512)
+    assert full.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+
+
+def load_cfg(heads=4, kv=2, hd=16, hidden=64, tied=False) -> Qwen3Config:
+    return Qwen3Config.from_dict(dict(
+        architectures=["Qwen3ForCausalLM"], vocab_size=500, hidden_size=hidden, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
+        tie_word_embeddings=tied, dtype="float32"))
+
+
+def _hf_shape(cfg: Qwen3Config, name: str) -> tuple[int, ...]:
+    h, hd = cfg.hidden_size, cfg.head_dim
+    table = {"q_proj": (cfg.num_attention_heads * hd, h), "k_proj": (cfg.num_key_value_heads * hd, h),
+             "v_proj": (cfg.num_key_value_heads * hd, h), "o_proj": (h, cfg.num_attention_heads * hd),
+             "gate_proj": (cfg.intermediate_size, h), "up_proj": (cfg.intermediate_size, h),
+             "down_proj": (h, cfg.intermediate_size), "q_norm": (hd,), "k_norm": (hd,),
+             "embed_tokens": (cfg.vocab_size, h), "lm_head": (cfg.vocab_size, h)}
+    for key, shape in table.items():
+        if key in name:
+            return shape
+    return (h,)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_unsupported_architecture_is_named(hf_models, tmp_path):
+    bad = tmp_path / "llama"
+    bad.mkdir()
+    cfg = json.loads((hf_models["gqa1_untied"] / "config.json").read_text())
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="LlamaForCausalLM"):
+        hf_to_megatron(str(bad), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_parallel_sizes_checked_before_any_work(hf_models, tmp_path):
+    with pytest.raises(ConfigError, match="tp=8 does not divide num_attention_heads=4"):
+        hf_to_megatron(str(hf_models["gqa1_untied"]), str(tmp_path / "o1"), tp=8)
+    with pytest.raises(ConfigError, match="tp=4 does not divide num_key_value_heads=2"):
+        hf_to_megatron(str(hf_models["gqa4_untied"]), str(tmp_path / "o2"), tp=4)
+    with pytest.raises(ConfigError, match="pp=3 does not divide num_hidden_layers=2"):
+        hf_to_megatron(str(hf_models["gqa1_untied"]), str(tmp_path / "o3"), pp=3)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by tp x pp = 2 x 2 = 4"):
+        ParallelConfig(tp=2, pp=2).validate(6)
+    with pytest.raises(ConfigError, match="does not split over tp=3"):
+        padded_vocab_size(500, 3)
+    assert padded_vocab_size(500, 4) == 512 and padded_vocab_size(151936, 8) == 151936
+
+
+def test_missing_and_partial_safetensors(hf_models, tmp_path):
+    src = hf_models["gqa1_untied"]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, partial / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+        hf_to_megatron(str(partial), str(tmp_path / "o"))
+    (partial / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        hf_to_megatron(str(partial), str(tmp_path / "o"))
+    (partial / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="missing: model-00001-of-00002.safetensors"):
+        hf_to_megatron(str(partial), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(hf_models, converted, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(CheckpointError, match="pass --force"):
+        hf_to_megatron(str(hf_models["gqa1_untied"]), str(out))
+    with pytest.raises(CheckpointError, match="pass --force"):
+        megatron_to_hf(str(converted["gqa1_untied"]), str(out))
+    assert (out / "keep.txt").read_text() == "user data"
+    r = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf", str(hf_models["gqa1_untied"]),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--force" in r.stderr
+    hf_to_megatron(str(hf_models["gqa1_untied"]), str(out), force=True)
+    assert is_valid_checkpoint(out) and not (out / "keep.txt").exists()
+
+
+def test_corrupt_shard_fails_without_leaving_a_checkpoint(hf_models, tmp_path):
+    src = hf_models["gqa1_untied"]
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "config.json").write_text((src / "config.json").read_text())
+    data = (src / "model.safetensors").read_bytes()
+    # Keep the header (so every name is listed) but cut the tensor data short.
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception):
+        hf_to_megatron(str(bad), str(tmp_path / "out"), tp=2)
+    assert not (tmp_path / "out").exists()
+    assert not any(is_valid_checkpoint(p) for p in tmp_path.iterdir())
+
+
+def test_killed_conversion_leaves_nothing_that_looks_valid(hf_models, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "tools/convert_hf_to_megatron.py", "--hf", str(hf_models["gqa4_tied"]),
+                             "--out", str(out), "--tp", "2"], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".killed.tmp-*/model")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".killed.tmp-*")), "conversion never started writing"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert not any(is_valid_checkpoint(p) for p in tmp_path.iterdir())
+
+
+def test_hf_config_fields(hf_models):
+    cfg = load_hf_config(hf_models["gqa4_tied"])
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (8, 2, 8)
+    assert cfg.tie_word_embeddings and cfg.rope_theta == 1_000_000.0
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_hf_config(hf_models["gqa4_tied"] / "nothing")
