@@ -29,9 +29,7 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         mp = self.tp * self.pp
         if world_size % mp != 0:
-            raise ConfigError(
-                f"world size {world_size} is not divisible by tp x pp = {self.tp} x {self.pp} = {mp}"
-            )
+            raise ConfigError(f"world size {world_size} is not divisible by tp x pp = {self.tp} x {self.pp} = {mp}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
         return world_size // mp

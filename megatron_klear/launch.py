@@ -15,8 +15,11 @@ from megatron_klear.distributed import free_port
 
 def _child(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     fn(*args)
 

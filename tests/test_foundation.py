@@ -106,8 +106,24 @@ def test_tp1_written_checkpoint_loads_at_tp2_pp2(hf_models, tmp_path, input_ids)
 def test_dump_logits_cli(converted, hf_models, input_ids, tmp_path):
     ids_path, ids = input_ids
     out = tmp_path / "l.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "tools/dump_logits.py"),
-           "--load", str(converted["gqa1_untied"]), "--tp", "1", "--pp", "2", "--input-ids", str(ids_path), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "tools/dump_logits.py"),
+        "--load",
+        str(converted["gqa1_untied"]),
+        "--tp",
+        "1",
+        "--pp",
+        "2",
+        "--input-ids",
+        str(ids_path),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
     ref = hf_logits(hf_models["gqa1_untied"], ids)
     assert ((torch.load(out) - ref).norm() / ref.norm()).item() < 1e-4
@@ -122,8 +138,9 @@ def test_mapping_shard_unshard_inverse(te):
     specs = mapping.param_specs(cfg, te=te)
     assert ("decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in specs) == te
     g = torch.Generator().manual_seed(0)
+    shapes = mapping.hf_tensor_shapes(cfg)
     for spec in specs.values():
-        hf = {n: torch.randn(_hf_shape(cfg, n), generator=g) for n in spec.hf}
+        hf = {n: torch.randn(shapes[n], generator=g) for n in spec.hf}
         full = mapping.to_megatron(spec, hf, cfg, padded_vocab_size(cfg.vocab_size, 2))
         shards = [mapping.shard(spec, full, r, 2) for r in range(2)]
         assert torch.equal(mapping.unshard(spec, shards), full)
@@ -135,30 +152,30 @@ def test_qkv_layout_is_grouped_per_kv_head():
     """Megatron's fused QKV puts each group's queries, then its key, then its value."""
     cfg = load_cfg(heads=4, kv=2, hd=1, hidden=1)
     spec = mapping.param_specs(cfg)["decoder.layers.0.self_attention.linear_qkv.weight"]
-    hf = {spec.hf[0]: torch.tensor([[0.0], [1], [2], [3]]), spec.hf[1]: torch.tensor([[10.0], [11]]),
-          spec.hf[2]: torch.tensor([[20.0], [21]])}
+    hf = {
+        spec.hf[0]: torch.tensor([[0.0], [1], [2], [3]]),
+        spec.hf[1]: torch.tensor([[10.0], [11]]),
+        spec.hf[2]: torch.tensor([[20.0], [21]]),
+    }
     full = mapping.to_megatron(spec, hf, cfg, 512)
     assert full.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
 
 
 def load_cfg(heads=4, kv=2, hd=16, hidden=64, tied=False) -> Qwen3Config:
-    return Qwen3Config.from_dict(dict(
-        architectures=["Qwen3ForCausalLM"], vocab_size=500, hidden_size=hidden, intermediate_size=96,
-        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
-        tie_word_embeddings=tied, dtype="float32"))
-
-
-def _hf_shape(cfg: Qwen3Config, name: str) -> tuple[int, ...]:
-    h, hd = cfg.hidden_size, cfg.head_dim
-    table = {"q_proj": (cfg.num_attention_heads * hd, h), "k_proj": (cfg.num_key_value_heads * hd, h),
-             "v_proj": (cfg.num_key_value_heads * hd, h), "o_proj": (h, cfg.num_attention_heads * hd),
-             "gate_proj": (cfg.intermediate_size, h), "up_proj": (cfg.intermediate_size, h),
-             "down_proj": (h, cfg.intermediate_size), "q_norm": (hd,), "k_norm": (hd,),
-             "embed_tokens": (cfg.vocab_size, h), "lm_head": (cfg.vocab_size, h)}
-    for key, shape in table.items():
-        if key in name:
-            return shape
-    return (h,)
+    return Qwen3Config.from_dict(
+        dict(
+            architectures=["Qwen3ForCausalLM"],
+            vocab_size=500,
+            hidden_size=hidden,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=hd,
+            tie_word_embeddings=tied,
+            dtype="float32",
+        )
+    )
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -203,7 +220,9 @@ def test_missing_and_partial_safetensors(hf_models, tmp_path):
     (partial / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         hf_to_megatron(str(partial), str(tmp_path / "o"))
-    (partial / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    (partial / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match="missing: model-00001-of-00002.safetensors"):
         hf_to_megatron(str(partial), str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
@@ -218,8 +237,12 @@ def test_existing_output_needs_force(hf_models, converted, tmp_path):
     with pytest.raises(CheckpointError, match="pass --force"):
         megatron_to_hf(str(converted["gqa1_untied"]), str(out))
     assert (out / "keep.txt").read_text() == "user data"
-    r = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf", str(hf_models["gqa1_untied"]),
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "tools/convert_hf_to_megatron.py", "--hf", str(hf_models["gqa1_untied"]), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--force" in r.stderr
     hf_to_megatron(str(hf_models["gqa1_untied"]), str(out), force=True)
     assert is_valid_checkpoint(out) and not (out / "keep.txt").exists()
@@ -241,9 +264,22 @@ def test_corrupt_shard_fails_without_leaving_a_checkpoint(hf_models, tmp_path):
 
 def test_killed_conversion_leaves_nothing_that_looks_valid(hf_models, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "tools/convert_hf_to_megatron.py", "--hf", str(hf_models["gqa4_tied"]),
-                             "--out", str(out), "--tp", "2"], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "tools/convert_hf_to_megatron.py",
+            "--hf",
+            str(hf_models["gqa4_tied"]),
+            "--out",
+            str(out),
+            "--tp",
+            "2",
+        ],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".killed.tmp-*/model")):
         time.sleep(0.05)

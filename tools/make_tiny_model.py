@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Create a random-initialised Qwen3 HF model directory with a locally built tokenizer.
 
-    python tools/make_tiny_model.py --out /tmp/tiny [--layers 2 --hidden 64 --heads 4 --kv-heads 2
-        --head-dim 32 --ffn 128 --vocab 512 --tie-embeddings --dtype float32]
+python tools/make_tiny_model.py --out /tmp/tiny [--layers 2 --hidden 64 --heads 4 --kv-heads 2
+    --head-dim 32 --ffn 128 --vocab 512 --tie-embeddings --dtype float32]
 """
 
 from __future__ import annotations

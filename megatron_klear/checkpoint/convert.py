@@ -14,7 +14,11 @@ from megatron_klear.models.qwen3 import Qwen3Config, padded_vocab_size
 def _parallel() -> tuple[int, int, object]:
     from megatron.core import parallel_state as ps
 
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_group(),
+    )
 
 
 def uses_te(model: torch.nn.Module) -> bool:
@@ -37,8 +41,12 @@ def local_params(model: torch.nn.Module, cfg: Qwen3Config) -> Iterator[tuple[str
         yield gname, mapping.spec_for(gname, specs, cfg), param
 
 
-def load_hf_weights(model: torch.nn.Module, cfg: Qwen3Config, get_tensor: Callable[[str], torch.Tensor],
-                    on_param: Callable[[str], None] | None = None) -> None:
+def load_hf_weights(
+    model: torch.nn.Module,
+    cfg: Qwen3Config,
+    get_tensor: Callable[[str], torch.Tensor],
+    on_param: Callable[[str], None] | None = None,
+) -> None:
     """Fill this rank's model stage from HF tensors fetched one at a time by ``get_tensor``.
 
     Only the tensors this stage needs are read; each full tensor is dropped after its
@@ -86,6 +94,16 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=__import__("sys").stderr)
 
 
+def _log_rss(what: str) -> None:
+    import os
+
+    import psutil
+
+    if os.environ.get("MEGATRON_KLEAR_DEBUG_MEMORY"):
+        info = psutil.Process().memory_full_info()
+        print(f"[rank {dist.get_rank()}] {what}: rss {info.rss / 1e9:.2f} GB, uss {info.uss / 1e9:.2f} GB", flush=True)
+
+
 def _hf_to_megatron_worker(hf_dir: str, tmp: str, tp: int, pp: int) -> None:
     from pathlib import Path
 
@@ -98,11 +116,16 @@ def _hf_to_megatron_worker(hf_dir: str, tmp: str, tp: int, pp: int) -> None:
     try:
         cfg = load_hf_config(hf_dir)
         reader = HFReader(hf_dir)
+        _log_rss("start")
         model = build_model(cfg, ModelOptions(init_weights=False, use_te=False))
+        _log_rss("built model")
         n = sum(1 for _ in model.parameters())
         with _progress(n, f"load HF (rank 0 of {tp * pp})", is_main()) as bar:
             load_hf_weights(model, cfg, reader.get, on_param=lambda _: bar.update())
+        reader.close()
+        _log_rss("loaded HF weights")
         save_model(model, Path(tmp))
+        _log_rss("saved")
         if is_main():
             copy_side_files(hf_dir, tmp)
         write_marker(Path(tmp), cfg, written_tp=tp, written_pp=pp, source=str(Path(hf_dir).absolute()))

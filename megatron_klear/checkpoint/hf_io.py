@@ -49,6 +49,10 @@ class HFReader:
         self.weight_map: dict[str, str] = weight_map
         self._handles: dict[str, object] = {}
 
+    def close(self) -> None:
+        """Drop the memory maps of the shard files (their pages count as resident)."""
+        self._handles.clear()
+
     def names(self) -> list[str]:
         return list(self.weight_map)
 
@@ -57,9 +61,7 @@ class HFReader:
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise CheckpointError(
-                f"{self.dir}: partial checkpoint, missing tensors {', '.join(missing[:5])}{more}"
-            )
+            raise CheckpointError(f"{self.dir}: partial checkpoint, missing tensors {', '.join(missing[:5])}{more}")
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from disk now."""

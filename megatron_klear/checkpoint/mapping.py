@@ -171,3 +171,27 @@ def to_hf(spec: ParamSpec, full: torch.Tensor, cfg: Qwen3Config) -> dict[str, to
 def hf_tensor_names(cfg: Qwen3Config) -> list[str]:
     """Every tensor name an HF Qwen3 checkpoint of this config must hold."""
     return [n for s in param_specs(cfg).values() for n in s.hf]
+
+
+def hf_tensor_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor of an HF Qwen3 checkpoint of this config."""
+    h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    by_suffix = {
+        "q_proj.weight": (q, h),
+        "k_proj.weight": (kv, h),
+        "v_proj.weight": (kv, h),
+        "o_proj.weight": (h, q),
+        "gate_proj.weight": (f, h),
+        "up_proj.weight": (f, h),
+        "down_proj.weight": (h, f),
+        "q_norm.weight": (hd,),
+        "k_norm.weight": (hd,),
+        "embed_tokens.weight": (cfg.vocab_size, h),
+        "lm_head.weight": (cfg.vocab_size, h),
+    }
+    shapes = {}
+    for name in hf_tensor_names(cfg):
+        suffix = ".".join(name.split(".")[-2:])
+        shapes[name] = by_suffix.get(suffix, (h,))  # the remaining ones are RMSNorm weights
+    return shapes

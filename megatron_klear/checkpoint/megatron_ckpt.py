@@ -123,7 +123,11 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
     if _rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(target))
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    # One writer process per rank: each extra writer holds its own serialisation buffers.
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    dist_checkpointing.save(model.sharded_state_dict(), str(target), sharded_strategy=strategy)
 
 
 def load_model(model: torch.nn.Module, path: str | Path) -> dict:

@@ -64,7 +64,9 @@ def build_tokenizer(vocab_size: int, out_dir: str | Path | None = None, seed: in
 
     n_special = len(SPECIAL_TOKENS) + len(THINK_TOKENS)
     if vocab_size < 256 + n_special + 1:
-        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level tokenizer (need >= {256 + n_special + 1})")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for a byte-level tokenizer (need >= {256 + n_special + 1})"
+        )
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -71,7 +71,9 @@ def send_to_rank0(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     from megatron.core import parallel_state as ps
 
     src = ps.get_pipeline_model_parallel_last_rank()  # global rank of last stage, same TP/DP coords
-    holder = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    holder = (
+        ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    )
     rank = dist.get_rank()
     if src == 0:
         return tensor if rank == 0 else None

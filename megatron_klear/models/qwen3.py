@@ -57,9 +57,7 @@ class Qwen3Config:
             raise ConfigError(f"{source}: attention_bias=true is not a Qwen3 layout")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act={cfg['hidden_act']!r}; Qwen3 uses 'silu'")
-        required = (
-            "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads".split()
-        )
+        required = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads".split()
         for key in required:
             if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
                 raise ConfigError(f"{source}: field {key!r} must be a positive integer, got {cfg.get(key)!r}")
@@ -117,8 +115,7 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     padded = -(-vocab_size // divisible_by) * divisible_by
     if padded % tp != 0:
         raise ConfigError(
-            f"padded vocabulary {padded} (vocab {vocab_size} rounded up to {divisible_by}) "
-            f"does not split over tp={tp}"
+            f"padded vocabulary {padded} (vocab {vocab_size} rounded up to {divisible_by}) does not split over tp={tp}"
         )
     return padded
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up (first time) and run the whole test suite on a CPU machine.
+#   bash tools/test.sh [pytest args...]
+# Creates .venv in the repo if missing, installs the CPU build of torch from local disk
+# (torch==2.13.0: never a multi-GB CUDA build on a CPU machine), the project with its test
+# extra, and the system packages the tests use. Idempotent: quick the second time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+source tools/setup_env.sh
+
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
+set +e
+python -m pytest tests -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "tools/test.sh: pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$rc"
