@@ -27,3 +27,33 @@ def logits_worker(tp: int, pp: int, ckpts: list[str], ids_path: str, out_dir: st
                 torch.save(out, Path(out_dir) / f"{Path(ck).name}_tp{tp}_pp{pp}.pt")
     finally:
         destroy_distributed()
+
+
+def logprobs_tp_worker(impl: str, path: str) -> None:
+    """Each TP rank holds half the vocabulary; save log-probs, entropy and the GPPO gradient."""
+    import torch.distributed as dist
+
+    from megatron_klear.ops.logprobs import vocab_parallel_logprobs
+    from megatron_klear.ops.loss import policy_loss
+
+    dist.init_process_group("gloo")
+    try:
+        case = torch.load(path)
+        rank, tp = dist.get_rank(), dist.get_world_size()
+        shard = case["logits"].chunk(tp, dim=-1)[rank].clone().requires_grad_()
+        logp, ent = vocab_parallel_logprobs(
+            shard,
+            case["targets"],
+            tp_group=dist.group.WORLD,
+            temperature=case["temperature"],
+            with_entropy=True,
+            impl=impl,
+        )
+        loss, _ = policy_loss(logp.view(case["shape"]), case["old"], case["adv"], case["mask"])
+        (loss - 0.01 * ent.mean()).backward()
+        parts = [torch.empty_like(shard) for _ in range(tp)]
+        dist.all_gather(parts, shard.grad.contiguous())
+        if rank == 0:
+            torch.save(dict(logp=logp, ent=ent, grad=torch.cat(parts, -1)), path + f".{impl}.out")
+    finally:
+        dist.destroy_process_group()

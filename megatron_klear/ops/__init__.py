@@ -1,0 +1,1 @@
+"""Log-probs / entropy over vocab-parallel logits and the policy losses (GPPO, clip, CISPO)."""

@@ -1,0 +1,189 @@
+"""Policy losses of the paper (GPPO, Eq. 11/12 and 17/18) and its ablation baselines.
+
+Per response token, with ``delta = exp(logp - logp_old)`` and group advantage ``A``:
+
+* ``gppo``: value equals clip-higher PPO with dual clip, but the clipped branches keep a
+  gradient: d l / d logp = ``-A * F`` with ``F = beta1 (1 - eps_low)`` if ``A < 0`` and
+  ``delta < 1 - eps_low``; ``F = beta2 (1 + eps_high)`` if ``A > 0`` and ``delta > 1 + eps_high``;
+  ``F = 0`` if ``A < 0`` and ``delta > c`` (dual clip); ``F = delta`` otherwise. The clipped
+  branches are written as ``bound * delta / sg(delta)``: value ``bound``, gradient ``bound``.
+* ``clip``: PPO / GRPO clip-higher with the same dual clip; gradient 0 when clipped.
+* ``cispo``: ``-A * sg(clamp(delta, 1 - eps_low, 1 + eps_high)) * logp``.
+
+Aggregation (paper Eq. 7, "token-mean"): the sum over response tokens divided by the token
+count of the *whole mini-batch* (pass ``num_tokens``), so the gradient does not depend on how
+the mini-batch is split into micro-batches or data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+ALGOS = ("gppo", "clip", "cispo")
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: far past any clip bound, keeps exp finite
+
+
+def _check_tensor(name: str, t: torch.Tensor, shape: torch.Size) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
+    if t.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _check_finite(name: str, t: torch.Tensor, mask: torch.Tensor, nan_policy: str, bad: dict) -> None:
+    n = int((~torch.isfinite(t.detach()) & (mask > 0)).sum())
+    if n:
+        if nan_policy == "raise":
+            raise ValueError(f"{name} has {n} non-finite values on response tokens")
+        bad[name] = n
+
+
+def _aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, agg: str, num_tokens: Optional[float], num_seqs: Optional[float]
+) -> torch.Tensor:
+    masked = torch.where(mask > 0, per_token, torch.zeros((), dtype=per_token.dtype))
+    if agg == "token-mean":
+        denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype)
+        return masked.sum() / denom.clamp_min(1)
+    seq_tokens = mask.sum(-1)
+    per_seq = masked.sum(-1)
+    if agg == "seq-mean-token-mean":
+        per_seq = per_seq / seq_tokens.clamp_min(1)
+    has_tokens = (seq_tokens > 0).to(per_token.dtype)
+    denom = has_tokens.sum() if num_seqs is None else torch.as_tensor(num_seqs, dtype=per_token.dtype)
+    return (per_seq * has_tokens).sum() / denom.clamp_min(1)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    algo: str = "gppo",
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_ratio_c: float = 10.0,
+    beta1: float = 1.0,
+    beta2: float = 1.0,
+    agg: str = "token-mean",
+    num_tokens: Optional[float] = None,
+    num_seqs: Optional[float] = None,
+    nan_policy: str = "raise",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Policy-gradient loss over ``[batch, response_len]`` token log-probs.
+
+    Args:
+        logprobs: log-probs of the sampled tokens under the current policy (with grad).
+        old_logprobs: the same under the policy that generated the data.
+        advantages: ``[batch, 1]`` or ``[batch, response_len]``.
+        mask: 1 on response tokens, 0 elsewhere.
+        num_tokens: global normaliser for ``token-mean`` (response tokens of the whole
+            mini-batch over micro-batches and DP ranks); default: this call's token count.
+        num_seqs: global normaliser for the ``seq-mean-*`` modes (sequences with at least
+            one response token in the mini-batch); default: this call's count.
+        nan_policy: ``"raise"`` on non-finite inputs at response tokens, or ``"report"``
+            (counted in ``metrics["nonfinite"]``, and the loss is NaN, never silently finite).
+
+    Returns:
+        ``(loss, metrics)``; metrics are Python floats over this call's response tokens:
+        ``clipfrac_high``, ``clipfrac_low``, ``dual_clipfrac``, ``ppo_kl``, ``ratio_mean``.
+    """
+    if algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    if agg not in AGGS:
+        raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
+    for name, v in (("eps_low", eps_low), ("eps_high", eps_high), ("beta1", beta1), ("beta2", beta2)):
+        if not v >= 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    if eps_low >= 1:
+        raise ValueError(f"eps_low must be < 1, got {eps_low}")
+    if not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
+    if nan_policy not in ("raise", "report"):
+        raise ValueError(f"nan_policy must be 'raise' or 'report', got {nan_policy!r}")
+    if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
+        raise ValueError("logprobs must be a 2-D tensor [batch, response_len]")
+    shape = logprobs.shape
+    _check_tensor("logprobs", logprobs, shape)
+    _check_tensor("old_logprobs", old_logprobs, shape)
+    if not isinstance(mask, torch.Tensor) or mask.shape != shape:
+        raise ValueError(f"mask must be a tensor of shape {tuple(shape)}")
+    if not isinstance(advantages, torch.Tensor):
+        raise ValueError("advantages must be a torch.Tensor")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    if advantages.shape not in (shape, (shape[0], 1)):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected {(shape[0], 1)} or {tuple(shape)}")
+    _check_tensor("advantages", advantages, advantages.shape)
+    mask = mask.to(logprobs.dtype)
+    bad: dict[str, int] = {}
+    for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages.expand(shape))):
+        _check_finite(name, t, mask, nan_policy, bad)
+
+    # Padding positions may hold anything (even -inf): zero them before any arithmetic, so
+    # nothing non-finite reaches the value or the gradient through a masked-out token.
+    on = mask > 0
+    zero = torch.zeros((), dtype=logprobs.dtype)
+    logprobs = torch.where(on, logprobs, zero)
+    old_logprobs = torch.where(on, old_logprobs.to(logprobs.dtype), zero)
+    A = torch.where(on, advantages.to(logprobs.dtype).expand(shape), zero)
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    delta = torch.exp(log_ratio)
+    lo, hi = 1.0 - eps_low, 1.0 + eps_high
+    d = delta.detach()
+    high = (A > 0) & (d > hi)
+    low = (A < 0) & (d < lo)
+    dual = (A < 0) & (d > clip_ratio_c)
+
+    if algo == "cispo":
+        per_token = -A * d.clamp(lo, hi) * logprobs
+    else:
+        if algo == "gppo":
+            unit = delta / d  # value 1, gradient d/dlogp = 1: keeps the gradient when clipped
+            low_branch, high_branch = beta1 * lo * unit, beta2 * hi * unit
+        else:
+            low_branch, high_branch = torch.full_like(delta, lo), torch.full_like(delta, hi)
+        dual_branch = torch.full_like(delta, clip_ratio_c)  # constant: gradient 0 in every algo
+        ratio_term = torch.where(high, high_branch, torch.where(low, low_branch, torch.where(dual, dual_branch, delta)))
+        per_token = -A * ratio_term
+
+    loss = _aggregate(per_token, mask, agg, num_tokens, num_seqs)
+    if bad:
+        loss = loss + float("nan")
+    n = mask.sum().clamp_min(1)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac_high": float((high * mask).sum() / n),
+            "clipfrac_low": float((low * mask).sum() / n),
+            "dual_clipfrac": float((dual * mask).sum() / n),
+            "ppo_kl": float((-(log_ratio) * mask).sum() / n),
+            "ratio_mean": float((d * mask).sum() / n),
+            "nonfinite": float(sum(bad.values())),
+        }
+    return loss, metrics
+
+
+def sft_on_correct_loss(
+    logprobs: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, num_tokens: Optional[float] = None
+) -> torch.Tensor:
+    """Token-mean NLL over the response tokens of correct responses (paper Eq. 13/14).
+
+    ``correct`` is ``[batch]`` (bool or 0/1). ``num_tokens`` is the global normaliser: the
+    response tokens of correct responses in the whole mini-batch; 0 tokens give a zero loss.
+    """
+    if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
+        raise ValueError("logprobs must be a 2-D tensor [batch, response_len]")
+    _check_tensor("logprobs", logprobs, logprobs.shape)
+    if not isinstance(mask, torch.Tensor) or mask.shape != logprobs.shape:
+        raise ValueError(f"mask must be a tensor of shape {tuple(logprobs.shape)}")
+    if not isinstance(correct, torch.Tensor) or correct.shape != logprobs.shape[:1]:
+        raise ValueError(f"correct must be a tensor of shape {(logprobs.shape[0],)}")
+    keep = (mask > 0) & (correct > 0)[:, None]
+    denom = keep.sum().to(logprobs.dtype) if num_tokens is None else torch.as_tensor(num_tokens, dtype=logprobs.dtype)
+    return -torch.where(keep, logprobs, torch.zeros((), dtype=logprobs.dtype)).sum() / denom.clamp_min(1)
