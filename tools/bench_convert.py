@@ -3,7 +3,7 @@
 
     python tools/bench_convert.py [--out-dir DIR] [--json OUT.json] [--tp 1 --pp 1]
 
-Prints MB/s and peak resident memory (PSS summed over the converter's process tree) for each direction.
+Prints MB/s and peak private memory (USS summed over the converter's process tree) for each direction.
 """
 
 from __future__ import annotations
@@ -48,7 +48,11 @@ SYNTHETIC_1B = dict(
 
 
 class PeakRSS:
-    """Samples the summed PSS (resident memory, shared pages split) of this process tree."""
+    """Samples the summed USS (private resident memory) of this process and its descendants.
+
+    USS leaves out file pages mapped from the checkpoint (page cache, reclaimable) and pages
+    a forked writer shares with its parent, which PSS or RSS would count again.
+    """
 
     def __init__(self, interval: float = 0.05):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
@@ -59,7 +63,7 @@ class PeakRSS:
             total = 0
             for p in [me] + me.children(recursive=True):
                 try:
-                    total += p.memory_full_info().pss  # PSS: forked writers share pages
+                    total += p.memory_full_info().uss  # private memory: shared pages and page cache excluded
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
@@ -120,15 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                     direction=name,
                     seconds=round(secs, 2),
                     mb_per_s=round(nbytes / 1e6 / secs, 1),
-                    peak_rss_gb=round(rss.peak / 1e9, 2),
+                    peak_uss_gb=round(rss.peak / 1e9, 2),
                 )
             )
         params = Qwen3Config.from_dict(cfg).num_params
         result = dict(params=params, model_gb=round(nbytes / 1e9, 2), cpu_count=psutil.cpu_count(), rows=rows)
         print(f"synthetic Qwen3: {params / 1e9:.2f}B params, {nbytes / 1e9:.2f} GB bf16")
-        print("| direction | seconds | MB/s | peak resident (GB) |\n|---|---:|---:|---:|")
+        print("| direction | seconds | MB/s | peak private memory (GB) |\n|---|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['direction']} | {r['seconds']} | {r['mb_per_s']} | {r['peak_rss_gb']} |")
+            print(f"| {r['direction']} | {r['seconds']} | {r['mb_per_s']} | {r['peak_uss_gb']} |")
         Path(a.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {a.json}")
     finally:

@@ -122,7 +122,6 @@ def _hf_to_megatron_worker(hf_dir: str, tmp: str, tp: int, pp: int) -> None:
         n = sum(1 for _ in model.parameters())
         with _progress(n, f"load HF (rank 0 of {tp * pp})", is_main()) as bar:
             load_hf_weights(model, cfg, reader.get, on_param=lambda _: bar.update())
-        reader.close()
         _log_rss("loaded HF weights")
         save_model(model, Path(tmp))
         _log_rss("saved")

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_klear.errors import CheckpointError
@@ -27,8 +26,43 @@ SIDE_FILES = (
 )
 
 
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(data offset, header dict) of a safetensors file; a clear error if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100 * 2**20:
+                raise ValueError(f"implausible header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
 class HFReader:
-    """Lazy, per-tensor access to an HF safetensors checkpoint directory."""
+    """Per-tensor access to an HF safetensors checkpoint directory.
+
+    Tensors are read with ``readinto`` into their own buffers rather than through a memory
+    map: a mapped file keeps every page it touched resident in this process, so converting a
+    model would otherwise hold the whole file on top of the model.
+    """
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
@@ -39,19 +73,14 @@ class HFReader:
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index}: unreadable safetensors index ({e})") from e
         elif (self.dir / SINGLE).is_file():
-            with safe_open(self.dir / SINGLE, "pt") as f:
-                weight_map = {k: SINGLE for k in f.keys()}
+            weight_map = {k: SINGLE for k in read_safetensors_header(self.dir / SINGLE)[1]}
         else:
             raise CheckpointError(f"{self.dir}: no {SINGLE} or {INDEX} found")
         missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
         if missing:
             raise CheckpointError(f"{self.dir}: shard files listed in the index are missing: {', '.join(missing)}")
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
-
-    def close(self) -> None:
-        """Drop the memory maps of the shard files (their pages count as resident)."""
-        self._handles.clear()
+        self._headers: dict[str, tuple[int, dict]] = {}
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -68,15 +97,27 @@ class HFReader:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.dir}: tensor {name!r} not found (partial checkpoint?)")
         fname = self.weight_map[name]
-        if fname not in self._handles:
-            try:
-                self._handles[fname] = safe_open(self.dir / fname, "pt")
-            except Exception as e:  # truncated or corrupt shard
-                raise CheckpointError(f"{self.dir / fname}: cannot read safetensors ({e})") from e
-        try:
-            return self._handles[fname].get_tensor(name)  # type: ignore[attr-defined]
-        except Exception as e:
-            raise CheckpointError(f"{self.dir / fname}: cannot read tensor {name!r} ({e})") from e
+        path = self.dir / fname
+        if fname not in self._headers:
+            self._headers[fname] = read_safetensors_header(path)
+        offset, header = self._headers[fname]
+        if name not in header:
+            raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but not in the file")
+        info = header[name]
+        begin, end = info["data_offsets"]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        out = torch.empty(info["shape"], dtype=dtype)
+        nbytes = out.numel() * out.element_size()
+        if nbytes != end - begin:
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {info['shape']}")
+        with open(path, "rb") as f:
+            f.seek(offset + begin)
+            got = f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) if nbytes else 0
+        if got != nbytes:
+            raise CheckpointError(f"{path}: truncated file, tensor {name!r} has {got} of {nbytes} bytes")
+        return out
 
 
 class HFWriter:
