@@ -12,9 +12,8 @@ install_system_packages() {
   # Only where we are root on Debian/Ubuntu and something is missing; never fatal for
   # optional tools (tests that need them say why they skip).
   local want=()
-  for pkg in firejail; do
-    command -v "$pkg" >/dev/null 2>&1 || want+=("$pkg")
-  done
+  command -v firejail >/dev/null 2>&1 || want+=(firejail)
+  command -v bwrap >/dev/null 2>&1 || want+=(bubblewrap)
   if [ ${#want[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing system packages: ${want[*]}"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${want[@]}") >/dev/null 2>&1 \

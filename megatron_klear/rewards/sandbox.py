@@ -134,7 +134,7 @@ def _command(
             + argv
         )
     if backend == "bwrap":
-        home = "/sandbox"
+        home = "/tmp/sandbox"  # under the fresh /tmp: the read-only root has no room for it
         return (
             [
                 "bwrap",
@@ -159,7 +159,11 @@ def _command(
                 "/dev",
                 "--proc",
                 "/proc",
-                "--unshare-all",
+                "--unshare-pid",
+                "--unshare-net",
+                "--unshare-ipc",
+                "--unshare-uts",
+                "--unshare-cgroup-try",
                 "--die-with-parent",
                 "--new-session",
                 "prlimit",
@@ -169,9 +173,22 @@ def _command(
                 "--",
             ]
             + _drop_to(uid)
+            + [argv[0], "-I", "-S", "-c", _SUPERVISOR]
             + argv
         )
     return argv
+
+
+# Runs inside a bwrap sandbox around the program: bwrap tears the PID namespace down as soon
+# as the program exits, so a program that leaves a daemon behind would look successful.
+# This supervisor fails such a run (exit code LEFT_PROCESSES) instead.
+LEFT_PROCESSES = 125
+_SUPERVISOR = (
+    "import os, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[1:])\n"
+    "left = [p for p in os.listdir('/proc') if p.isdigit() and int(p) not in (1, os.getpid())]\n"
+    f"sys.exit({LEFT_PROCESSES} if left else rc)\n"
+)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
