@@ -1,0 +1,269 @@
+"""Long-CoT SFT data: tokenise once into a memory-mapped cache, pack into fixed budgets.
+
+Cache (one directory per source file, tokenizer and settings)::
+
+    tokens.bin  int32, all samples' token ids back to back
+    mask.bin    uint8, the assistant loss mask, aligned with tokens.bin
+    index.npy   int64 [n_samples + 1], sample start offsets
+    meta.json   source, counts of skipped / truncated / dropped rows
+
+Packing: for each epoch the samples are shuffled by ``(seed, epoch)`` and packed greedily
+into sequences of ``seq_len`` tokens. Every pack carries ``cu_seqlens`` (document
+boundaries for attention), position ids restarting at 0 for each document, and labels /
+loss mask shifted for next-token prediction within each document (the last token of a
+document predicts nothing). The data position ``(epoch, pack index)`` is all a checkpoint
+needs to resume on exactly the samples it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from megatron_klear.data.chat import render_chat
+from megatron_klear.data.io import DataError, SkipCounter, read_rows
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class SFTDataConfig:
+    """Where the data is and how to pack it."""
+
+    paths: list[str]
+    tokenizer: str  # tokenizer directory (an HF model directory works)
+    seq_len: int = 32768
+    cache_dir: str = "~/.cache/megatron_klear/sft"
+    overlong: str = "truncate"  # "truncate" or "drop" samples longer than seq_len
+    seed: int = 1234
+    strict: bool = False
+    workers: int = 1
+
+
+@dataclass
+class PackedSample:
+    """One packed sequence of exactly ``seq_len`` tokens (padded at the end)."""
+
+    input_ids: np.ndarray  # [seq_len] int64
+    labels: np.ndarray  # [seq_len] int64, next token within the document (0 where none)
+    loss_mask: np.ndarray  # [seq_len] float32, 1 where the label is an assistant token
+    position_ids: np.ndarray  # [seq_len] int64, restarting at each document
+    cu_seqlens: np.ndarray  # [n_docs + 1] int32 document boundaries (padding is its own doc)
+
+
+# --- tokenisation cache ----------------------------------------------------------------------
+
+_tok = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _tok
+    from transformers import AutoTokenizer
+
+    _tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _encode(item: tuple[int, object]) -> tuple[int, Optional[list[int]], Optional[list[int]], str]:
+    row_no, row = item
+    if isinstance(row, Exception):
+        return row_no, None, None, str(row)
+    if not isinstance(row, dict) or "messages" not in row:
+        return row_no, None, None, "missing field 'messages'"
+    try:
+        r = render_chat(_tok, row["messages"])
+    except ValueError as e:
+        return row_no, None, None, str(e)
+    if not any(r.loss_mask):
+        return row_no, None, None, "no assistant message"
+    return row_no, r.input_ids, r.loss_mask, ""
+
+
+def _cache_key(path: Path, cfg: SFTDataConfig) -> str:
+    st = path.stat()
+    tok_files = sorted(Path(cfg.tokenizer).glob("tokenizer*.json"))
+    h = hashlib.sha256()
+    h.update(f"{CACHE_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for f in tok_files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def build_cache(path: str | Path, cfg: SFTDataConfig) -> Path:
+    """Tokenise ``path`` into the cache (once; later calls reuse it). Returns the directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file does not exist")
+    root = Path(os.path.expanduser(cfg.cache_dir))
+    out = root / f"{path.stem}-{_cache_key(path, cfg)}"
+    if (out / "meta.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    skips = SkipCounter()
+    offsets = [0]
+    rows = read_rows(path)
+    try:
+        with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm:
+            if cfg.workers > 1:
+                pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, (cfg.tokenizer,))
+                results = pool.imap(_encode, rows, chunksize=64)
+            else:
+                pool = None
+                _init_worker(cfg.tokenizer)
+                results = map(_encode, rows)
+            try:
+                for row_no, ids, mask, why in results:
+                    if ids is None:
+                        skips.add(str(path), row_no, why, cfg.strict)
+                        continue
+                    ft.write(np.asarray(ids, dtype=np.int32).tobytes())
+                    fm.write(np.asarray(mask, dtype=np.uint8).tobytes())
+                    offsets.append(offsets[-1] + len(ids))
+            finally:
+                if pool is not None:
+                    pool.terminate()
+        np.save(tmp / "index.npy", np.asarray(offsets, dtype=np.int64))
+        meta = dict(
+            source=str(path.resolve()),
+            samples=len(offsets) - 1,
+            tokens=offsets[-1],
+            skipped=[list(s) for s in skips.skipped],
+        )
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        tmp.rename(out)  # complete caches only
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class TokenCache:
+    """Memory-mapped view of one cache directory."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.meta = json.loads((directory / "meta.json").read_text())
+        self.index = np.load(directory / "index.npy")
+        n = int(self.index[-1])
+        self.tokens = (
+            np.memmap(directory / "tokens.bin", dtype=np.int32, mode="r", shape=(n,)) if n else np.zeros(0, np.int32)
+        )
+        self.mask = (
+            np.memmap(directory / "mask.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+        )
+
+    def __len__(self) -> int:
+        return len(self.index) - 1
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.index[i], self.index[i + 1]
+        return self.tokens[a:b], self.mask[a:b]
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+
+class SFTDataset:
+    """Packed SFT sequences over one or more cached files, in a resumable order."""
+
+    def __init__(self, cfg: SFTDataConfig):
+        if cfg.overlong not in ("truncate", "drop"):
+            raise DataError(f"data.overlong must be 'truncate' or 'drop', got {cfg.overlong!r}")
+        if cfg.seq_len < 2:
+            raise DataError(f"data.seq_len must be >= 2, got {cfg.seq_len}")
+        if not cfg.paths:
+            raise DataError("data.paths is empty")
+        self.cfg = cfg
+        self.caches = [TokenCache(build_cache(p, cfg)) for p in cfg.paths]
+        self.refs = [(c, i) for c, cache in enumerate(self.caches) for i in range(len(cache))]
+        if not self.refs:
+            raise DataError(f"no usable samples in {', '.join(cfg.paths)} (every row was malformed or empty)")
+        lengths = np.array([self.caches[c].index[i + 1] - self.caches[c].index[i] for c, i in self.refs])
+        self.too_long = int((lengths > cfg.seq_len).sum())
+        if cfg.overlong == "drop":
+            keep = lengths <= cfg.seq_len
+            self.refs = [r for r, k in zip(self.refs, keep) if k]
+            lengths = lengths[keep]
+            if not self.refs:
+                raise DataError(f"every sample is longer than data.seq_len={cfg.seq_len} and overlong='drop'")
+        self.lengths = np.minimum(lengths, cfg.seq_len)
+        self._plans: dict[int, list[list[int]]] = {}
+
+    @property
+    def skipped(self) -> int:
+        return sum(len(c.meta["skipped"]) for c in self.caches)
+
+    def stats(self) -> dict:
+        return dict(
+            samples=len(self.refs),
+            tokens=int(self.lengths.sum()),
+            skipped=self.skipped,
+            truncated=self.too_long if self.cfg.overlong == "truncate" else 0,
+            dropped=self.too_long if self.cfg.overlong == "drop" else 0,
+        )
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """The packs of an epoch: lists of sample indices, deterministic by (seed, epoch)."""
+        if epoch not in self._plans:
+            rng = np.random.default_rng([self.cfg.seed, epoch])
+            order = rng.permutation(len(self.refs))
+            packs, cur, used = [], [], 0
+            for i in order:
+                n = int(self.lengths[i])
+                if cur and used + n > self.cfg.seq_len:
+                    packs.append(cur)
+                    cur, used = [], 0
+                cur.append(int(i))
+                used += n
+            if cur:
+                packs.append(cur)
+            self._plans = {epoch: packs}  # keep one epoch's plan in memory
+        return self._plans[epoch]
+
+    def packs_per_epoch(self) -> int:
+        return len(self.plan(0))
+
+    def build(self, sample_ids: list[int]) -> PackedSample:
+        """Assemble one packed sequence from sample indices."""
+        L = self.cfg.seq_len
+        ids = np.zeros(L, np.int64)
+        labels = np.zeros(L, np.int64)
+        loss = np.zeros(L, np.float32)
+        pos = np.zeros(L, np.int64)
+        cu = [0]
+        at = 0
+        for i in sample_ids:
+            c, j = self.refs[i]
+            toks, mask = self.caches[c].sample(j)
+            n = min(len(toks), L - at)
+            toks, mask = toks[:n], mask[:n]
+            ids[at : at + n] = toks
+            labels[at : at + n - 1] = toks[1:]
+            loss[at : at + n - 1] = mask[1:]  # predicting an assistant token
+            pos[at : at + n] = np.arange(n)
+            at += n
+            cu.append(at)
+        if at < L:  # padding is a document of its own, with no loss
+            pos[at:] = np.arange(L - at)
+            cu.append(L)
+        return PackedSample(ids, labels, loss, pos, np.asarray(cu, np.int32))
+
+    def iterate(self, start_epoch: int = 0, start_pack: int = 0) -> Iterator[tuple[int, int, PackedSample]]:
+        """Yield ``(epoch, pack_index, sample)`` forever from a data position."""
+        epoch, k = start_epoch, start_pack
+        while True:
+            packs = self.plan(epoch)
+            while k < len(packs):
+                yield epoch, k, self.build(packs[k])
+                k += 1
+            epoch, k = epoch + 1, 0
