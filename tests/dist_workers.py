@@ -48,6 +48,7 @@ def logprobs_tp_worker(impl: str, path: str) -> None:
             temperature=case["temperature"],
             with_entropy=True,
             impl=impl,
+            vocab_size=case["vocab_size"],
         )
         loss, _ = policy_loss(logp.view(case["shape"]), case["old"], case["adv"], case["mask"])
         (loss - 0.01 * ent.mean()).backward()

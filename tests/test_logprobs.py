@@ -95,21 +95,45 @@ def test_tp2_equals_tp1_through_the_gppo_loss(impl, tmp_path):
     b, t, v = 3, 4, 600
     case = dict(
         logits=(torch.randn(b * t, v, generator=g) * 2).to(torch.bfloat16),
-        targets=torch.randint(0, v, (b * t,), generator=g),
+        targets=torch.randint(0, v - 37, (b * t,), generator=g),
         temperature=0.8,
         shape=(b, t),
         old=-torch.rand(b, t, generator=g) * 4 - 3,
         adv=torch.randn(b, 1, generator=g),
         mask=(torch.rand(b, t, generator=g) > 0.2).float(),
+        vocab_size=v - 37,  # the last 37 columns (on rank 1) are vocabulary padding
     )
     path = str(tmp_path / "case.pt")
     torch.save(case, path)
     spawn(logprobs_tp_worker, 2, impl, path)
     out = torch.load(path + f".{impl}.out")
     x = case["logits"].clone().requires_grad_()
-    lp, ent = vocab_parallel_logprobs(x, case["targets"], temperature=0.8, with_entropy=True, impl=impl)
+    lp, ent = vocab_parallel_logprobs(
+        x, case["targets"], temperature=0.8, with_entropy=True, impl=impl, vocab_size=case["vocab_size"]
+    )
     loss, _ = policy_loss(lp.view(b, t), case["old"], case["adv"], case["mask"])
     (loss - 0.01 * ent.mean()).backward()
     assert torch.allclose(out["logp"], lp, atol=1e-5) and torch.allclose(out["ent"], ent, atol=1e-5)
     assert torch.allclose(out["grad"].float(), x.grad.float(), atol=1e-4)
     assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_padding_is_not_part_of_the_distribution(impl):
+    """Megatron pads the vocabulary; padded columns must get no probability and no gradient."""
+    g = torch.Generator().manual_seed(5)
+    real, padded = 300, 384
+    logits = torch.randn(6, padded, generator=g) * 2
+    logits[:, real:] = 5.0  # whatever the padded rows of the output layer produce
+    targets = torch.randint(0, real, (6,), generator=g)
+    x = logits.clone().requires_grad_()
+    lp, ent = vocab_parallel_logprobs(x, targets, with_entropy=True, impl=impl, vocab_size=real)
+    (lp.sum() + ent.sum()).backward()
+    rlp, rent, rgrad = reference_f64(
+        logits[:, :real], targets, 1.0, torch.ones(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    )
+    assert torch.allclose(lp.double(), rlp, atol=1e-5) and torch.allclose(ent.double(), rent, atol=1e-5)
+    assert torch.allclose(x.grad[:, :real].double(), rgrad, atol=1e-5)
+    assert (x.grad[:, real:] == 0).all()
+    with pytest.raises(ValueError, match="targets must lie in"):
+        vocab_parallel_logprobs(x, torch.full((6,), real), vocab_size=real)

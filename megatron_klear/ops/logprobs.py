@@ -40,12 +40,15 @@ class _TorchVocabParallelLogProbs(torch.autograd.Function):
     """Reference: three all-reduces (max, packed sums), float32 softmax kept for backward."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, group, with_entropy):
+    def forward(ctx, logits, targets, temperature, group, with_entropy, n_valid):
         rank, _ = _tp(group)
         v_local = logits.shape[-1]
         z = logits.float() / temperature
-        m = _all_reduce(z.max(dim=-1).values, dist.ReduceOp.MAX, group)
+        valid = torch.arange(v_local, device=logits.device) < n_valid  # vocabulary padding is not a token
+        z = torch.where(valid, z, float("-inf"))
+        m = _all_reduce(z.max(dim=-1).values.clamp_min(-1e30), dist.ReduceOp.MAX, group)
         e = torch.exp(z - m[:, None])
+        z = torch.where(valid, z, 0.0)  # e is 0 there; keeps e * z finite
         local_t = targets - rank * v_local
         owned = (local_t >= 0) & (local_t < v_local)
         z_y = torch.where(owned, z.gather(-1, local_t.clamp(0, v_local - 1)[:, None]).squeeze(-1), 0.0)
@@ -68,7 +71,7 @@ class _TorchVocabParallelLogProbs(torch.autograd.Function):
             dz = dz - g_ent.float()[:, None] * p * (z - lse[:, None] + entropy[:, None])
         rows = torch.nonzero(owned).squeeze(-1)
         dz[rows, local_t[rows]] += g_logp[rows]
-        return (dz / ctx.temperature).to(ctx.logits_dtype), None, None, None, None
+        return (dz / ctx.temperature).to(ctx.logits_dtype), None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -79,6 +82,7 @@ def vocab_parallel_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     impl: str = "torch",
+    vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-prob of each target token and (optionally) the entropy, over TP-sharded logits.
 
@@ -89,6 +93,8 @@ def vocab_parallel_logprobs(
         temperature: logits are divided by it before the softmax.
         with_entropy: also return the entropy of the full distribution.
         impl: ``"torch"`` (reference) or ``"triton"`` (fused kernels).
+        vocab_size: the real vocabulary size when the logits carry Megatron's padding: ids at
+            or beyond it are left out of the softmax (and get zero gradient).
 
     Returns:
         ``(logprobs [tokens] float32, entropy [tokens] float32 or None)``; differentiable
@@ -106,12 +112,17 @@ def vocab_parallel_logprobs(
         raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    _, tp = _tp(tp_group)
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[-1] * tp):
-        raise ValueError(f"targets must lie in [0, {logits.shape[-1] * tp})")
+    rank, tp = _tp(tp_group)
+    v_local = logits.shape[-1]
+    limit = v_local * tp if vocab_size is None else vocab_size
+    if not 0 < limit <= v_local * tp:
+        raise ValueError(f"vocab_size must lie in [1, {v_local * tp}], got {vocab_size}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= limit):
+        raise ValueError(f"targets must lie in [0, {limit})")
     targets = targets.long()
+    n_valid = max(0, min(v_local, limit - rank * v_local))  # this rank's real (unpadded) columns
     if impl == "triton":
         from megatron_klear.ops.triton_logprobs import triton_vocab_parallel_logprobs
 
-        return triton_vocab_parallel_logprobs(logits, targets, tp_group, temperature, with_entropy)
-    return _TorchVocabParallelLogProbs.apply(logits, targets, float(temperature), tp_group, with_entropy)
+        return triton_vocab_parallel_logprobs(logits, targets, tp_group, temperature, with_entropy, n_valid)
+    return _TorchVocabParallelLogProbs.apply(logits, targets, float(temperature), tp_group, with_entropy, n_valid)

@@ -25,7 +25,7 @@ def _stats_kernel(
     targets_ptr,
     stats_ptr,
     stride_row,
-    v_local,
+    v_valid,
     vocab_start,
     inv_temp,
     BLOCK_V: tl.constexpr,
@@ -35,9 +35,9 @@ def _stats_kernel(
     m = tl.full((), _NEG, tl.float32)
     s = tl.zeros((), tl.float32)
     u = tl.zeros((), tl.float32)
-    for start in range(0, v_local, BLOCK_V):
+    for start in range(0, v_valid, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        inside = cols < v_local
+        inside = cols < v_valid
         z = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp
         z = tl.where(inside, z, _NEG)
         m_new = tl.maximum(m, tl.max(z, axis=0))
@@ -47,7 +47,7 @@ def _stats_kernel(
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
     t = tl.load(targets_ptr + row) - vocab_start
-    owned = (t >= 0) & (t < v_local)
+    owned = (t >= 0) & (t < v_valid)
     z_t = tl.load(base + tl.where(owned, t, 0)).to(tl.float32) * inv_temp
     z_t = tl.where(owned, z_t, float("-inf"))
     out = stats_ptr + row * 4
@@ -69,6 +69,7 @@ def _grad_kernel(
     stride_row,
     grad_stride_row,
     v_local,
+    v_valid,
     vocab_start,
     inv_temp,
     HAS_ENT_GRAD: tl.constexpr,
@@ -87,7 +88,7 @@ def _grad_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         inside = cols < v_local
         z = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp
-        p = tl.exp(z - lse)
+        p = tl.where(cols < v_valid, tl.exp(z - lse), 0.0)  # vocabulary padding: no mass, no grad
         dz = tl.where(cols == t, g_logp, 0.0) - g_logp * p
         if HAS_ENT_GRAD:
             dz -= g_ent * p * (z - lse + ent)
@@ -123,7 +124,7 @@ def combine_stats(all_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 class _TritonVocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, group, with_entropy):
+    def forward(ctx, logits, targets, temperature, group, with_entropy, n_valid):
         logits = logits.contiguous()
         t, v_local = logits.shape
         rank = dist.get_rank(group) if group is not None and dist.is_initialized() else 0
@@ -134,14 +135,14 @@ class _TritonVocabParallelLogProbs(torch.autograd.Function):
                 targets,
                 stats,
                 logits.stride(0),
-                v_local,
+                n_valid,
                 rank * v_local,
                 1.0 / temperature,
                 BLOCK_V=_block_v(v_local),
             )
         logp, entropy, lse = combine_stats(_gather_stats(stats, group))
         ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.temperature, ctx.vocab_start = temperature, rank * v_local
+        ctx.temperature, ctx.vocab_start, ctx.n_valid = temperature, rank * v_local, n_valid
         return logp, entropy if with_entropy else None
 
     @staticmethod
@@ -164,14 +165,15 @@ class _TritonVocabParallelLogProbs(torch.autograd.Function):
                 logits.stride(0),
                 grad.stride(0),
                 v_local,
+                ctx.n_valid,
                 ctx.vocab_start,
                 1.0 / ctx.temperature,
                 HAS_ENT_GRAD=has_ent,
                 BLOCK_V=_block_v(v_local),
             )
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def triton_vocab_parallel_logprobs(logits, targets, tp_group, temperature, with_entropy):
+def triton_vocab_parallel_logprobs(logits, targets, tp_group, temperature, with_entropy, n_valid):
     """See ``megatron_klear.ops.logprobs.vocab_parallel_logprobs`` (already validated)."""
-    return _TritonVocabParallelLogProbs.apply(logits, targets, float(temperature), tp_group, with_entropy)
+    return _TritonVocabParallelLogProbs.apply(logits, targets, float(temperature), tp_group, with_entropy, n_valid)
