@@ -23,6 +23,7 @@ setup(
         "psutil",  # Megatron's checkpoint writer needs it (its workers die silently without)
         "pyarrow",
         "math-verify>=0.7",
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "triton>=3.2", "ruff"],

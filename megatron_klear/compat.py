@@ -6,6 +6,8 @@ small tensors, and the CUDA RNG tracker. On a machine without CUDA we
 
 * make ``torch.cuda.current_device()`` answer 0 and redirect any cuda / integer device
   passed to a tensor factory, ``.to()`` or ``.cuda()`` to the CPU (a TorchFunctionMode),
+  and answer ``Tensor.type()`` (no argument) with the CUDA type name Megatron's optimizer
+  checks for,
 * back the CUDA RNG state functions with the CPU generator, so the RNG tracker's
   ``fork()`` keeps working (and stays deterministic per seed).
 
@@ -42,6 +44,10 @@ class _CudaToCpuMode(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "cuda":  # Tensor.cuda(): stays where it is
             return args[0]
+        if name == "type" and len(args) == 1 and not kwargs:
+            # Tensor.type() with no argument answers a type-name question; Megatron's optimizer
+            # accepts only "torch.cuda.*Tensor" names.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if name == "to" and args:

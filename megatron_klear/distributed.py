@@ -112,6 +112,13 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def comm_device() -> torch.device:
+    """Where tensors for collectives must live: the GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def is_main() -> bool:
     """True on global rank 0 (or when not distributed)."""
     return not dist.is_initialized() or dist.get_rank() == 0

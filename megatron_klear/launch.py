@@ -13,7 +13,14 @@ import torch.multiprocessing as mp
 from megatron_klear.distributed import free_port
 
 
+# Set by torchrun for its own workers; a process group started here must not inherit them
+# (TORCHELASTIC_USE_AGENT_STORE would make the child wait for torchrun's store).
+_LAUNCHER_VARS = ("TORCHELASTIC_", "GROUP_", "ROLE_", "LOCAL_WORLD_SIZE", "MASTER_")
+
+
 def _child(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+    for key in [k for k in os.environ if k.startswith(_LAUNCHER_VARS)]:
+        del os.environ[key]
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),

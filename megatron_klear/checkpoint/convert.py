@@ -149,7 +149,7 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool 
     validate_parallel(cfg, tp, pp)
     HFReader(hf_dir).require(mapping.hf_tensor_names(cfg))
     check_output_dir(out, force)
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, collective=False) as tmp:
         spawn(_hf_to_megatron_worker, tp * pp, hf_dir, str(tmp), tp, pp)
 
 
@@ -188,5 +188,5 @@ def megatron_to_hf(load: str, out: str, force: bool = False, max_shard_bytes: in
 
     read_marker(load)
     check_output_dir(out, force)
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, collective=False) as tmp:
         spawn(_megatron_to_hf_worker, 1, load, str(tmp), max_shard_bytes)

@@ -31,17 +31,17 @@ MARKER = "megatron_klear.json"
 FORMAT_VERSION = 1
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def _rank(collective: bool = True) -> int:
+    return dist.get_rank() if collective and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
+def _barrier(collective: bool = True) -> None:
+    if collective and dist.is_initialized():
         dist.barrier()
 
 
-def _broadcast_str(value: Optional[str]) -> str:
-    if not dist.is_initialized():
+def _broadcast_str(value: Optional[str], collective: bool = True) -> str:
+    if not (collective and dist.is_initialized()):
         assert value is not None
         return value
     obj = [value]
@@ -75,27 +75,29 @@ def check_output_dir(out: str | Path, force: bool) -> None:
 
 
 @contextmanager
-def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, force: bool = False, collective: bool = True) -> Iterator[Path]:
     """Yield a temporary directory, shared by all ranks, renamed to ``out`` on success.
 
-    On failure the temporary directory is removed and ``out`` is untouched.
+    On failure the temporary directory is removed and ``out`` is untouched. With
+    ``collective=False`` only this process takes part (offline tools, even when called from
+    one rank of a distributed job).
     """
     out = Path(out).absolute()
     check_output_dir(out, force)
     tmp = None
-    if _rank() == 0:
+    if _rank(collective) == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = str(out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time())}")
         Path(tmp).mkdir()
-    tmp_path = Path(_broadcast_str(tmp))
+    tmp_path = Path(_broadcast_str(tmp, collective))
     try:
         yield tmp_path
     except BaseException:
-        if _rank() == 0:
+        if _rank(collective) == 0:
             shutil.rmtree(tmp_path, ignore_errors=True)
         raise
-    _barrier()
-    if _rank() == 0:
+    _barrier(collective)
+    if _rank(collective) == 0:
         old = None
         if out.exists():  # only with force: swap in the new one, then drop the old one
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -103,7 +105,7 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         tmp_path.rename(out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _barrier(collective)
 
 
 def write_marker(path: Path, cfg: Qwen3Config, **extra) -> None:

@@ -1,0 +1,439 @@
+"""Long-CoT SFT on Megatron-Core.
+
+    torchrun --nproc-per-node N -m megatron_klear.sft --config examples/tiny/sft.yaml [key=value ...]
+
+One step: take the next global batch of packed sequences (``global_batch_tokens`` tokens),
+split it over data-parallel ranks and micro-batches, run Megatron's pipeline schedule with
+the token-sum NLL over assistant tokens (normalised by the global batch's token count),
+clip, step the distributed optimizer and the LR schedule; log, validate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_klear.config import load_config, to_dict
+from megatron_klear.errors import ConfigError
+from megatron_klear.training.engine import OptimConfig
+
+
+@dataclass
+class ModelSection:
+    hf: Optional[str] = None  # HF model directory to start from
+    load: Optional[str] = None  # or a Megatron checkpoint (tools/convert_hf_to_megatron.py output)
+    create_tiny: Optional[dict] = None  # TinyModelArgs fields: create model.hf first if it is missing
+    params_dtype: Optional[str] = None  # default: the checkpoint's dtype
+    use_te: Optional[bool] = None  # default: when Transformer Engine is installed
+    fp8: Optional[str] = None  # "hybrid" (Transformer Engine only)
+    recompute: Optional[str] = None  # null, "full" or "selective"
+    logprob_impl: str = "torch"  # "torch" or "triton"
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False  # Transformer Engine only; needs tp > 1
+    context_parallel: int = 1  # Transformer Engine only
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)
+    valid: list[str] = field(default_factory=list)
+    generate: Optional[str] = None  # write our synthetic data here first if it is missing
+    seq_len: int = 32768
+    global_batch_tokens: int = 32768 * 128
+    micro_batch_size: int = 1  # packed sequences per micro-batch
+    overlong: str = "truncate"
+    cache_dir: str = "~/.cache/megatron_klear/sft"
+    workers: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointSection:
+    save_interval: int = 500
+    keep_last: int = 3
+    resume: bool = True
+    export_hf: bool = True
+
+
+@dataclass
+class LogSection:
+    interval: int = 1
+    eval_interval: int = 0  # 0: no validation
+    eval_batches: int = 8
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    peak_tflops: Optional[float] = None  # per device, for MFU (989 for H100 SXM bf16 dense)
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    train_steps: Optional[int] = None
+    epochs: Optional[float] = None  # alternative to train_steps
+    seed: int = 1234
+
+    def validate(self) -> None:
+        m, d = self.model, self.data
+        if (m.hf is None) == (m.load is None):
+            raise ConfigError("set exactly one of model.hf (HF directory) and model.load (Megatron checkpoint)")
+        if m.create_tiny is not None and m.hf is None:
+            raise ConfigError("model.create_tiny needs model.hf (where to create it)")
+        if m.logprob_impl not in ("torch", "triton"):
+            raise ConfigError(f"model.logprob_impl must be 'torch' or 'triton', got {m.logprob_impl!r}")
+        if not d.train:
+            raise ConfigError("data.train is empty")
+        if d.seq_len < 2 or d.micro_batch_size < 1:
+            raise ConfigError("data.seq_len must be >= 2 and data.micro_batch_size >= 1")
+        if d.global_batch_tokens % d.seq_len:
+            raise ConfigError(
+                f"data.global_batch_tokens={d.global_batch_tokens} is not a multiple of data.seq_len={d.seq_len}"
+            )
+        if (self.train_steps is None) == (self.epochs is None):
+            raise ConfigError("set exactly one of train_steps and epochs")
+        if self.parallel.context_parallel != 1:
+            raise ConfigError("parallel.context_parallel > 1 is not supported yet")
+        self.optim.validate()
+
+    def batch_layout(self, dp: int) -> tuple[int, int]:
+        """(sequences per global batch, micro-batches per rank); errors name the numbers."""
+        d = self.data
+        seqs = d.global_batch_tokens // d.seq_len
+        if seqs % (d.micro_batch_size * dp):
+            raise ConfigError(
+                f"global batch of {seqs} sequences (data.global_batch_tokens / data.seq_len) is not divisible by "
+                f"data.micro_batch_size x data-parallel size = {d.micro_batch_size} x {dp}"
+            )
+        return seqs, seqs // (d.micro_batch_size * dp)
+
+
+def prepare_assets(cfg: SFTConfig) -> None:
+    """Create the tiny model and the synthetic data a config asks for, once (rank 0)."""
+    from megatron_klear.distributed import is_main
+
+    if is_main():
+        if cfg.model.create_tiny is not None and not (Path(cfg.model.hf) / "config.json").is_file():
+            from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
+
+            make_tiny_model(cfg.model.hf, TinyModelArgs(**cfg.model.create_tiny))
+        if cfg.data.generate is not None and not all(Path(p).is_file() for p in cfg.data.train):
+            from megatron_klear.data.synthetic import make_dataset
+
+            make_dataset(cfg.data.generate)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def model_source(cfg: SFTConfig):
+    """(HF config, weight loader for ``build_engine``) from model.hf or model.load."""
+    from megatron_klear.checkpoint.convert import load_hf_weights
+    from megatron_klear.checkpoint.hf_io import HFReader
+    from megatron_klear.checkpoint.megatron_ckpt import load_model, read_marker
+    from megatron_klear.models.qwen3 import Qwen3Config, load_hf_config
+
+    if cfg.model.hf is not None:
+        hf_cfg = load_hf_config(cfg.model.hf)
+        return hf_cfg, lambda gpt: load_hf_weights(gpt, hf_cfg, HFReader(cfg.model.hf).get)
+    read_marker(cfg.model.load)
+    hf_cfg = Qwen3Config.from_dict(json.loads((Path(cfg.model.load) / "config.json").read_text()))
+    return hf_cfg, lambda gpt: load_model(gpt, cfg.model.load)
+
+
+def tokenizer_dir(cfg: SFTConfig) -> str:
+    return cfg.model.hf or cfg.model.load
+
+
+def nll_loss(vocab_size: int, impl: str):
+    """Per micro-batch: (sum of -log p over assistant tokens, their count, report)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_klear.ops.logprobs import vocab_parallel_logprobs
+
+    def loss(logits: torch.Tensor, mb: dict):
+        vl = logits.shape[-1]
+        logp, _ = vocab_parallel_logprobs(
+            logits.reshape(-1, vl),
+            mb["labels"].reshape(-1),
+            tp_group=ps.get_tensor_model_parallel_group(),
+            vocab_size=vocab_size,
+            impl=impl,
+        )
+        mask = mb["loss_mask"].reshape(-1).to(logp.dtype)
+        total = -(logp * mask).sum()
+        count = mask.sum().to(torch.int)
+        return total, count, {"loss_sum": total.detach(), "tokens": count.detach()}
+
+    return loss
+
+
+def model_flops_per_token(hf, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), dense matmuls + attention."""
+    h, L, hd = hf.hidden_size, hf.num_hidden_layers, hf.head_dim
+    q, kv = hf.num_attention_heads * hd, hf.num_key_value_heads * hd
+    per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * hf.intermediate_size
+    attn = 2 * 2 * q * seq_len / 2  # QK^T and PV, causal: half the square on average
+    return 3 * (L * (per_layer + attn) + 2 * h * hf.vocab_size)
+
+
+class BatchStream:
+    """This DP rank's micro-batches of each global batch, from a resumable data position."""
+
+    def __init__(self, dataset, seqs_per_batch: int, n_micro: int, mbs: int, dp_rank: int, use_te: bool):
+        self.ds, self.seqs, self.n_micro, self.mbs, self.dp_rank, self.use_te = (
+            dataset,
+            seqs_per_batch,
+            n_micro,
+            mbs,
+            dp_rank,
+            use_te,
+        )
+
+    def global_batch(self, epoch: int, pack: int):
+        """Micro-batches of the global batch starting at (epoch, pack), and the next position."""
+        from megatron_klear.training.batches import micro_batch
+
+        positions = []
+        e, k = epoch, pack
+        for _ in range(self.seqs):
+            if k >= len(self.ds.plan(e)):
+                e, k = e + 1, 0
+            positions.append((e, k))
+            k += 1
+        mine = positions[self.dp_rank * self.n_micro * self.mbs : (self.dp_rank + 1) * self.n_micro * self.mbs]
+        samples = [self.ds.build(self.ds.plan(pe)[pk]) for pe, pk in mine]
+        micro = [micro_batch(samples[i : i + self.mbs], self.use_te) for i in range(0, len(samples), self.mbs)]
+        if k >= len(self.ds.plan(e)):
+            e, k = e + 1, 0
+        return micro, (e, k)
+
+
+def evaluate(engine, dataset, stream_args: dict, cfg: SFTConfig, loss_fn) -> float:
+    from megatron_klear.training.engine import forward_backward, reduce_reports
+
+    stream = BatchStream(dataset, **stream_args)
+    total = {"loss_sum": 0.0, "tokens": 0.0}
+    pos = (0, 0)
+    for _ in range(cfg.log.eval_batches):
+        micro, pos = stream.global_batch(*pos)
+        rep = reduce_reports(forward_backward(engine, micro, loss_fn, forward_only=True), total)
+        for k in total:
+            total[k] += rep[k]
+        if pos[0] > 0:  # one pass over the validation set is enough
+            break
+    engine.model.train()
+    return total["loss_sum"] / max(total["tokens"], 1.0)
+
+
+def train(cfg: SFTConfig) -> dict:
+    """Run (or resume) SFT; returns the last step's metrics."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_klear.data.sft import SFTDataConfig, SFTDataset
+    from megatron_klear.distributed import ParallelConfig, init_distributed, is_main
+    from megatron_klear.models.qwen3 import ModelOptions, have_transformer_engine, validate_parallel
+    from megatron_klear.training.checkpoint import latest_checkpoint, load_checkpoint, maybe_crash, save_checkpoint
+    from megatron_klear.training.engine import build_engine, forward_backward, optimizer_step, reduce_reports
+    from megatron_klear.training.metrics import MetricsLogger
+
+    env = init_distributed(
+        ParallelConfig(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel), seed=cfg.seed
+    )
+    dp = ps.get_data_parallel_world_size()
+    seqs, n_micro = cfg.batch_layout(dp)
+    prepare_assets(cfg)
+    hf_cfg, init_weights = model_source(cfg)
+    validate_parallel(hf_cfg, cfg.parallel.tp, cfg.parallel.pp)
+    if cfg.data.seq_len > hf_cfg.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's "
+            f"max_position_embeddings={hf_cfg.max_position_embeddings}"
+        )
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+
+    def dataset(paths):
+        dcfg = SFTDataConfig(
+            paths,
+            tokenizer_dir(cfg),
+            cfg.data.seq_len,
+            cfg.data.cache_dir,
+            cfg.data.overlong,
+            cfg.data.seed,
+            workers=cfg.data.workers,
+        )
+        if not is_main():  # rank 0 builds the token cache, the others then map it
+            dist.barrier()
+        ds = SFTDataset(dcfg)
+        if is_main():
+            dist.barrier()
+        return ds
+
+    train_ds = dataset(cfg.data.train)
+    valid_ds = dataset(cfg.data.valid) if cfg.data.valid else None
+    steps_per_epoch = max(1, train_ds.packs_per_epoch() // seqs)
+    total_steps = cfg.train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    use_te = have_transformer_engine() if cfg.model.use_te is None else cfg.model.use_te
+    opts = ModelOptions(
+        params_dtype=cfg.model.params_dtype,
+        use_te=use_te,
+        fp8=cfg.model.fp8,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        recompute=cfg.model.recompute,
+        init_weights=False,
+    )
+    resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    engine = build_engine(hf_cfg, opts, cfg.optim, total_steps, init_weights=None if resume_from else init_weights)
+    state = {"step": 0, "data_epoch": 0, "data_pack": 0, "tokens": 0}
+    if resume_from is not None:
+        state.update(load_checkpoint(engine, resume_from))
+        if is_main():
+            print(f"resumed from {resume_from} at step {state['step']}", flush=True)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        print(
+            f"SFT: {train_ds.stats()} | {seqs} sequences x {cfg.data.seq_len} tokens per step, "
+            f"dp={dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp}, {n_micro} micro-batches per rank, "
+            f"{total_steps} steps",
+            flush=True,
+        )
+
+    loss_fn = nll_loss(hf_cfg.vocab_size, cfg.model.logprob_impl)
+    stream_args = dict(
+        seqs_per_batch=seqs,
+        n_micro=n_micro,
+        mbs=cfg.data.micro_batch_size,
+        dp_rank=ps.get_data_parallel_rank(),
+        use_te=use_te,
+    )
+    stream = BatchStream(train_ds, **stream_args)
+    logger = MetricsLogger(
+        out,
+        total_steps,
+        state["step"],
+        tensorboard=cfg.log.tensorboard,
+        wandb_project=cfg.log.wandb_project,
+        run_name=out.name,
+        config=to_dict(cfg),
+        desc="sft",
+    )
+    flops_per_token = model_flops_per_token(hf_cfg, cfg.data.seq_len)
+    metrics: dict = {}
+    step = state["step"]
+    try:
+        while step < total_steps:
+            t0 = time.time()
+            micro, next_pos = stream.global_batch(state["data_epoch"], state["data_pack"])
+            reports = forward_backward(engine, micro, loss_fn)
+            applied, grad_norm = optimizer_step(engine)
+            rep = reduce_reports(reports, ("loss_sum", "tokens"))
+            loss = rep["loss_sum"] / max(rep["tokens"], 1.0)
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                _nan_stop(out, step + 1, loss, grad_norm, state)
+            step += 1
+            state.update(
+                step=step,
+                data_epoch=next_pos[0],
+                data_pack=next_pos[1],
+                tokens=state["tokens"] + seqs * cfg.data.seq_len,
+            )
+            dt = time.time() - t0
+            world = dist.get_world_size()
+            tok_s = seqs * cfg.data.seq_len / dt
+            metrics = {
+                "loss": loss,
+                "lr": engine.optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "tokens_per_s": tok_s,
+                "tokens_per_s_per_device": tok_s / world,
+                "step_time_s": dt,
+                "supervised_tokens": rep["tokens"],
+                "epoch": state["data_epoch"],
+                "skipped_update": not applied,
+            }
+            if cfg.log.peak_tflops:
+                metrics["mfu"] = tok_s / world * flops_per_token / (cfg.log.peak_tflops * 1e12)
+            if torch.cuda.is_available():
+                metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            if valid_ds is not None and cfg.log.eval_interval and step % cfg.log.eval_interval == 0:
+                metrics["val_loss"] = evaluate(engine, valid_ds, stream_args, cfg, loss_fn)
+            logger.log(step, metrics, console=step % cfg.log.interval == 0 or step == total_steps)
+            logger.advance()
+            maybe_crash("step", step)
+            if step % cfg.checkpoint.save_interval == 0 or step == total_steps:
+                save_checkpoint(engine, ckpt_root, step, state, cfg.checkpoint.keep_last)
+    finally:
+        logger.close()
+    if cfg.checkpoint.export_hf and is_main():
+        from megatron_klear.checkpoint.convert import megatron_to_hf
+        from megatron_klear.checkpoint.hf_io import copy_side_files
+
+        last = latest_checkpoint(ckpt_root)
+        copy_side_files(tokenizer_dir(cfg), last)
+        megatron_to_hf(str(last), str(out / "hf"), force=True)
+        print(f"exported {last} -> {out / 'hf'}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    del env
+    return metrics
+
+
+def _nan_stop(out: Path, step: int, loss: float, grad_norm: float, state: dict) -> None:
+    """Write diagnostics and stop without checkpointing the poisoned weights."""
+    from megatron_klear.distributed import is_main
+
+    if is_main():
+        diag = dict(
+            step=step,
+            loss=loss,
+            grad_norm=grad_norm,
+            data_epoch=state["data_epoch"],
+            data_pack=state["data_pack"],
+            note="non-finite loss or gradient; no checkpoint was written",
+        )
+        (out / "nan_diagnostics.json").write_text(json.dumps(diag, indent=1))
+    raise FloatingPointError(
+        f"non-finite loss {loss} / grad norm {grad_norm} at step {step}; see {out / 'nan_diagnostics.json'}"
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(SFTConfig, a.config, a.overrides)
+        train(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from megatron_klear.distributed import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

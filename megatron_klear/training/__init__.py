@@ -1,0 +1,1 @@
+"""Shared training machinery for the SFT and RL loops."""

@@ -1,0 +1,160 @@
+"""Training checkpoints: model, optimizer, LR schedule, trainer state and RNG, atomically.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    iter_0000100/            a complete checkpoint (only complete ones carry this name)
+      megatron_klear.json    marker, written last (see checkpoint.megatron_ckpt)
+      config.json            the HF config of the model
+      model/                 Megatron-Core dist checkpoint of model and optimizer (TP/PP-agnostic)
+      trainer_state.json     step, LR schedule, data position, anything the loop adds
+      rng/rank_00000.pt      each rank's RNG states
+    latest                   name of the newest complete checkpoint
+    .iter_0000200.tmp/       a save in progress (or one that crashed): never loaded
+
+The model tensors of ``iter_N/`` are keyed as in a converted checkpoint, so
+``tools/convert_megatron_to_hf.py --load iter_N`` exports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_klear.checkpoint.megatron_ckpt import MARKER, is_valid_checkpoint, write_marker
+from megatron_klear.errors import CheckpointError
+
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+def maybe_crash(point: str, step: int) -> None:
+    """Fault injection for tests: ``MEGATRON_KLEAR_CRASH_AT=save:12`` (or ``step:12``) kills the
+    process hard at that point, as a node failure would."""
+    if os.environ.get("MEGATRON_KLEAR_CRASH_AT") == f"{point}:{step}":
+        os._exit(42)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state["tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _ITER.match(p.name) and is_valid_checkpoint(p)]
+    return sorted(found, key=lambda p: int(_ITER.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+# "fully_reshardable": optimizer state in model-parameter space, so a run can resume at another
+# TP / PP / DP layout (the buffers are gathered on DP rank 0 while saving).
+OPTIMIZER_FORMAT = "fully_reshardable"
+
+
+def _sharded_state(engine, is_loading: bool) -> dict:
+    model_sd = engine.module.sharded_state_dict()
+    optim_sd = engine.optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_FORMAT}
+    )
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_last: int = 3) -> Path:
+    """Collective: every rank must call it. Returns the checkpoint directory."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    name = f"iter_{step:07d}"
+    final, tmp = root / name, root / f".{name}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".iter_*.tmp"):  # a crashed save: never complete, safe to drop
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "model").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier()
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    dist_checkpointing.save(_sharded_state(engine, is_loading=False), str(tmp / "model"), sharded_strategy=strategy)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    maybe_crash("save", step)
+    _barrier()
+    if _rank() == 0:
+        state = dict(trainer_state, step=step, scheduler=engine.scheduler.state_dict())
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        write_marker(tmp, engine.hf_config, step=step)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        (root / "latest.tmp").write_text(name)
+        (root / "latest.tmp").rename(root / "latest")
+        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    """Load model, optimizer, schedule and this rank's RNG; returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint")
+    sharded = _sharded_state(engine, is_loading=True)
+    try:
+        state = dist_checkpointing.load(sharded, str(path / "model"))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load into this model: {e}") from e
+    own = engine.module.state_dict()
+    for k, v in state["model"].items():
+        if isinstance(v, torch.Tensor) and k in own and own[k] is not None and own[k].shape != v.shape:
+            raise CheckpointError(
+                f"{path}: tensor {k} has shape {tuple(v.shape)} in the checkpoint "
+                f"but {tuple(own[k].shape)} in the model"
+            )
+    engine.module.load_state_dict(state["model"], strict=False)
+    engine.optimizer.load_state_dict(state["optimizer"])
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    engine.scheduler.load_state_dict(trainer_state["scheduler"])
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    if rng_file.is_file():  # absent when resuming on a different world size
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state

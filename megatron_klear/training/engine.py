@@ -1,0 +1,191 @@
+"""Model + Megatron DDP + distributed optimizer + LR schedule, and one training step.
+
+The loss is a token sum per micro-batch with Megatron's ``calculate_per_token_loss``: the
+schedule sums the token counts, DDP sums gradients across data-parallel ranks, and
+``finalize_model_grads`` divides by the global count. So the gradient is the token mean over
+the whole global batch, whatever the split into micro-batches and DP ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_klear.models.qwen3 import ModelOptions, Qwen3Config, build_model
+
+
+@dataclass
+class OptimConfig:
+    """Adam with decoupled weight decay, warm-up then cosine (or constant) LR."""
+
+    lr: float = 8e-5
+    min_lr: float = 4e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_style: str = "cosine"  # "cosine", "linear" or "constant"
+    decay_steps: Optional[int] = None  # default: the run's total steps
+
+    def validate(self, where: str = "optim") -> None:
+        from megatron_klear.errors import ConfigError
+
+        if not self.lr > 0:
+            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{where}.min_lr must lie in [0, lr], got {self.min_lr}")
+        if self.decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"{where}.decay_style must be cosine, linear or constant, got {self.decay_style!r}")
+        if self.warmup_steps < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ConfigError(f"{where}: warmup_steps, clip_grad and weight_decay must be >= 0")
+
+
+@dataclass
+class TrainEngine:
+    model: Any  # Megatron DDP wrapper around this rank's GPTModel stage
+    optimizer: Any
+    scheduler: Any
+    hf_config: Qwen3Config
+
+    @property
+    def module(self):
+        """The bare GPTModel stage (unwrapped from DDP)."""
+        return self.model.module
+
+
+def build_engine(
+    hf_cfg: Qwen3Config,
+    opts: ModelOptions,
+    optim: OptimConfig,
+    total_steps: int,
+    init_weights: Optional[Callable[[torch.nn.Module], None]] = None,
+) -> TrainEngine:
+    """Model stage of this rank wrapped in Megatron DDP, with its distributed optimizer.
+
+    ``init_weights(gpt_model)`` loads the starting weights; it runs before the optimizer
+    exists, because the optimizer's float32 master copies are taken from the model then.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    gpt = build_model(hf_cfg, opts)
+    if init_weights is not None:
+        init_weights(gpt)
+    cfg = gpt.config
+    cfg.calculate_per_token_loss = True
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
+        check_for_nan_in_grad=False,
+    )
+    model = DistributedDataParallel(cfg, ddp_cfg, gpt)
+    cfg.finalize_model_grads_func = finalize_model_grads
+    cfg.no_sync_func = model.no_sync
+    ocfg = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1,
+        adam_beta2=optim.beta2,
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        params_dtype=cfg.params_dtype,
+        use_distributed_optimizer=True,
+    )
+    optimizer = get_megatron_optimizer(ocfg, [model])
+    decay_steps = max(1, optim.decay_steps or total_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr if optim.decay_style != "constant" else optim.lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(decay_steps, optim.warmup_steps + 1),
+        lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    return TrainEngine(model, optimizer, scheduler, hf_cfg)
+
+
+# A micro-batch loss: (logits of this micro-batch [b, s, V/TP], the micro-batch) ->
+# (sum of per-token losses, number of tokens, dict of float tensors to report).
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def forward_backward(
+    engine: TrainEngine, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool = False
+) -> list[dict]:
+    """Run Megatron's pipeline schedule over ``micro_batches``; returns the loss dicts.
+
+    Each micro-batch holds ``input_ids``, ``position_ids`` and ``attention_mask`` tensors
+    (plus whatever ``loss_fn`` needs); all micro-batches have the same shape.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    b, s = micro_batches[0]["input_ids"].shape
+    dev = next(engine.model.parameters()).device
+
+    def step(data_iter, model):
+        mb = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in next(data_iter).items()}
+        extra = {"packed_seq_params": mb["packed_seq_params"]} if mb.get("packed_seq_params") is not None else {}
+        logits = model(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), **extra)
+
+        def loss(output):
+            total, count, report = loss_fn(output, mb)
+            return total, count, report
+
+        return logits, loss
+
+    if not forward_only:
+        engine.model.zero_grad_buffer()
+        engine.optimizer.zero_grad()
+    return get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter(micro_batches),
+        model=[engine.model],
+        num_microbatches=len(micro_batches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
+
+
+def optimizer_step(engine: TrainEngine) -> tuple[bool, float]:
+    """Apply the optimizer and advance the schedule; returns (applied, grad norm)."""
+    ok, grad_norm, _ = engine.optimizer.step()
+    if ok:
+        engine.scheduler.step(increment=1)
+    return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def reduce_reports(reports: Iterable[dict], keys: Iterable[str]) -> dict[str, float]:
+    """Sum report entries over micro-batches (last stage) and over DP; same on every rank."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_klear.distributed import comm_device
+
+    keys = list(keys)
+    local = torch.zeros(len(keys), dtype=torch.float64, device=comm_device())
+    for r in reports:
+        for i, k in enumerate(keys):
+            local[i] += float(r[k])
+    if dist.is_initialized():
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        # only the last pipeline stage computed losses: take its numbers everywhere
+        dist.broadcast(
+            local, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
+    return {k: float(v) for k, v in zip(keys, local.tolist())}

@@ -1,0 +1,108 @@
+"""Run observability: metrics.jsonl, a console line, TensorBoard, Weights & Biases, progress bar.
+
+Only global rank 0 writes. W&B runs offline unless an API key is configured, so nothing
+needs a network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from megatron_klear.distributed import is_main
+from megatron_klear.errors import ConfigError
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int,
+        start_step: int = 0,
+        *,
+        tensorboard: bool = True,
+        wandb_project: Optional[str] = None,
+        run_name: Optional[str] = None,
+        config: Optional[dict] = None,
+        desc: str = "train",
+    ):
+        self.main = is_main()
+        self.file = None
+        self.tb = None
+        self.wandb = None
+        self.bar = None
+        if not self.main:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("log.tensorboard is on but the tensorboard package is missing") from e
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ConfigError("log.wandb_project is set but wandb is not installed (pip install wandb)") from e
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, mode=mode, dir=str(output_dir))
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=desc,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not sys.stderr.isatty(),
+        )
+
+    def log(self, step: int, metrics: dict, console: bool = True) -> None:
+        """Record one step's metrics everywhere (rank 0 only)."""
+        if not self.main:
+            return
+        row = {"step": step, "time": round(time.time(), 3)}
+        row.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()})
+        self.file.write(json.dumps(row) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                if self.tb is not None:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if console:
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+            line = f"[step {step}] {shown}"
+            if self.bar is not None and not self.bar.disable:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.file.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
