@@ -12,7 +12,6 @@ import torch.multiprocessing as mp
 
 from megatron_klear.distributed import free_port
 
-
 # Set by torchrun for its own workers; a process group started here must not inherit them
 # (TORCHELASTIC_USE_AGENT_STORE would make the child wait for torchrun's store).
 _LAUNCHER_VARS = ("TORCHELASTIC_", "GROUP_", "ROLE_", "LOCAL_WORLD_SIZE", "MASTER_")

@@ -85,9 +85,11 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-# "fully_reshardable": optimizer state in model-parameter space, so a run can resume at another
-# TP / PP / DP layout (the buffers are gathered on DP rank 0 while saving).
-OPTIMIZER_FORMAT = "fully_reshardable"
+# "dp_reshardable": each rank saves its own optimizer buffers, fully in parallel; the optimizer
+# state reshards over data parallelism only, so resuming needs the same TP x PP (the model
+# weights themselves load at any layout). Megatron-Core 0.16's "fully_reshardable" format
+# assumes apex/TE Adam and fails to load torch Adam's per-parameter step.
+OPTIMIZER_FORMAT = "dp_reshardable"
 
 
 def _sharded_state(engine, is_loading: bool) -> dict:
@@ -138,6 +140,12 @@ def load_checkpoint(engine, path: Path) -> dict:
 
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint")
+    # Before its first step the optimizer has no state to describe (torch Adam creates it
+    # lazily), so Megatron cannot build the sharded state dict to load into. Megatron's own
+    # helper takes one zero-gradient step to create it; the load overwrites all of it.
+    for opt in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
+        if not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
     sharded = _sharded_state(engine, is_loading=True)
     try:
         state = dist_checkpointing.load(sharded, str(path / "model"))
@@ -151,7 +159,17 @@ def load_checkpoint(engine, path: Path) -> dict:
                 f"but {tuple(own[k].shape)} in the model"
             )
     engine.module.load_state_dict(state["model"], strict=False)
-    engine.optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # fp32 models: main params are views of the (grad-requiring) weights
+        engine.optimizer.load_state_dict(state["optimizer"])
+    # Megatron-Core 0.16 without apex/TE keeps the true Adam step count in the param groups but
+    # leaves each parameter's torch-Adam "step" at the placeholder value (and shared between
+    # parameters), so the bias correction would be wrong from the first resumed step.
+    for opt in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
+        for group in opt.optimizer.param_groups:
+            if "step" in group:
+                for p in group["params"]:
+                    if "step" in opt.optimizer.state.get(p, {}):
+                        opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]))
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     engine.scheduler.load_state_dict(trainer_state["scheduler"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
