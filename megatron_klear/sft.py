@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_klear.config import load_config, to_dict
-from megatron_klear.errors import ConfigError
+from megatron_klear.data.io import DataError
+from megatron_klear.errors import CheckpointError, ConfigError
 from megatron_klear.training.engine import OptimConfig
 
 
@@ -427,6 +428,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         train(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         from megatron_klear.distributed import destroy_distributed

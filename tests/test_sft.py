@@ -214,7 +214,8 @@ def test_bad_paths_and_shapes_fail_before_training(tiny4, tmp_path):
     assert "exceeds the model's max_position_embeddings=4096" in r.stderr
     r = run_sft(
         1,
-        base_overrides(tiny4, tmp_path / "o3", tmp_path / "c") + ["train_steps=2", f"model.hf={tmp_path}/nomodel"],
+        base_overrides(tiny4, tmp_path / "o3", tmp_path / "c")
+        + ["train_steps=2", f"model.hf={tmp_path}/nomodel", "model.create_tiny=null"],
         expect_ok=False,
     )
     assert "no config.json" in r.stderr
@@ -228,3 +229,8 @@ def test_bad_paths_and_shapes_fail_before_training(tiny4, tmp_path):
     )
     r = run_sft(1, base_overrides(wide, out, tmp_path / "c2") + ["train_steps=2"], expect_ok=False)
     assert "cannot load into this model" in r.stderr and "64" in r.stderr and "96" in r.stderr
+
+
+def test_scientific_notation_is_a_number():
+    cfg = load_config(SFTConfig, ROOT / "examples/tiny/sft.yaml", ["optim.lr=1e-5", "optim.min_lr=1e-6"])
+    assert cfg.optim.lr == 1e-5 and cfg.optim.min_lr == 1e-6

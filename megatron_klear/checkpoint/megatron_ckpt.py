@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_klear.errors import CheckpointError
 from megatron_klear.models.qwen3 import Qwen3Config
@@ -143,7 +144,7 @@ def load_model(model: torch.nn.Module, path: str | Path) -> dict:
     sharded = model.sharded_state_dict()
     try:
         state = dist_checkpointing.load(sharded, str(Path(path) / "model"))
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # torch DCP's CheckpointException is a BaseException
         raise CheckpointError(f"{path}: cannot load into this model: {e}") from e
     _load_state_checked(model, state, path)
     return meta

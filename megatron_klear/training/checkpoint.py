@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_klear.checkpoint.megatron_ckpt import MARKER, is_valid_checkpoint, write_marker
 from megatron_klear.errors import CheckpointError
@@ -149,7 +150,7 @@ def load_checkpoint(engine, path: Path) -> dict:
     sharded = _sharded_state(engine, is_loading=True)
     try:
         state = dist_checkpointing.load(sharded, str(path / "model"))
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # torch DCP's CheckpointException is a BaseException
         raise CheckpointError(f"{path}: cannot load into this model: {e}") from e
     own = engine.module.state_dict()
     for k, v in state["model"].items():
