@@ -27,24 +27,10 @@ from megatron_klear.checkpoint import mapping  # noqa: E402
 from megatron_klear.checkpoint.convert import hf_to_megatron, megatron_to_hf  # noqa: E402
 from megatron_klear.checkpoint.hf_io import HFWriter  # noqa: E402
 from megatron_klear.models.qwen3 import Qwen3Config  # noqa: E402
+from megatron_klear.models.shapes import qwen3_config_dict  # noqa: E402
 
-# About 1.1B parameters: Qwen3-1.7B's vocabulary and head layout, fewer layers.
-SYNTHETIC_1B = dict(
-    architectures=["Qwen3ForCausalLM"],
-    model_type="qwen3",
-    vocab_size=151936,
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    tie_word_embeddings=True,
-    dtype="bfloat16",
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    rope_theta=1_000_000.0,
-)
+# About 1.1B parameters: Qwen3-1.7B's vocabulary and head layout, 16 layers instead of 28.
+SYNTHETIC_1B = qwen3_config_dict("1.7b", num_hidden_layers=16)
 
 
 class PeakRSS:

@@ -20,55 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# HF-config shapes of the Qwen3 family (the vocabulary is Qwen3's).
-SHAPES = {
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=512,
-        tie_word_embeddings=False,
-    ),
-    "0.6b": dict(
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "1.7b": dict(
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "8b": dict(
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        tie_word_embeddings=False,
-    ),
-}
+from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["sft", "rl"], default="sft")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--shape", choices=sorted(QWEN3_SHAPES), default="tiny")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batches", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
@@ -97,16 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     init_distributed(ParallelConfig(a.tp, a.pp))
     dtype = a.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    raw = dict(
-        SHAPES[a.shape],
-        architectures=["Qwen3ForCausalLM"],
-        model_type="qwen3",
-        dtype=dtype,
-        max_position_embeddings=max(40960, a.seq_len),
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-    )
-    hf = Qwen3Config.from_dict(raw)
+    hf = Qwen3Config.from_dict(qwen3_config_dict(a.shape, dtype, max(40960, a.seq_len)))
     use_te = have_transformer_engine()
     engine = build_engine(hf, ModelOptions(use_te=use_te), OptimConfig(lr=1e-5, min_lr=1e-5), a.steps)
     rng = np.random.default_rng(0)
