@@ -58,3 +58,24 @@ def logprobs_tp_worker(impl: str, path: str) -> None:
             torch.save(dict(logp=logp, ent=ent, grad=torch.cat(parts, -1)), path + f".{impl}.out")
     finally:
         dist.destroy_process_group()
+
+
+def gather_worker(tp: int, pp: int, ckpt: str, bucket_bytes: int, out: str) -> None:
+    """Load a checkpoint at tp x pp, gather HF buckets, save them from rank 0."""
+    from megatron_klear.checkpoint.megatron_ckpt import load_model
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.qwen3 import ModelOptions, Qwen3Config, build_model
+    from megatron_klear.sync.gather import gather_hf_buckets
+
+    init_distributed(ParallelConfig(tp=tp, pp=pp))
+    try:
+        cfg = Qwen3Config.from_dict(json.loads((Path(ckpt) / "config.json").read_text()))
+        model = build_model(cfg, ModelOptions(init_weights=False))
+        load_model(model, ckpt)
+        buckets = [[(n, t.clone()) for n, t in b] for b in gather_hf_buckets(model, cfg, bucket_bytes)]
+        if torch.distributed.get_rank() == 0:
+            torch.save(buckets, out)
+        else:
+            assert buckets == [], "buckets must come out on rank 0 only"
+    finally:
+        destroy_distributed()

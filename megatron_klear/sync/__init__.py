@@ -1,0 +1,1 @@
+"""Trainer -> rollout-engine weight transfer."""

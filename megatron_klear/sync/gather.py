@@ -1,0 +1,96 @@
+"""Full HF-named weights from a Megatron model at any TP x PP, in size-bounded buckets.
+
+Every rank of data-parallel replica 0 takes part; the buckets come out on global rank 0.
+Each pipeline stage gathers its tensors over TP (``checkpoint.convert.iter_hf_weights``, the
+same mapping as conversion: QKV and gate/up split, vocabulary padding removed, tied
+embeddings once) and sends them to rank 0 one at a time, so no rank ever holds more than one
+bucket beyond its own shard of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_klear.checkpoint.convert import iter_hf_weights
+from megatron_klear.distributed import comm_device
+from megatron_klear.models.qwen3 import Qwen3Config
+
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _stage_tensors(model: torch.nn.Module, cfg: Qwen3Config) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's full HF tensors, delivered on global rank 0 (collective over the stage)."""
+    from megatron.core import parallel_state as ps
+
+    pp_group = ps.get_pipeline_model_parallel_group()
+    pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else [dist.get_rank()]
+    dev = comm_device()
+    for stage in range(pp):
+        if pp_rank == stage:
+            items = iter_hf_weights(model, cfg)  # collective over this stage's TP group
+        else:
+            items = iter(())
+        if stage == 0:  # already on the first stage: its TP rank 0 (global rank 0) has them
+            if pp_rank == 0:
+                if tp_rank == 0:
+                    yield from items
+                else:
+                    for _ in items:  # take part in the TP gathers
+                        pass
+            continue
+        # stage > 0: its TP rank 0 sends each tensor to the first stage's TP rank 0
+        if tp_rank != 0:
+            for _ in items:
+                pass
+            continue
+        src, dst = ranks[stage], ranks[0]
+        if pp_rank == stage:
+            for name, t in items:
+                dist.send_object_list([(name, tuple(t.shape), t.dtype)], dst=dst)
+                dist.send(t.contiguous().to(dev), dst=dst)
+            dist.send_object_list([None], dst=dst)
+        elif pp_rank == 0:
+            while True:
+                meta = [None]
+                dist.recv_object_list(meta, src=src)
+                if meta[0] is None:
+                    break
+                name, shape, dtype = meta[0]
+                buf = torch.empty(shape, dtype=dtype, device=dev)
+                dist.recv(buf, src=src)
+                yield name, buf
+
+
+def gather_hf_buckets(
+    model: torch.nn.Module, cfg: Qwen3Config, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield lists of ``(hf_name, tensor)`` of at most ``bucket_bytes`` each (a single larger
+    tensor forms its own bucket) on global rank 0; nothing elsewhere.
+
+    Collective: every rank of data-parallel replica 0 must iterate it to the end; other DP
+    replicas hold the same weights and must not call it.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    on_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    for name, t in _stage_tensors(model, cfg):
+        if not on_rank0:
+            continue
+        if bucket and size + _nbytes(t) > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += _nbytes(t)
+    if bucket and on_rank0:
+        yield bucket
