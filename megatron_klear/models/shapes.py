@@ -4,8 +4,20 @@ from __future__ import annotations
 
 QWEN3_VOCAB = 151936
 
+_QWEN3_0_6B = dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=QWEN3_VOCAB,
+    tie_word_embeddings=True,
+)
+
 QWEN3_SHAPES: dict[str, dict] = {
     "tiny": dict(
+        _QWEN3_0_6B,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -15,34 +27,14 @@ QWEN3_SHAPES: dict[str, dict] = {
         vocab_size=512,
         tie_word_embeddings=False,
     ),
-    "0.6b": dict(
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=QWEN3_VOCAB,
-        tie_word_embeddings=True,
-    ),
-    "1.7b": dict(
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=QWEN3_VOCAB,
-        tie_word_embeddings=True,
-    ),
+    "0.6b": _QWEN3_0_6B,
+    "1.7b": dict(_QWEN3_0_6B, hidden_size=2048, intermediate_size=6144),
     "8b": dict(
+        _QWEN3_0_6B,
         hidden_size=4096,
         intermediate_size=12288,
         num_hidden_layers=36,
         num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=QWEN3_VOCAB,
         tie_word_embeddings=False,
     ),
 }
