@@ -255,9 +255,7 @@ def train(cfg: SFTConfig) -> dict:
     from megatron_klear.training.engine import build_engine, forward_backward, optimizer_step, reduce_reports
     from megatron_klear.training.metrics import MetricsLogger
 
-    env = init_distributed(
-        ParallelConfig(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel), seed=cfg.seed
-    )
+    init_distributed(ParallelConfig(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel), seed=cfg.seed)
     dp = ps.get_data_parallel_world_size()
     seqs, n_micro = cfg.batch_layout(dp)
     prepare_assets(cfg)
@@ -395,7 +393,6 @@ def train(cfg: SFTConfig) -> dict:
         print(f"exported {last} -> {out / 'hf'}", flush=True)
     if dist.is_initialized():
         dist.barrier()
-    del env
     return metrics
 
 

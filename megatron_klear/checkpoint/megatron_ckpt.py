@@ -32,11 +32,13 @@ MARKER = "megatron_klear.json"
 FORMAT_VERSION = 1
 
 
-def _rank(collective: bool = True) -> int:
+def rank(collective: bool = True) -> int:
+    """Global rank, or 0 when not distributed (or ``collective=False``)."""
     return dist.get_rank() if collective and dist.is_initialized() else 0
 
 
-def _barrier(collective: bool = True) -> None:
+def barrier(collective: bool = True) -> None:
+    """A barrier over all ranks when distributed (and ``collective``)."""
     if collective and dist.is_initialized():
         dist.barrier()
 
@@ -86,7 +88,7 @@ def atomic_dir(out: str | Path, force: bool = False, collective: bool = True) ->
     out = Path(out).absolute()
     check_output_dir(out, force)
     tmp = None
-    if _rank(collective) == 0:
+    if rank(collective) == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = str(out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time())}")
         Path(tmp).mkdir()
@@ -94,11 +96,11 @@ def atomic_dir(out: str | Path, force: bool = False, collective: bool = True) ->
     try:
         yield tmp_path
     except BaseException:
-        if _rank(collective) == 0:
+        if rank(collective) == 0:
             shutil.rmtree(tmp_path, ignore_errors=True)
         raise
-    _barrier(collective)
-    if _rank(collective) == 0:
+    barrier(collective)
+    if rank(collective) == 0:
         old = None
         if out.exists():  # only with force: swap in the new one, then drop the old one
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -106,51 +108,40 @@ def atomic_dir(out: str | Path, force: bool = False, collective: bool = True) ->
         tmp_path.rename(out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(collective)
+    barrier(collective)
 
 
 def write_marker(path: Path, cfg: Qwen3Config, **extra) -> None:
     """Write config.json and the completion marker (rank 0). Call last."""
-    if _rank() != 0:
+    if rank() != 0:
         return
     (path / "config.json").write_text(json.dumps(cfg.raw, indent=2, sort_keys=True))
     meta = {"format_version": FORMAT_VERSION, "kind": "qwen3-megatron", **extra}
     (path / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
-def save_model(model: torch.nn.Module, path: Path) -> None:
-    """Save this rank's model stage into ``path/model`` (collective over all ranks)."""
+def save_sharded(state: dict, target: Path) -> None:
+    """Megatron ``dist_checkpointing.save`` of a sharded state dict into ``target`` (collective)."""
     from megatron.core import dist_checkpointing
-
-    target = path / "model"
-    if _rank() == 0:
-        target.mkdir(parents=True, exist_ok=True)
-    _barrier()
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     # One writer process per rank: each extra writer holds its own serialisation buffers.
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-    dist_checkpointing.save(model.sharded_state_dict(), str(target), sharded_strategy=strategy)
+    dist_checkpointing.save(state, str(target), sharded_strategy=strategy)
 
 
-def load_model(model: torch.nn.Module, path: str | Path) -> dict:
-    """Load a checkpoint written at any TP/PP into this rank's model stage.
-
-    Returns the checkpoint's metadata. Shape mismatches name the tensor and both shapes.
-    """
+def load_sharded(sharded: dict, path: str | Path) -> dict:
+    """Megatron ``dist_checkpointing.load`` from ``path/model``; failures name the checkpoint."""
     from megatron.core import dist_checkpointing
 
-    meta = read_marker(path)
-    sharded = model.sharded_state_dict()
     try:
-        state = dist_checkpointing.load(sharded, str(Path(path) / "model"))
+        return dist_checkpointing.load(sharded, str(Path(path) / "model"))
     except (Exception, CheckpointException) as e:  # torch DCP's CheckpointException is a BaseException
         raise CheckpointError(f"{path}: cannot load into this model: {e}") from e
-    _load_state_checked(model, state, path)
-    return meta
 
 
-def _load_state_checked(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+def load_state_checked(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """``model.load_state_dict(state)`` after checking every shape (errors name tensor and shapes)."""
     own = model.state_dict()
     for name, tensor in state.items():
         if name in own and isinstance(tensor, torch.Tensor) and own[name] is not None:
@@ -160,3 +151,22 @@ def _load_state_checked(model: torch.nn.Module, state: dict, path: str | Path) -
                     f"but {tuple(own[name].shape)} in the model"
                 )
     model.load_state_dict(state, strict=False)
+
+
+def save_model(model: torch.nn.Module, path: Path) -> None:
+    """Save this rank's model stage into ``path/model`` (collective over all ranks)."""
+    target = path / "model"
+    if rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+    barrier()
+    save_sharded(model.sharded_state_dict(), target)
+
+
+def load_model(model: torch.nn.Module, path: str | Path) -> dict:
+    """Load a checkpoint written at any TP/PP into this rank's model stage.
+
+    Returns the checkpoint's metadata. Shape mismatches name the tensor and both shapes.
+    """
+    meta = read_marker(path)
+    load_state_checked(model, load_sharded(model.sharded_state_dict(), path), path)
+    return meta

@@ -7,6 +7,7 @@ torch-native local spec, which is what runs on CPU and on GPUs without TE.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -86,11 +87,9 @@ class Qwen3Config:
     @property
     def num_params(self) -> int:
         """Parameter count of the HF model (unpadded vocabulary)."""
-        h, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h + 2 * hd
-        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + emb + h
+        from megatron_klear.checkpoint.mapping import hf_tensor_shapes
+
+        return sum(math.prod(shape) for shape in hf_tensor_shapes(self).values())
 
 
 def load_hf_config(model_dir: str | Path) -> Qwen3Config:

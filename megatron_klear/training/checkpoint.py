@@ -27,10 +27,17 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_klear.checkpoint.megatron_ckpt import MARKER, is_valid_checkpoint, write_marker
+from megatron_klear.checkpoint.megatron_ckpt import (
+    MARKER,
+    barrier,
+    is_valid_checkpoint,
+    load_sharded,
+    load_state_checked,
+    rank,
+    save_sharded,
+    write_marker,
+)
 from megatron_klear.errors import CheckpointError
 
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -41,15 +48,6 @@ def maybe_crash(point: str, step: int) -> None:
     process hard at that point, as a node failure would."""
     if os.environ.get("MEGATRON_KLEAR_CRASH_AT") == f"{point}:{step}":
         os._exit(42)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -93,6 +91,11 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
 OPTIMIZER_FORMAT = "dp_reshardable"
 
 
+def _optimizers(engine) -> list:
+    """The Megatron optimizers behind the engine's (possibly chained) optimizer."""
+    return getattr(engine.optimizer, "chained_optimizers", [engine.optimizer])
+
+
 def _sharded_state(engine, is_loading: bool) -> dict:
     model_sd = engine.module.sharded_state_dict()
     optim_sd = engine.optimizer.sharded_state_dict(
@@ -103,24 +106,20 @@ def _sharded_state(engine, is_loading: bool) -> dict:
 
 def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_last: int = 3) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
     name = f"iter_{step:07d}"
     final, tmp = root / name, root / f".{name}.tmp"
-    if _rank() == 0:
+    if rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".iter_*.tmp"):  # a crashed save: never complete, safe to drop
             shutil.rmtree(stale, ignore_errors=True)
         (tmp / "model").mkdir(parents=True)
         (tmp / "rng").mkdir()
-    _barrier()
-    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-    dist_checkpointing.save(_sharded_state(engine, is_loading=False), str(tmp / "model"), sharded_strategy=strategy)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    barrier()
+    save_sharded(_sharded_state(engine, is_loading=False), tmp / "model")
+    torch.save(rng_state(), tmp / "rng" / f"rank_{rank():05d}.pt")
     maybe_crash("save", step)
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         state = dict(trainer_state, step=step, scheduler=engine.scheduler.state_dict())
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         write_marker(tmp, engine.hf_config, step=step)
@@ -131,41 +130,28 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
         (root / "latest.tmp").rename(root / "latest")
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
 def load_checkpoint(engine, path: Path) -> dict:
     """Load model, optimizer, schedule and this rank's RNG; returns the trainer state."""
-    from megatron.core import dist_checkpointing
-
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint")
     # Before its first step the optimizer has no state to describe (torch Adam creates it
     # lazily), so Megatron cannot build the sharded state dict to load into. Megatron's own
     # helper takes one zero-gradient step to create it; the load overwrites all of it.
-    for opt in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
+    for opt in _optimizers(engine):
         if not opt.optimizer.state:
             opt._init_optimizer_states_with_dummy_values()
-    sharded = _sharded_state(engine, is_loading=True)
-    try:
-        state = dist_checkpointing.load(sharded, str(path / "model"))
-    except (Exception, CheckpointException) as e:  # torch DCP's CheckpointException is a BaseException
-        raise CheckpointError(f"{path}: cannot load into this model: {e}") from e
-    own = engine.module.state_dict()
-    for k, v in state["model"].items():
-        if isinstance(v, torch.Tensor) and k in own and own[k] is not None and own[k].shape != v.shape:
-            raise CheckpointError(
-                f"{path}: tensor {k} has shape {tuple(v.shape)} in the checkpoint "
-                f"but {tuple(own[k].shape)} in the model"
-            )
-    engine.module.load_state_dict(state["model"], strict=False)
+    state = load_sharded(_sharded_state(engine, is_loading=True), path)
+    load_state_checked(engine.module, state["model"], path)
     with torch.no_grad():  # fp32 models: main params are views of the (grad-requiring) weights
         engine.optimizer.load_state_dict(state["optimizer"])
     # Megatron-Core 0.16 without apex/TE keeps the true Adam step count in the param groups but
     # leaves each parameter's torch-Adam "step" at the placeholder value (and shared between
     # parameters), so the bias correction would be wrong from the first resumed step.
-    for opt in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
+    for opt in _optimizers(engine):
         for group in opt.optimizer.param_groups:
             if "step" in group:
                 for p in group["params"]:
@@ -173,7 +159,7 @@ def load_checkpoint(engine, path: Path) -> dict:
                         opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]))
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     engine.scheduler.load_state_dict(trainer_state["scheduler"])
-    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    rng_file = path / "rng" / f"rank_{rank():05d}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size
         set_rng_state(torch.load(rng_file, weights_only=False))
     return trainer_state
