@@ -79,3 +79,71 @@ def gather_worker(tp: int, pp: int, ckpt: str, bucket_bytes: int, out: str) -> N
             assert buckets == [], "buckets must come out on rank 0 only"
     finally:
         destroy_distributed()
+
+
+def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> None:
+    """Train a few steps at tp x pp, sync into an HF engine on rank 0, check it, save results."""
+    from megatron_klear.checkpoint.convert import load_hf_weights
+    from megatron_klear.checkpoint.hf_io import HFReader
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.qwen3 import ModelOptions, load_hf_config
+    from megatron_klear.rollout.hf_engine import HFEngine
+    from megatron_klear.sync.gather import gather_hf_buckets
+    from megatron_klear.sync.weights import SyncError, probe_logprob_diff, sync_weights
+    from megatron_klear.training.engine import OptimConfig, build_engine, forward_backward, optimizer_step
+
+    init_distributed(ParallelConfig(tp=tp, pp=pp), seed=7)
+    try:
+        cfg = load_hf_config(hf_dir)
+        eng = build_engine(
+            cfg,
+            ModelOptions(init_weights=False),
+            OptimConfig(lr=1e-2, min_lr=1e-2, decay_style="constant"),
+            10,
+            init_weights=lambda m: load_hf_weights(m, cfg, HFReader(hf_dir).get),
+        )
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+        from megatron_klear.models.forward import causal_mask
+
+        mb = dict(
+            input_ids=ids,
+            position_ids=torch.arange(16)[None].expand(2, -1),
+            attention_mask=causal_mask(16),
+            labels=torch.roll(ids, -1, 1),
+        )
+
+        def loss(logits, mb):
+            from megatron_klear.sft import nll_loss
+
+            m = dict(mb, loss_mask=torch.ones_like(mb["labels"]))
+            return nll_loss(cfg.vocab_size, "torch")(logits, m)
+
+        for _ in range(3):
+            forward_backward(eng, [mb], loss)
+            optimizer_step(eng)
+        rank0 = torch.distributed.get_rank() == 0
+        engine = HFEngine(hf_dir) if rank0 else None
+        before = {n: p.detach().clone() for n, p in engine.params.items()} if rank0 else None
+        stats = sync_weights(engine, eng.module, cfg, "step-3", bucket_bytes=30_000)
+        ref = {n: t.clone() for b in gather_hf_buckets(eng.module, cfg) for n, t in b}
+        probe = ids[0].tolist()
+        diff = probe_logprob_diff(engine, eng.module, cfg, probe)
+        wrong = HFEngine(wrong_hf_dir) if rank0 else None
+        try:
+            sync_weights(wrong, eng.module, cfg, "step-3")
+            failure = None
+        except SyncError as e:
+            failure = str(e)
+        result = dict(diff=diff, failure=failure, buckets=stats.buckets, bytes=stats.bytes)
+        if rank0:
+            result.update(
+                engine={n: p.detach().clone() for n, p in engine.params.items()},
+                before=before,
+                ref=ref,
+                version=engine.version,
+                wrong_stale=wrong.stale,
+            )
+        torch.save(result, f"{out}.{torch.distributed.get_rank()}")
+    finally:
+        destroy_distributed()

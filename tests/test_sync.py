@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from megatron_klear.checkpoint.convert import hf_to_megatron
 from megatron_klear.launch import spawn
-from tests.dist_workers import gather_worker
+from tests.dist_workers import gather_worker, sync_worker
 
 
 @pytest.mark.parametrize("name,tp,pp", [("gqa4_tied", 2, 2), ("gqa1_untied", 2, 2), ("gqa4_untied", 1, 1)])
@@ -31,3 +31,23 @@ def test_gathered_weights_equal_the_hf_checkpoint(name, tp, pp, hf_models, tmp_p
     for n in ref:
         assert got[n].dtype == ref[n].dtype and torch.equal(got[n], ref[n]), n
     assert len(buckets) > 1
+
+
+def test_sync_into_hf_engine_after_training_tp2_pp2(hf_models, tmp_path):
+    """After optimizer steps at TP2 x PP2: every engine parameter equals the trainer's, the
+    log-probs agree, and a sync into an engine of another shape fails on every rank."""
+    out = str(tmp_path / "sync")
+    spawn(sync_worker, 4, 2, 2, str(hf_models["gqa4_untied"]), str(hf_models["gqa1_untied"]), out)
+    results = [torch.load(f"{out}.{r}") for r in range(4)]
+    r0 = results[0]
+    assert sorted(r0["engine"]) == sorted(r0["ref"])
+    changed = 0
+    for n, t in r0["engine"].items():
+        assert torch.equal(t, r0["ref"][n]), n
+        changed += not torch.equal(t, r0["before"][n])
+    assert changed >= len(r0["engine"]) - 2, "training should have moved (almost) every tensor"
+    assert r0["version"] == "step-3" and r0["buckets"] > 1
+    for r in results:  # every rank agrees on the probe and on the failure
+        assert r["diff"] == r0["diff"] and r["diff"] < 1e-4
+        assert r["failure"] is not None and "engine shape" in r["failure"]
+    assert r0["wrong_stale"]

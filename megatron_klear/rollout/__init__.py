@@ -1,0 +1,1 @@
+"""Rollout engines (HF transformers in process, SGLang servers) behind one interface."""

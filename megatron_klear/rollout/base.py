@@ -1,0 +1,130 @@
+"""The rollout-engine interface the RL loop programs against.
+
+An engine generates completions for token-id prompts, scores fixed sequences (for the
+train/inference consistency check) and takes weight updates as ``(hf_name, tensor)``
+buckets. An update is a transaction: ``begin_update`` marks the engine stale, every bucket
+goes in with ``update_bucket``, and only a successful ``finish_update`` (every parameter
+covered, spot checks passed) makes it usable again. A stale engine refuses to generate, so a
+half-applied sync can never produce rollouts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class EngineError(RuntimeError):
+    """The engine failed (died, timed out, rejected a request) after its retries."""
+
+
+class EngineWeightError(EngineError):
+    """The engine rejected or did not apply a weight (unknown name, wrong shape, mismatch)."""
+
+
+class StaleEngineError(EngineError):
+    """Generation was asked of an engine whose last weight sync did not complete."""
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings; ``temperature`` 0 means greedy. Log-probs are those of the sampled
+    token under softmax(logits / temperature), before top-p / top-k truncation (SGLang's
+    convention, and what the trainer recomputes)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: whole vocabulary
+    max_new_tokens: int = 1024
+    n: int = 1
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: Optional[int] = None
+
+    def validate(self) -> None:
+        from megatron_klear.errors import ConfigError
+
+        if not self.temperature >= 0:
+            raise ConfigError(f"sampling temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"sampling top_k must be -1 or >= 1, got {self.top_k}")
+        if self.max_new_tokens < 1 or self.n < 1:
+            raise ConfigError("sampling max_new_tokens and n must be >= 1")
+
+
+@dataclass
+class Completion:
+    """One sampled response: its token ids, their log-probs, and why it ended."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # one of FINISH_REASONS
+
+    def __post_init__(self) -> None:
+        if len(self.output_ids) != len(self.logprobs):
+            raise EngineError(f"{len(self.output_ids)} output tokens but {len(self.logprobs)} log-probs")
+        if self.finish_reason not in FINISH_REASONS:
+            raise EngineError(f"unknown finish reason {self.finish_reason!r}")
+
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+class RolloutEngine(ABC):
+    """What the RL loop needs from an inference engine."""
+
+    version: Optional[str] = None  # weight version of the last complete sync
+    stale: bool = False
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions for each prompt, in prompt order."""
+
+    @abstractmethod
+    def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence (length len - 1)."""
+
+    @abstractmethod
+    def begin_update(self, version: str) -> None:
+        """Start a weight sync: the engine is stale until ``finish_update`` succeeds."""
+
+    @abstractmethod
+    def update_bucket(self, bucket: Bucket) -> None:
+        """Apply full HF-named tensors; raise ``EngineWeightError`` on any rejection."""
+
+    @abstractmethod
+    def finish_update(self) -> None:
+        """Check that the sync covered every parameter and took effect; clear ``stale``."""
+
+    def update_weights(self, buckets: Iterable[Bucket], version: str) -> None:
+        """Whole sync from an iterator of buckets (single-process callers)."""
+        self.begin_update(version)
+        for bucket in buckets:
+            self.update_bucket(bucket)
+        self.finish_update()
+
+    def release_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Free accelerator memory for training (colocated mode). Default: nothing to free."""
+
+    def resume_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Take the memory back after training."""
+
+    @abstractmethod
+    def health(self) -> bool:
+        """True when the engine can serve requests now."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop every process the engine started."""
+
+    def check_fresh(self) -> None:
+        if self.stale:
+            raise StaleEngineError(
+                f"engine weights are stale (last complete sync: {self.version}); a full sync must succeed first"
+            )

@@ -1,0 +1,181 @@
+"""In-process HF transformers engine: CPU for tests and the demo, one GPU for small models.
+
+Sampling is our own loop over the model's KV cache (left-padded batches), so the log-prob of
+every sampled token is exactly log softmax(logits / T) at the step it was drawn, and weight
+updates are copied into the live parameters by HF name.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_klear.rollout.base import (
+    Bucket,
+    Completion,
+    EngineWeightError,
+    RolloutEngine,
+    SamplingParams,
+)
+
+
+def filter_logits(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set log-probs outside the top-k / nucleus (top-p) set to -inf; rows are [B, V]."""
+    if 0 < top_k < logp.shape[-1]:
+        kth = torch.topk(logp, top_k, dim=-1).values[:, -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_lp, order = torch.sort(logp, dim=-1, descending=True)
+        cum = sorted_lp.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_lp.softmax(-1) >= top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = logp.masked_fill(drop, float("-inf"))
+    return logp
+
+
+class HFEngine(RolloutEngine):
+    """A transformers causal LM as a rollout engine."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "cpu",
+        dtype: Optional[str] = None,
+        max_batch: int = 64,
+        pad_token_id: Optional[int] = None,
+    ):
+        from transformers import AutoModelForCausalLM
+
+        kw = {"dtype": getattr(torch, dtype)} if dtype else {}
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kw).to(device).eval()
+        self.device = device
+        self.max_batch = max_batch
+        cfg = self.model.config
+        self.pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
+        self.eos_ids = {cfg.eos_token_id} if isinstance(cfg.eos_token_id, int) else set(cfg.eos_token_id or [])
+        # named_parameters() lists a tied lm_head once, as model.embed_tokens.weight: the names
+        # a sync must cover are exactly these
+        self.params = dict(self.model.named_parameters())
+        self.version: Optional[str] = "initial"
+        self.stale = False
+        self._seen: set[str] = set()
+        self._on_device = True
+
+    # -- generation -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        self.check_fresh()
+        params.validate()
+        gen = torch.Generator(device="cpu")
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()
+        flat = [list(p) for p in prompts for _ in range(params.n)]
+        out: list[Completion] = []
+        for i in range(0, len(flat), self.max_batch):
+            out.extend(self._generate_batch(flat[i : i + self.max_batch], params, gen))
+        return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _generate_batch(self, prompts: list[list[int]], p: SamplingParams, gen: torch.Generator) -> list[Completion]:
+        b, width = len(prompts), max(len(x) for x in prompts)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for i, x in enumerate(prompts):  # left padding: every row's next token is at the end
+            ids[i, width - len(x) :] = torch.tensor(x)
+            mask[i, width - len(x) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        stop = set(p.stop_token_ids) | self.eos_ids
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        logps: list[list[float]] = [[] for _ in range(b)]
+        reason = ["length"] * b
+        done = torch.zeros(b, dtype=torch.bool)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        for _ in range(p.max_new_tokens):
+            logits = out.logits[:, -1].float().cpu()
+            if p.temperature < 1e-6:
+                lp = logits.log_softmax(-1)
+                tok = lp.argmax(-1)
+            else:
+                lp = (logits / p.temperature).log_softmax(-1)
+                probs = filter_logits(lp, p.top_k, p.top_p).softmax(-1)
+                tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            tok_lp = lp.gather(-1, tok[:, None]).squeeze(-1)
+            for i in range(b):
+                if done[i]:
+                    continue
+                t = int(tok[i])
+                tokens[i].append(t)
+                logps[i].append(float(tok_lp[i]))
+                if t in stop:
+                    done[i], reason[i] = True, "stop"
+            if bool(done.all()):
+                break
+            nxt = torch.where(done, torch.tensor(self.pad_id), tok).to(self.device)
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        return [Completion(tokens[i], logps[i], reason[i]) for i in range(b)]
+
+    @torch.no_grad()
+    def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        self.check_fresh()
+        result = []
+        for seq in sequences:  # one at a time: no padding to get wrong
+            ids = torch.tensor([seq], device=self.device)
+            logits = self.model(input_ids=ids).logits[0, :-1].float()
+            lp = (logits / temperature).log_softmax(-1)
+            result.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().tolist())
+        return result
+
+    # -- weights ----------------------------------------------------------------------
+    def begin_update(self, version: str) -> None:
+        self.stale = True
+        self._pending_version = version
+        self._seen = set()
+
+    @torch.no_grad()
+    def update_bucket(self, bucket: Bucket) -> None:
+        for name, t in bucket:
+            p = self.params.get(name)
+            if p is None:
+                raise EngineWeightError(f"HF engine has no parameter named {name!r}")
+            if tuple(p.shape) != tuple(t.shape):
+                raise EngineWeightError(f"weight {name!r}: engine shape {tuple(p.shape)}, received {tuple(t.shape)}")
+            p.copy_(t.to(p.device))
+            self._seen.add(name)
+
+    def finish_update(self) -> None:
+        missing = sorted(set(self.params) - self._seen)
+        if missing:
+            raise EngineWeightError(
+                f"weight sync did not cover {len(missing)} engine parameters, e.g. {missing[:3]}; engine stays stale"
+            )
+        self.version, self.stale = self._pending_version, False
+
+    # -- memory / lifecycle -----------------------------------------------------------
+    def release_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        if "weights" in tags and self.device != "cpu" and self._on_device:
+            self.model.to("cpu")
+            self._on_device = False
+            torch.cuda.empty_cache()
+
+    def resume_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        if "weights" in tags and not self._on_device:
+            self.model.to(self.device)
+            self._on_device = True
+
+    def health(self) -> bool:
+        return not self.stale
+
+    def shutdown(self) -> None:
+        self.params = {}
+        self.model = None

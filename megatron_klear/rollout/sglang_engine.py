@@ -1,0 +1,379 @@
+"""SGLang servers behind an ``sglang_router``, driven over HTTP.
+
+One ``sglang.launch_server`` per data-parallel replica (TP inside it), registered with the
+router once healthy and in sync. Generation goes through the router, one request per prompt
+group (so groups spread over replicas and share their prompt's KV); a failed request is
+retried after dead servers are restarted. A restarted server holds the initial weights, so it
+is kept out of the router until the next full sync reaches it.
+
+Weight sync, per bucket and per replica, goes straight to the server:
+* ``colocated``: CUDA IPC. The bucket is flattened per dtype, copied onto each engine TP
+  rank's GPU and serialized once per rank (``update_weights_from_tensor``). The servers must
+  run on the node of the trainer's global rank 0, which holds the gathered buckets.
+* ``distributed``: NCCL. At start the trainer (rank 0 of a new group) and every engine rank
+  join ``init_weights_update_group``; each bucket is announced with
+  ``update_weights_from_distributed`` and broadcast tensor by tensor in that order.
+After the last bucket a few replicated tensors are read back with ``get_weights_by_name`` and
+compared with what we sent: SGLang skips unknown names with only a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_klear.rollout import sglang_api as api
+from megatron_klear.rollout.base import (
+    Bucket,
+    Completion,
+    EngineError,
+    EngineWeightError,
+    RolloutEngine,
+    SamplingParams,
+    StaleEngineError,
+)
+
+# Replicated (never TP-sharded, never fused) tensors whose first rows we read back after a sync.
+_GROUP = "megatron_klear_sync"
+_VERIFY_SUFFIXES = ("model.norm.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+@dataclass
+class SGLangConfig:
+    model_path: str = ""
+    mode: str = "colocated"  # "colocated" (CUDA IPC) or "distributed" (NCCL broadcast)
+    replicas: int = 1  # one server per data-parallel replica
+    tp_size: int = 1
+    base_gpu_id: int = 0  # replica i uses GPUs base_gpu_id + i * tp_size ...
+    host: str = "127.0.0.1"
+    port: int = 30000  # replica i listens on port + i
+    router_port: int = 30080
+    mem_fraction_static: float = 0.5
+    dtype: str = "bfloat16"
+    extra_args: list[str] = field(default_factory=list)
+    # launch=False: servers and router were started elsewhere (the Slurm launcher)
+    launch: bool = True
+    server_urls: list[str] = field(default_factory=list)
+    router_url: Optional[str] = None
+    startup_timeout_s: float = 900.0
+    request_timeout_s: float = 3600.0
+    max_retries: int = 3
+    concurrency: int = 64
+    log_dir: str = "sglang_logs"
+    nccl_master_address: Optional[str] = None  # distributed mode; default this host's name
+    nccl_master_port: int = 29650
+    verify_rows: int = 8
+
+    def validate(self) -> None:
+        from megatron_klear.errors import ConfigError
+
+        if self.mode not in ("colocated", "distributed"):
+            raise ConfigError(f"rollout.sglang.mode must be 'colocated' or 'distributed', got {self.mode!r}")
+        if self.launch and not self.model_path:
+            raise ConfigError("rollout.sglang.model_path is required when launch is true")
+        if not self.launch and (not self.server_urls or not self.router_url):
+            raise ConfigError("rollout.sglang.server_urls and router_url are required when launch is false")
+        if self.replicas < 1 or self.tp_size < 1:
+            raise ConfigError("rollout.sglang.replicas and tp_size must be >= 1")
+
+
+def server_command(cfg: SGLangConfig, i: int) -> list[str]:
+    """The ``sglang.launch_server`` command line of replica ``i``."""
+    cmd = [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", cfg.model_path,
+        "--tp-size", str(cfg.tp_size),
+        "--host", cfg.host,
+        "--port", str(cfg.port + i),
+        "--base-gpu-id", str(cfg.base_gpu_id + i * cfg.tp_size),
+        "--mem-fraction-static", str(cfg.mem_fraction_static),
+        "--dtype", cfg.dtype,
+    ]  # fmt: skip
+    if cfg.mode == "colocated":
+        cmd.append("--enable-memory-saver")
+    return cmd + list(cfg.extra_args)
+
+
+def router_command(cfg: SGLangConfig) -> list[str]:
+    return [
+        sys.executable, "-m", "sglang_router.launch_router",
+        "--host", cfg.host, "--port", str(cfg.router_port), "--policy", "cache_aware",
+    ]  # fmt: skip
+
+
+@dataclass
+class _Server:
+    url: str
+    gpus: list[int]
+    proc: Optional[subprocess.Popen] = None
+    log: Optional[Path] = None
+    stale: bool = False  # holds weights older than the engine's version
+    registered: bool = False
+
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.poll() is None
+
+
+class SGLangEngine(RolloutEngine):
+    """SGLang rollout engine; see the module docstring."""
+
+    def __init__(self, cfg: SGLangConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.version = "initial"
+        self.stale = False
+        self._lock = threading.Lock()
+        self._router_proc: Optional[subprocess.Popen] = None
+        self._group = None
+        log_dir = Path(cfg.log_dir)
+        if cfg.launch:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.router_url = f"http://{cfg.host}:{cfg.router_port}"
+            self.servers = [
+                _Server(
+                    f"http://{cfg.host}:{cfg.port + i}",
+                    [cfg.base_gpu_id + i * cfg.tp_size + j for j in range(cfg.tp_size)],
+                    log=log_dir / f"server_{i}.log",
+                )
+                for i in range(cfg.replicas)
+            ]
+            self._router_proc = self._spawn(router_command(cfg), log_dir / "router.log")
+            for i, s in enumerate(self.servers):
+                s.proc = self._spawn(server_command(cfg, i), s.log)
+        else:
+            self.router_url = cfg.router_url.rstrip("/")
+            self.servers = [
+                _Server(u.rstrip("/"), [cfg.base_gpu_id + j for j in range(cfg.tp_size)]) for u in cfg.server_urls
+            ]
+        try:
+            api.wait_healthy(self.router_url, cfg.startup_timeout_s, path="/health")
+            for s in self.servers:
+                self._wait(s)
+                self._register(s)
+        except Exception:
+            self.shutdown()
+            raise
+
+    # -- processes --------------------------------------------------------------------
+    @staticmethod
+    def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
+        f = open(log, "ab")
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+
+    def _wait(self, s: _Server) -> None:
+        try:
+            api.wait_healthy(s.url, self.cfg.startup_timeout_s, alive=s.alive)
+        except EngineError as e:
+            raise EngineError(f"{e}; server log: {s.log}") from None
+
+    def _register(self, s: _Server) -> None:
+        api.call(self.router_url + "/workers", api.register_worker_request(s.url), timeout=60)
+        s.registered = True
+
+    def _unregister(self, s: _Server) -> None:
+        try:
+            api.call(f"{self.router_url}/workers/{urllib.parse.quote(s.url, safe='')}", method="DELETE", timeout=30)
+        except EngineError:
+            pass  # the router drops dead workers on its own as well
+        s.registered = False
+
+    def _recover(self) -> None:
+        """Restart dead servers; they rejoin the router only after the next full sync."""
+        with self._lock:
+            for i, s in enumerate(self.servers):
+                if s.alive():
+                    continue
+                print(f"[sglang] server {s.url} died (exit {s.proc.returncode}); restarting, log {s.log}", flush=True)
+                self._unregister(s)
+                s.proc = self._spawn(server_command(self.cfg, i), s.log)
+                self._wait(s)
+                s.stale = True
+            if all(s.stale or not s.registered for s in self.servers):
+                self.stale = True
+                raise StaleEngineError("no in-sync SGLang server left; the next weight sync restores them")
+
+    # -- generation -------------------------------------------------------------------
+    def _request(self, path: str, body: dict, parse):
+        last: Optional[Exception] = None
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                return parse(api.call(self.router_url + path, body, timeout=self.cfg.request_timeout_s))
+            except EngineError as e:
+                last = e
+                if isinstance(e, StaleEngineError):
+                    raise
+                self._recover()
+                time.sleep(min(2.0**attempt, 30.0))
+        raise EngineError(f"{path} failed {self.cfg.max_retries + 1} times; last error: {last}")
+
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        self.check_fresh()
+        params.validate()
+
+        def one(prompt: list[int]) -> list[Completion]:
+            body = api.generate_request([prompt], params)
+            return self._request("/generate", body, lambda r: api.parse_generate_response(r, params.n))
+
+        with ThreadPoolExecutor(max(1, min(self.cfg.concurrency, len(prompts)))) as pool:
+            return list(pool.map(one, prompts))
+
+    def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        self.check_fresh()
+        body = api.score_request(sequences, temperature)
+        return self._request("/generate", body, lambda r: api.parse_score_response(r, sequences))
+
+    def abort(self) -> None:
+        for s in self.servers:
+            api.call(s.url + "/abort_request", api.abort_request(), timeout=60)
+
+    # -- weights ----------------------------------------------------------------------
+    def begin_update(self, version: str) -> None:
+        self._recover_quietly()
+        self.stale = True
+        self._pending_version = version
+        self._verify: list[tuple[str, torch.Tensor]] = []
+        if self.cfg.mode == "distributed" and self._group is None:
+            self._init_nccl_group()
+
+    def _recover_quietly(self) -> None:
+        try:
+            self._recover()
+        except StaleEngineError:
+            pass  # expected: this sync is what restores them
+
+    def update_bucket(self, bucket: Bucket) -> None:
+        for name, t in bucket:
+            if name.endswith(_VERIFY_SUFFIXES) and len(self._verify) < 4:
+                self._verify.append((name, t[: self.cfg.verify_rows].detach().float().cpu().clone()))
+        if self.cfg.mode == "colocated":
+            self._update_colocated(bucket)
+        else:
+            self._update_distributed(bucket)
+
+    def _check(self, s: _Server, resp) -> None:
+        if isinstance(resp, dict) and resp.get("success") is False:
+            raise EngineWeightError(f"{s.url} rejected a weight update: {resp.get('message')}")
+
+    def _update_colocated(self, bucket: Bucket) -> None:
+        meta_cls = api.sglang_metadata_cls()
+        for sub in api.split_by_dtype(bucket):
+            for s in self.servers:
+                # keep every flattened copy alive until the server has read it over IPC
+                flats = [api.flatten_bucket([(n, t.to(f"cuda:{g}")) for n, t in sub], meta_cls) for g in s.gpus]
+                payloads = [api.serialize_payload(f) for f in flats]
+                body = api.update_from_tensor_request(payloads, self._pending_version)
+                resp = api.call(s.url + "/update_weights_from_tensor", body, timeout=self.cfg.request_timeout_s)
+                self._check(s, resp)
+                del flats
+                torch.cuda.ipc_collect()
+
+    def _update_distributed(self, bucket: Bucket) -> None:
+        import torch.distributed as dist
+
+        body = api.update_from_distributed_request(bucket, _GROUP, self._pending_version)
+        timeout = self.cfg.request_timeout_s
+        with ThreadPoolExecutor(len(self.servers)) as pool:
+            futures = [
+                pool.submit(api.call, s.url + "/update_weights_from_distributed", body, timeout=timeout)
+                for s in self.servers
+            ]
+            for _, t in bucket:  # the servers receive in the order of ``names``
+                dist.broadcast(t.detach().contiguous().cuda(), src=0, group=self._group)
+            for s, f in zip(self.servers, futures):
+                self._check(s, f.result())
+
+    def _init_nccl_group(self) -> None:
+        import socket
+
+        addr = self.cfg.nccl_master_address or socket.gethostname()
+        world = 1 + len(self.servers) * self.cfg.tp_size
+        bodies = [
+            api.init_group_request(addr, self.cfg.nccl_master_port, 1 + i * self.cfg.tp_size, world, _GROUP)
+            for i in range(len(self.servers))
+        ]
+        with ThreadPoolExecutor(len(self.servers)) as pool:  # both sides must join at the same time
+            futures = [
+                pool.submit(api.call, s.url + "/init_weights_update_group", b, timeout=600)
+                for s, b in zip(self.servers, bodies)
+            ]
+            self._group = init_custom_group(f"tcp://{addr}:{self.cfg.nccl_master_port}", world, 0, _GROUP)
+            for s, f in zip(self.servers, futures):
+                self._check(s, f.result())
+
+    def finish_update(self) -> None:
+        for s in self.servers:
+            for name, ours in self._verify:
+                got = api.call(
+                    s.url + "/get_weights_by_name",
+                    api.weights_by_name_request(name, self.cfg.verify_rows),
+                    method="GET",
+                )
+                if isinstance(got, dict):
+                    got = got.get("parameter")
+                if got is None:
+                    raise EngineWeightError(f"{s.url} does not know the parameter {name!r}; engine stays stale")
+                theirs = torch.tensor(got, dtype=torch.float32).reshape(-1)[: ours.numel()]
+                if theirs.numel() != ours.numel() or not torch.allclose(theirs, ours.reshape(-1), rtol=1e-2, atol=1e-3):
+                    raise EngineWeightError(f"{s.url}: {name} does not match what was sent; engine stays stale")
+        for s in self.servers:
+            s.stale = False
+            if not s.registered:
+                self._register(s)
+        self.version, self.stale = self._pending_version, False
+
+    # -- memory / lifecycle -----------------------------------------------------------
+    def release_memory(self, tags: Sequence[str] = ("weights", "kv_cache", "cuda_graph")) -> None:
+        for s in self.servers:
+            api.call(s.url + "/release_memory_occupation", api.memory_request(tags), timeout=600)
+
+    def resume_memory(self, tags: Sequence[str] = ("weights", "kv_cache", "cuda_graph")) -> None:
+        for s in self.servers:
+            api.call(s.url + "/resume_memory_occupation", api.memory_request(tags), timeout=600)
+
+    def health(self) -> bool:
+        try:
+            for s in self.servers:
+                api.call(s.url + "/health", timeout=10)
+            return not self.stale
+        except EngineError:
+            return False
+
+    def shutdown(self) -> None:
+        procs = [s.proc for s in self.servers if s.proc is not None] + [self._router_proc]
+        for p in procs:
+            if p is not None and p.poll() is None:
+                try:
+                    os.killpg(p.pid, 15)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            if p is not None:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, 9)
+
+
+def init_custom_group(init_method: str, world_size: int, rank: int, name: str):
+    """A NCCL group outside the default one, built the way SGLang's ``init_custom_process_group``
+    builds its side (rendezvous store + ``_new_process_group_helper``), so the two agree."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=dist.default_pg_timeout))
+    store.set_timeout(dist.default_pg_timeout)
+    pg, _ = _new_process_group_helper(
+        world_size, rank, [], "nccl", PrefixStore(name, store), group_name=name, timeout=dist.default_pg_timeout
+    )
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
