@@ -251,7 +251,14 @@ def train(cfg: SFTConfig) -> dict:
     from megatron_klear.data.sft import SFTDataConfig, SFTDataset
     from megatron_klear.distributed import ParallelConfig, init_distributed, is_main
     from megatron_klear.models.qwen3 import ModelOptions, have_transformer_engine, validate_parallel
-    from megatron_klear.training.checkpoint import latest_checkpoint, load_checkpoint, maybe_crash, save_checkpoint
+    from megatron_klear.training.checkpoint import (
+        export_hf,
+        latest_checkpoint,
+        load_checkpoint,
+        maybe_crash,
+        save_checkpoint,
+        stop_on_nonfinite,
+    )
     from megatron_klear.training.engine import build_engine, forward_backward, optimizer_step, reduce_reports
     from megatron_klear.training.metrics import MetricsLogger
 
@@ -348,7 +355,14 @@ def train(cfg: SFTConfig) -> dict:
             rep = reduce_reports(reports, ("loss_sum", "tokens"))
             loss = rep["loss_sum"] / max(rep["tokens"], 1.0)
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
-                _nan_stop(out, step + 1, loss, grad_norm, state)
+                stop_on_nonfinite(
+                    out,
+                    step + 1,
+                    loss=loss,
+                    grad_norm=grad_norm,
+                    data_epoch=state["data_epoch"],
+                    data_pack=state["data_pack"],
+                )
             step += 1
             state.update(
                 step=step,
@@ -384,35 +398,10 @@ def train(cfg: SFTConfig) -> dict:
     finally:
         logger.close()
     if cfg.checkpoint.export_hf and is_main():
-        from megatron_klear.checkpoint.convert import megatron_to_hf
-        from megatron_klear.checkpoint.hf_io import copy_side_files
-
-        last = latest_checkpoint(ckpt_root)
-        copy_side_files(tokenizer_dir(cfg), last)
-        megatron_to_hf(str(last), str(out / "hf"), force=True)
-        print(f"exported {last} -> {out / 'hf'}", flush=True)
+        export_hf(tokenizer_dir(cfg), ckpt_root, out / "hf")
     if dist.is_initialized():
         dist.barrier()
     return metrics
-
-
-def _nan_stop(out: Path, step: int, loss: float, grad_norm: float, state: dict) -> None:
-    """Write diagnostics and stop without checkpointing the poisoned weights."""
-    from megatron_klear.distributed import is_main
-
-    if is_main():
-        diag = dict(
-            step=step,
-            loss=loss,
-            grad_norm=grad_norm,
-            data_epoch=state["data_epoch"],
-            data_pack=state["data_pack"],
-            note="non-finite loss or gradient; no checkpoint was written",
-        )
-        (out / "nan_diagnostics.json").write_text(json.dumps(diag, indent=1))
-    raise FloatingPointError(
-        f"non-finite loss {loss} / grad norm {grad_norm} at step {step}; see {out / 'nan_diagnostics.json'}"
-    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:

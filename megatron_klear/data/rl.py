@@ -55,6 +55,17 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+def contamination_ngrams(eval_prompts: Sequence[str], n: int, template_frac: float = 0.5) -> set:
+    """The eval prompts' word n-grams, minus template text: an n-gram found in more than
+    ``template_frac`` of several eval prompts is shared instruction wording, not a problem."""
+    counts: dict = {}
+    for text in eval_prompts:
+        for g in ngrams(text, n):
+            counts[g] = counts.get(g, 0) + 1
+    limit = max(1, int(template_frac * len(eval_prompts))) if len(eval_prompts) >= 4 else len(eval_prompts)
+    return {g for g, c in counts.items() if c <= limit}
+
+
 def parse_row(row: Any, loc: str) -> RLPrompt:
     """Validate one row of the schema; ValueError says what is wrong."""
     if not isinstance(row, dict):
@@ -116,7 +127,7 @@ def load_rl_prompts(
     stats = dict(read=len(prompts) + len(skips), skipped=len(skips), few_tests=0, duplicates=0, contaminated=0)
     kept = []
     seen = set()
-    eval_grams = set().union(*(ngrams(t, cur.ngram) for t in cur.eval_prompts)) if cur.eval_prompts else set()
+    eval_grams = contamination_ngrams(cur.eval_prompts, cur.ngram)
     for p in prompts:
         if p.ability == "code" and cur.min_code_tests:
             n_tests = len(normalize_tests(p.ground_truth, p.fn_name)[0])

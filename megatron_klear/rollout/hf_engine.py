@@ -45,10 +45,16 @@ class HFEngine(RolloutEngine):
         max_batch: int = 64,
         pad_token_id: Optional[int] = None,
     ):
-        from transformers import AutoModelForCausalLM
+        from pathlib import Path
+
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         kw = {"dtype": getattr(torch, dtype)} if dtype else {}
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kw).to(device).eval()
+        if any(Path(model_dir).glob("*.safetensors")):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+        else:  # a Megatron checkpoint directory: config only; the first sync brings the weights
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), **kw)
+        self.model = model.to(device).eval()
         self.device = device
         self.max_batch = max_batch
         cfg = self.model.config

@@ -50,6 +50,18 @@ def maybe_crash(point: str, step: int) -> None:
         os._exit(42)
 
 
+def stop_on_nonfinite(out: Path, step: int, **info) -> None:
+    """Write ``nan_diagnostics.json`` and raise, before any checkpoint or weight sync sees the
+    poisoned weights."""
+    if rank() == 0:
+        diag = dict(step=step, **info, note="non-finite loss or gradient; nothing was saved or synced")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "nan_diagnostics.json").write_text(json.dumps(diag, indent=1, default=str))
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {step} ({info}); see {Path(out) / 'nan_diagnostics.json'}"
+    )
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -104,6 +116,22 @@ def _sharded_state(engine, is_loading: bool) -> dict:
     return {"model": model_sd, "optimizer": optim_sd}
 
 
+def _ensure_optimizer_state(engine) -> None:
+    """Give a never-stepped optimizer the state a fresh Adam would create on its first step
+    (step 0, zero moments), so a checkpoint can be saved before any update (an RL run whose
+    first steps were all filtered). Unlike Megatron's dummy step this leaves the weights alone."""
+    for opt in _optimizers(engine):
+        if opt.optimizer.state:
+            continue
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                opt.optimizer.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
+
+
 def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_last: int = 3) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory."""
     name = f"iter_{step:07d}"
@@ -115,6 +143,7 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
         (tmp / "model").mkdir(parents=True)
         (tmp / "rng").mkdir()
     barrier()
+    _ensure_optimizer_state(engine)
     save_sharded(_sharded_state(engine, is_loading=False), tmp / "model")
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank():05d}.pt")
     maybe_crash("save", step)
@@ -163,3 +192,17 @@ def load_checkpoint(engine, path: Path) -> dict:
     if rng_file.is_file():  # absent when resuming on a different world size
         set_rng_state(torch.load(rng_file, weights_only=False))
     return trainer_state
+
+
+def export_hf(tokenizer_src: str, root: Path, out: Path) -> Path:
+    """Export the newest checkpoint under ``root`` to an HF directory (tokenizer included)."""
+    from megatron_klear.checkpoint.convert import megatron_to_hf
+    from megatron_klear.checkpoint.hf_io import copy_side_files
+
+    last = latest_checkpoint(root)
+    if last is None:
+        raise CheckpointError(f"no complete checkpoint under {root} to export")
+    copy_side_files(tokenizer_src, last)
+    megatron_to_hf(str(last), str(out), force=True)
+    print(f"exported {last} -> {out}", flush=True)
+    return Path(out)

@@ -1,0 +1,1 @@
+"""GPPO reinforcement learning: ``python -m megatron_klear.rl --config X [key=value ...]``."""

@@ -1,0 +1,72 @@
+"""avg@k (pass@1 averaged over k samples, the paper's metric) and pass@k on held-out prompts,
+scored by the same reward code as training."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megatron_klear.data.rl import RLPrompt
+from megatron_klear.rl.rollout import RewardConfigs, decode_response, render_prompt
+from megatron_klear.rollout.base import RolloutEngine, SamplingParams
+
+
+def evaluate(
+    engine: RolloutEngine,
+    tokenizer,
+    prompts: Sequence[RLPrompt],
+    rewards: RewardConfigs,
+    *,
+    k: int = 4,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 1024,
+    seed: Optional[int] = 0,
+    out_jsonl: Optional[Path] = None,
+    step: Optional[int] = None,
+) -> dict:
+    """Generate ``k`` samples per prompt, score them; returns ``eval/...`` metrics."""
+    t0 = time.time()
+    ids = [render_prompt(tokenizer, p) for p in prompts]
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        n=k,
+        stop_token_ids=[tokenizer.eos_token_id],
+        seed=seed,
+    )
+    completions = engine.generate(ids, params)
+    results = rewards.score(tokenizer, prompts, completions)
+    per_prompt = [[r.correct for r in rs] for rs in results]
+    metrics = {
+        f"eval/avg@{k}": float(np.mean([np.mean(c) for c in per_prompt])),
+        f"eval/pass@{k}": float(np.mean([any(c) for c in per_prompt])),
+        "eval/reward_mean": float(np.mean([r.score for rs in results for r in rs])),
+        "eval/response_length": float(np.mean([len(c.output_ids) for g in completions for c in g])),
+        "eval/prompts": len(prompts),
+        "time/eval_s": time.time() - t0,
+    }
+    for ability in sorted({p.ability for p in prompts}):
+        sel = [c for p, c in zip(prompts, per_prompt) if p.ability == ability]
+        metrics[f"eval/{ability}/avg@{k}"] = float(np.mean([np.mean(c) for c in sel]))
+    if out_jsonl is not None:
+        out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_jsonl, "a") as f:
+            for p, group, rs in zip(prompts, completions, results):
+                row = dict(
+                    step=step,
+                    uid=p.uid,
+                    ability=p.ability,
+                    correct=[r.correct for r in rs],
+                    scores=[r.score for r in rs],
+                    reasons=[r.reason for r in rs],
+                    first_response=decode_response(tokenizer, group[0].output_ids),
+                )
+                f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(dict(step=step, summary=metrics)) + "\n")
+    return metrics

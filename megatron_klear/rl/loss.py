@@ -1,0 +1,118 @@
+"""The RL micro-batch losses for Megatron's schedule (token sums; Megatron divides by the
+global count, see ``training.engine``).
+
+Per micro-batch the loss returns ``(sum, count, report)`` with ``count`` = this micro-batch's
+share of the aggregation's normaliser (response tokens for token-mean, sequences otherwise),
+so the final gradient is GPPO aggregated over the whole mini-batch plus
+``alpha x`` the token-mean NLL of the correct responses (rescaled by the global counts).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_klear.ops.logprobs import vocab_parallel_logprobs
+from megatron_klear.ops.loss import policy_loss
+from megatron_klear.rl.batch import MiniBatch
+from megatron_klear.rl.config import AlgoSection
+
+REPORT_KEYS = (
+    "pg_sum",
+    "tokens",
+    "seqs",
+    "clipfrac_high",
+    "clipfrac_low",
+    "dual_clipfrac",
+    "ppo_kl",
+    "entropy",
+    "sft_nll",
+    "correct_tokens",
+    "engine_diff",
+    "nonfinite",
+)
+
+
+def _token_logprobs(logits: torch.Tensor, mb: dict, vocab_size: int, temperature: float, impl: str):
+    from megatron.core import parallel_state as ps
+
+    b, s, v = logits.shape
+    logp, ent = vocab_parallel_logprobs(
+        logits.reshape(-1, v),
+        mb["labels"].reshape(-1),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        temperature=temperature,
+        with_entropy=True,
+        vocab_size=vocab_size,
+        impl=impl,
+    )
+    return logp.view(b, s), ent.view(b, s)
+
+
+def old_logprob_fn(vocab_size: int, temperature: float, impl: str):
+    """Forward-only: report the trainer's log-probs of the response tokens."""
+
+    def fn(logits: torch.Tensor, mb: dict):
+        with torch.no_grad():
+            logp, _ = _token_logprobs(logits, mb, vocab_size, temperature, impl)
+        zero = logits.sum() * 0.0
+        return zero, mb["mask"].sum().to(torch.int), {"logp": logp.float().cpu()}
+
+    return fn
+
+
+def rl_loss_fn(vocab_size: int, algo: AlgoSection, mini: MiniBatch, temperature: float, impl: str):
+    """GPPO (or clip / CISPO) + alpha x SFT-on-correct - entropy bonus, for one mini-batch."""
+    token_mean = algo.agg == "token-mean"
+    norm = mini.num_tokens if token_mean else mini.num_seqs
+
+    def fn(logits: torch.Tensor, mb: dict):
+        logp, ent = _token_logprobs(logits, mb, vocab_size, temperature, impl)
+        mask = mb["mask"].to(logp.dtype)
+        old = (mb["engine_lp"] if algo.old_logprobs == "engine" else mb["old_lp"]).to(logp.dtype)
+        adv = mb["adv"].to(logp.dtype)[:, None].expand_as(logp)
+        if algo.tis_cap is not None:  # truncated IS: the engine sampled, the trainer is the target
+            w = torch.exp(mb["old_lp"].to(logp.dtype) - mb["engine_lp"].to(logp.dtype)).clamp(max=algo.tis_cap)
+            adv = adv * w.detach()
+        pg, m = policy_loss(
+            logp,
+            old,
+            adv,
+            mask,
+            algo=algo.loss,
+            eps_low=algo.eps_low,
+            eps_high=algo.eps_high,
+            clip_ratio_c=algo.clip_ratio_c,
+            beta1=algo.beta1,
+            beta2=algo.beta2,
+            agg=algo.agg,
+            num_tokens=1.0,  # sums: Megatron divides by the global count
+            num_seqs=1.0,
+            nan_policy="report",
+        )
+        ntok = mask.sum()
+        nseq = (mask.sum(-1) > 0).sum()
+        total = pg
+        correct_mask = mask * mb["correct"].to(logp.dtype)[:, None]
+        nll = -(logp * correct_mask).sum()
+        if algo.sft_alpha > 0 and mini.correct_tokens > 0:
+            total = total + algo.sft_alpha * nll * (norm / mini.correct_tokens)
+        ent_sum = (ent * mask).sum()
+        if algo.entropy_coef > 0:
+            total = total - algo.entropy_coef * ent_sum * (norm / max(mini.num_tokens, 1))
+        n = float(ntok)
+        report = {
+            "pg_sum": pg.detach(),
+            "tokens": ntok.detach(),
+            "seqs": nseq.detach(),
+            "entropy": ent_sum.detach(),
+            "sft_nll": nll.detach(),
+            "correct_tokens": correct_mask.sum().detach(),
+            "engine_diff": ((mb["old_lp"].to(logp.dtype) - mb["engine_lp"]).abs() * mask).sum().detach(),
+            "nonfinite": torch.tensor(m["nonfinite"]),
+        }
+        for k in ("clipfrac_high", "clipfrac_low", "dual_clipfrac", "ppo_kl"):
+            report[k] = torch.tensor(m[k] * n)
+        count = ntok if token_mean else nseq
+        return total, count.to(torch.int), report
+
+    return fn

@@ -1,0 +1,225 @@
+"""Rollouts on global rank 0: prompts -> engine samples -> rewards -> kept groups.
+
+Dynamic sampling: groups whose rewards are all equal carry no gradient and are dropped;
+generation batches continue (up to ``max_gen_batches``) until ``prompts_per_step`` groups are
+kept, and the step then trains on what there is. Kept groups beyond the batch wait in a buffer
+for the next step (it is checkpointed). Scoring of one chunk of a generation batch runs in
+threads while the engine generates the next chunk.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megatron_klear.data.chat import render_chat
+from megatron_klear.data.rl import RLPrompt
+from megatron_klear.rewards.batch import RewardItem, score_batch
+from megatron_klear.rewards.code import CodeRewardConfig
+from megatron_klear.rewards.math import MathRewardConfig
+from megatron_klear.rollout.base import Completion, RolloutEngine, SamplingParams
+
+
+@dataclass
+class Sample:
+    """One response of a group, with everything the trainer needs."""
+
+    uid: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    engine_logprobs: list[float]
+    finish_reason: str
+    reward: float
+    correct: bool
+    reason: str
+    advantage: float = 0.0
+
+
+Group = list[Sample]
+
+
+def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]:
+    """(r - mean) / (population std + eps) within one group."""
+    r = np.asarray(rewards, dtype=np.float64)
+    return ((r - r.mean()) / (r.std() + eps)).tolist()
+
+
+def render_prompt(tokenizer, prompt: RLPrompt) -> list[int]:
+    return render_chat(tokenizer, prompt.messages, add_generation_prompt=True).input_ids
+
+
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """Response text for the reward functions (special tokens kept, the final end token cut)."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    for end in (tokenizer.eos_token, tokenizer.pad_token):
+        if end and text.endswith(end):
+            text = text[: -len(end)]
+    return text
+
+
+@dataclass
+class RewardConfigs:
+    math: MathRewardConfig
+    code: CodeRewardConfig
+    workers: int = 4
+
+    def score(self, tokenizer, prompts: Sequence[RLPrompt], completions: Sequence[list[Completion]]):
+        """Rewards of every completion, grouped like ``completions``."""
+        items = [
+            RewardItem(
+                p.ability,
+                decode_response(tokenizer, c.output_ids),
+                p.ground_truth,
+                c.finish_reason != "stop",
+                p.fn_name,
+            )
+            for p, group in zip(prompts, completions)
+            for c in group
+        ]
+        flat = score_batch(items, self.workers, math_config=self.math, code_config=self.code)
+        out, i = [], 0
+        for group in completions:
+            out.append(flat[i : i + len(group)])
+            i += len(group)
+        return out
+
+
+class PromptStream:
+    """Prompts in a seeded shuffled order, epoch after epoch; the position is resumable."""
+
+    def __init__(self, prompts: list[RLPrompt], tokenizer, seed: int, max_prompt_len: int):
+        self.prompts, self.tok, self.seed, self.max_len = prompts, tokenizer, seed, max_prompt_len
+        self._ids: dict[int, list[int]] = {}
+
+    def order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.prompts)))
+        random.Random(self.seed * 100_003 + epoch).shuffle(idx)
+        return idx
+
+    def take(
+        self, n: int, pos: tuple[int, int], stats: dict
+    ) -> tuple[list[tuple[RLPrompt, list[int]]], tuple[int, int]]:
+        """``n`` prompts (rendered) from ``pos``; too-long prompts are skipped and counted."""
+        epoch, k = pos
+        out: list[tuple[RLPrompt, list[int]]] = []
+        scanned = 0
+        while len(out) < n:
+            order = self.order(epoch)
+            if k >= len(order):
+                epoch, k = epoch + 1, 0
+                continue
+            i = order[k]
+            k += 1
+            scanned += 1
+            if scanned > 2 * len(self.prompts) + n and not out:
+                raise RuntimeError(f"every prompt is longer than rollout.max_prompt_len={self.max_len}")
+            if i not in self._ids:
+                self._ids[i] = render_prompt(self.tok, self.prompts[i])
+            if len(self._ids[i]) > self.max_len:
+                stats["prompts_skipped_long"] += 1
+                continue
+            out.append((self.prompts[i], self._ids[i]))
+        return out, (epoch, k)
+
+
+def sampling_seed(seed: int, step: int, batch: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + batch * 131) % (2**31 - 1)
+
+
+class Collector:
+    """Generates, scores and filters groups for one RL step (global rank 0 only)."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer, stream: PromptStream, rewards: RewardConfigs, cfg):
+        self.engine, self.tok, self.stream, self.rewards, self.cfg = engine, tokenizer, stream, rewards, cfg
+
+    def params(self, step: int, batch: int) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_response_len,
+            n=r.n_samples,
+            stop_token_ids=[self.tok.eos_token_id],
+            seed=sampling_seed(self.cfg.seed, step, batch),
+        )
+
+    def collect(self, step: int, pos: tuple[int, int], buffer: list[Group]):
+        """-> (groups for this step, metrics, next prompt position, new buffer)."""
+        d, a = self.cfg.data, self.cfg.algo
+        stats = dict(prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0)
+        kept: list[Group] = list(buffer)
+        samples: list[Sample] = []
+        t_gen = t_wait = 0.0
+        with ThreadPoolExecutor(1, thread_name_prefix="score") as scorer:
+            while len(kept) < d.prompts_per_step and stats["gen_batches"] < d.max_gen_batches:
+                batch, pos = self.stream.take(d.prompts_per_step, pos, stats)
+                params = self.params(step, stats["gen_batches"])
+                stats["gen_batches"] += 1
+                n_chunks = max(1, min(self.cfg.rollout.gen_chunks, len(batch)))
+                bounds = np.linspace(0, len(batch), n_chunks + 1).astype(int)
+                pending: list[tuple[list, list, Future]] = []
+                for lo, hi in zip(bounds[:-1], bounds[1:]):
+                    chunk = batch[lo:hi]
+                    t0 = time.time()
+                    comps = self.engine.generate([ids for _, ids in chunk], params)
+                    t_gen += time.time() - t0
+                    prompts = [p for p, _ in chunk]
+                    pending.append((chunk, comps, scorer.submit(self.rewards.score, self.tok, prompts, comps)))
+                t0 = time.time()
+                for chunk, comps, fut in pending:
+                    for (prompt, ids), group, results in zip(chunk, comps, fut.result()):
+                        g = [
+                            Sample(
+                                prompt.uid, ids, c.output_ids, c.logprobs, c.finish_reason, r.score, r.correct, r.reason
+                            )
+                            for c, r in zip(group, results)
+                        ]
+                        for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps)):
+                            s.advantage = adv
+                        samples.extend(g)
+                        stats["groups_generated"] += 1
+                        if a.filter_zero_adv and len({s.reward for s in g}) == 1:
+                            stats["groups_filtered"] += 1
+                            continue
+                        kept.append(g)
+                t_wait += time.time() - t0
+        groups, rest = kept[: d.prompts_per_step], kept[d.prompts_per_step :]
+        metrics = rollout_metrics(samples, self.cfg.rollout.max_response_len)
+        metrics.update({f"rollout/{k}": v for k, v in stats.items()})
+        metrics["rollout/groups_kept"] = len(groups)
+        metrics["rollout/groups_buffered"] = len(rest)
+        metrics["time/generate_s"] = t_gen
+        metrics["time/reward_wait_s"] = t_wait
+        return groups, metrics, pos, rest
+
+
+def rollout_metrics(samples: Sequence[Sample], max_len: int) -> dict:
+    if not samples:
+        return {}
+    rewards = np.array([s.reward for s in samples])
+    lens = np.array([len(s.response_ids) for s in samples])
+    failures = sum(s.reason.startswith(("deadline", "error", "timeout")) for s in samples)
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "reward/accuracy": float(np.mean([s.correct for s in samples])),
+        "reward/failures": failures,
+        "response/length_mean": float(lens.mean()),
+        "response/length_max": int(lens.max()),
+        "response/clipped_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
+        "rollout/samples": len(samples),
+    }
+
+
+def groups_to_json(groups: list[Group]) -> list[list[dict]]:
+    return [[asdict(s) for s in g] for g in groups]
+
+
+def groups_from_json(rows: Optional[list]) -> list[Group]:
+    return [[Sample(**s) for s in g] for g in rows or []]
