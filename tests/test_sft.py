@@ -4,11 +4,6 @@ invariance, exact resume after a crash (mid-training and mid-save), bad input.""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +11,7 @@ import pytest
 from megatron_klear.config import load_config
 from megatron_klear.errors import ConfigError
 from megatron_klear.sft import SFTConfig
+from tests.jobs import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "sft.jsonl"
@@ -51,47 +47,8 @@ def base_overrides(model: Path, out: Path, cache: Path) -> list[str]:
     ]
 
 
-def run_job(cmd: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a launcher like a job scheduler does: its own session, output to files, and the
-    whole process group killed once the launcher exits (a crashed rank can orphan helper
-    processes, e.g. Megatron's checkpoint writers, which would hold a pipe open forever)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
-
-
 def run_sft(nproc: int, overrides: list[str], crash_at: str | None = None, expect_ok: bool = True):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("MEGATRON_KLEAR_CRASH_AT", None)
-    if crash_at:
-        env["MEGATRON_KLEAR_CRASH_AT"] = crash_at
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--standalone",
-        "-m",
-        "megatron_klear.sft",
-        "--config",
-        str(ROOT / "examples/tiny/sft.yaml"),
-        *overrides,
-    ]
-    r = run_job(cmd, env)
-    if expect_ok:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
+    return torchrun("megatron_klear.sft", "examples/tiny/sft.yaml", nproc, overrides, crash_at, expect_ok)
 
 
 def losses(out: Path) -> dict[int, float]:

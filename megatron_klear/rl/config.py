@@ -42,6 +42,7 @@ class RolloutSection:
     check_consistency: bool = True  # engine vs trainer log-probs on a probe after every sync
     release_memory: bool = False  # colocated SGLang: free engine memory while training
     reward_workers: int = 4
+    dump: bool = False  # write every generated group to output_dir/rollouts/step_NNNNNN.jsonl
 
 
 @dataclass

@@ -9,10 +9,12 @@ threads while the engine generates the next chunk.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -149,12 +151,14 @@ class Collector:
             seed=sampling_seed(self.cfg.seed, step, batch),
         )
 
-    def collect(self, step: int, pos: tuple[int, int], buffer: list[Group]):
-        """-> (groups for this step, metrics, next prompt position, new buffer)."""
+    def collect(self, step: int, pos: tuple[int, int], buffer: list[Group], dump: Optional[Path] = None):
+        """-> (groups for this step, metrics, next prompt position, new buffer); with ``dump``,
+        every generated group is also written there (JSONL, one group per line)."""
         d, a = self.cfg.data, self.cfg.algo
         stats = dict(prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0)
         kept: list[Group] = list(buffer)
         samples: list[Sample] = []
+        dumped: list[dict] = []
         t_gen = t_wait = 0.0
         with ThreadPoolExecutor(1, thread_name_prefix="score") as scorer:
             while len(kept) < d.prompts_per_step and stats["gen_batches"] < d.max_gen_batches:
@@ -184,12 +188,22 @@ class Collector:
                             s.advantage = adv
                         samples.extend(g)
                         stats["groups_generated"] += 1
-                        if a.filter_zero_adv and len({s.reward for s in g}) == 1:
+                        keep = not (a.filter_zero_adv and len({s.reward for s in g}) == 1)
+                        dumped.append(
+                            {"gen_batch": stats["gen_batches"], "kept": keep, "samples": [asdict(s) for s in g]}
+                        )
+                        if not keep:
                             stats["groups_filtered"] += 1
                             continue
                         kept.append(g)
                 t_wait += time.time() - t0
         groups, rest = kept[: d.prompts_per_step], kept[d.prompts_per_step :]
+        if dump is not None:
+            dump.parent.mkdir(parents=True, exist_ok=True)
+            used = {id(g) for g in groups}
+            rows = [{"source": "buffer", "used": id(g) in used, "samples": [asdict(s) for s in g]} for g in buffer]
+            rows += [dict(row, source="generated") for row in dumped]
+            dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
         metrics = rollout_metrics(samples, self.cfg.rollout.max_response_len)
         metrics.update({f"rollout/{k}": v for k, v in stats.items()})
         metrics["rollout/groups_kept"] = len(groups)

@@ -213,7 +213,8 @@ def train(cfg: RLConfig) -> dict:
             if rank0:
                 try:
                     pos = (state["prompt_epoch"], state["prompt_index"])
-                    res = ("ok", collector.collect(step, pos, groups_from_json(state["buffer"])))
+                    dump = out / "rollouts" / f"step_{step:06d}.jsonl" if r.dump else None
+                    res = ("ok", collector.collect(step, pos, groups_from_json(state["buffer"]), dump))
                 except StaleEngineError as e:
                     res = ("stale", str(e))
                 except EngineError as e:
@@ -247,6 +248,7 @@ def train(cfg: RLConfig) -> dict:
         while step < cfg.train_steps:
             t_step = time.time()
             groups, metrics, pos, buffer = collect(step + 1)
+            maybe_crash("rollout", step + 1)
             if rank0 and r.release_memory:
                 rollout.release_memory(("weights", "kv_cache", "cuda_graph"))
             minis = minibatches(groups, cfg.data.mini_batch_prompts, dp, dp_rank, cfg.data.micro_batch_size)
@@ -293,6 +295,7 @@ def train(cfg: RLConfig) -> dict:
                     "rollout/train_engine_diff": sums["engine_diff"] / ntok,
                     "train/updates": len(minis),
                     "train/tokens": sums["tokens"],
+                    "train/normaliser": norm_total,
                     "train/lr": engine.optimizer.param_groups[0]["lr"],
                 }
             )

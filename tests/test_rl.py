@@ -1,0 +1,194 @@
+"""The GPPO RL loop on CPU with gloo and the HF engine: the numbers that flow between phases,
+dynamic sampling when everything is filtered, TP2 x PP2, exact resume after a kill mid-step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_klear.config import load_config
+from megatron_klear.errors import ConfigError
+from megatron_klear.rl.batch import minibatches
+from megatron_klear.rl.config import RLConfig
+from megatron_klear.rl.rollout import Sample, group_advantages
+from tests.jobs import ROOT, torchrun
+
+DATA = ROOT / "examples" / "data"
+CONFIG = "examples/tiny/rl_math.yaml"
+
+
+def test_group_advantages():
+    adv = group_advantages([1.0, 0.0, 0.0, 1.0])
+    assert abs(sum(adv)) < 1e-12 and adv[0] == pytest.approx(1.0, abs=1e-5)
+    assert group_advantages([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]  # eps-safe, no NaN
+    ref = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+    expect = (ref - ref.mean()) / (ref.std(unbiased=False) + 1e-6)
+    assert torch.allclose(torch.tensor(group_advantages(ref.tolist()), dtype=torch.float64), expect)
+
+
+def _sample(p: int, r: int, adv: float, correct: bool) -> Sample:
+    return Sample("u", list(range(1, p + 1)), list(range(50, 50 + r)), [-0.1 * (i + 1) for i in range(r)], "stop",
+                  1.0 if correct else 0.0, correct, "", adv)  # fmt: skip
+
+
+def test_minibatches_normalisers_masks_and_dp_split():
+    groups = [
+        [_sample(3, 4, 0.5, True), _sample(2, 6, -0.5, False)],
+        [_sample(5, 1, 1.0, True), _sample(4, 2, -1.0, False)],
+    ]
+    minis = [minibatches(groups, 2, dp=2, dp_rank=r, mbs=1) for r in range(2)]
+    for r in range(2):
+        [mb] = minis[r]
+        assert (mb.num_tokens, mb.num_seqs, mb.correct_tokens) == (13, 4, 5)
+    rows = [m for r in range(2) for m in minis[r][0].micro]
+    assert len(rows) == 4 and sum(int(m["mask"].sum()) for m in rows) == 13  # every response token once
+    first = rows[0]  # prompt 1 2 3, response 50..53: positions 2..5 predict the response tokens
+    assert first["mask"][0].nonzero().flatten().tolist() == [2, 3, 4, 5]
+    assert first["labels"][0, 2:6].tolist() == [50, 51, 52, 53]
+    assert torch.allclose(first["engine_lp"][0, 2:6], torch.tensor([-0.1, -0.2, -0.3, -0.4]))
+    # a mini-batch of 3 sequences at dp=2 gains one empty sequence, not a loss token
+    odd = minibatches([groups[0] + [_sample(2, 2, 0.0, False)]], 1, dp=2, dp_rank=1, mbs=1)[0]
+    assert odd.num_seqs == 3 and sum(int(m["mask"].sum()) for m in odd.micro) == 2
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory) -> Path:
+    """A tiny 4-layer model after a short SFT on the shipped data, so its samples vary in format."""
+    from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
+
+    root = tmp_path_factory.mktemp("rl")
+    base = make_tiny_model(root / "base", TinyModelArgs(layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128))
+    torchrun(
+        "megatron_klear.sft",
+        "examples/tiny/sft.yaml",
+        1,
+        [f"output_dir={root / 'sft'}", f"model.hf={base}", "model.create_tiny=null",
+         f"data.train=[{DATA / 'sft.jsonl'}]", f"data.cache_dir={root / 'cache'}", "data.generate=null",
+         "train_steps=25", "log.tensorboard=false"],
+    )  # fmt: skip
+    return root / "sft" / "hf"
+
+
+def rl_overrides(model: Path, out: Path, steps: int = 1) -> list[str]:
+    return [
+        f"output_dir={out}",
+        f"model.hf={model}",
+        "bootstrap_sft=null",
+        "data.generate=null",
+        f"data.train=[{DATA / 'math_train.parquet'}]",
+        f"data.eval=[{DATA / 'math_test.parquet'}]",
+        f"train_steps={steps}",
+        "data.prompts_per_step=4",
+        "data.mini_batch_prompts=2",
+        "data.micro_batch_size=2",
+        "rollout.n_samples=4",
+        "rollout.max_response_len=48",
+        "rollout.dump=true",
+        "reward.math.format_score=-1.0",  # format vs wrong answers: groups with signal
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "checkpoint.export_hf=false",
+        "log.tensorboard=false",
+    ]
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def dumped(out: Path, step: int) -> list[dict]:
+    return [json.loads(line) for line in (out / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+
+
+METRIC_NAMES = (
+    "loss/clipfrac_high",
+    "loss/clipfrac_low",
+    "loss/dual_clipfrac",
+    "loss/ppo_kl",
+    "loss/entropy",
+    "loss/sft_nll",
+    "loss/grad_norm",
+    "reward/mean",
+    "reward/std",
+    "reward/accuracy",
+    "response/length_mean",
+    "response/length_max",
+    "response/clipped_frac",
+    "time/generate_s",
+    "time/old_logprobs_s",
+    "time/train_s",
+    "time/sync_s",
+    "perf/tokens_per_s",
+)
+
+
+def check_step(out: Path, step: int = 1) -> None:
+    m = metrics(out)[step]
+    rows = dumped(out, step)
+    used = [g for g in rows if g.get("kept") and g["source"] == "generated"] + [g for g in rows if g.get("used")]
+    for g in rows:
+        rewards = [s["reward"] for s in g["samples"]]
+        if g["source"] == "generated":
+            assert g["kept"] == (len(set(rewards)) > 1), "zero-advantage groups are exactly the filtered ones"
+        assert abs(sum(s["advantage"] for s in g["samples"])) < 1e-6
+    assert m["rollout/groups_kept"] == len(used) <= 4
+    assert m["rollout/groups_filtered"] == sum(1 for g in rows if g["source"] == "generated" and not g["kept"])
+    response_tokens = sum(len(s["response_ids"]) for g in used for s in g["samples"])
+    # the loss saw exactly the kept groups' response tokens, and normalised by that count
+    assert m["train/tokens"] == response_tokens == m["train/normaliser"]
+    assert m["train/updates"] == -(-len(used) // 2)
+    assert m["rollout/logprob_diff"] < 1e-4  # engine == trainer after the sync
+    for k in METRIC_NAMES:
+        assert k in m, k
+
+
+def test_one_step_tp1(sft_model, tmp_path):
+    out = tmp_path / "rl"
+    torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, out))
+    check_step(out)
+    assert (out / "checkpoints" / "iter_0000001").is_dir()
+
+
+def test_one_step_tp2_pp2(sft_model, tmp_path):
+    out = tmp_path / "rl22"
+    torchrun("megatron_klear.rl", CONFIG, 4, rl_overrides(sft_model, out) + ["parallel.tp=2", "parallel.pp=2"])
+    check_step(out)
+
+
+def test_every_group_filtered_still_runs(sft_model, tmp_path):
+    out = tmp_path / "flat"
+    o = rl_overrides(sft_model, out) + ["reward.math.format_score=0.0", "reward.math.correct_score=0.0",
+                                        "reward.math.wrong_score=0.0", "data.max_gen_batches=2"]  # fmt: skip
+    r = torchrun("megatron_klear.rl", CONFIG, 2, o)
+    m = metrics(out)[1]
+    assert m["rollout/groups_kept"] == 0 and m["rollout/gen_batches"] == 2 and m["train/updates"] == 0
+    assert "every group was filtered" in r.stdout
+
+
+def test_resume_after_kill_mid_step_is_exact(sft_model, tmp_path):
+    common = ["checkpoint.save_interval=2", "data.max_gen_batches=1"]
+    ref = tmp_path / "ref"
+    torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, ref, steps=4) + common)
+    crashed = tmp_path / "crashed"
+    r = torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, crashed, 4) + common, crash_at="rollout:3",
+                 expect_ok=False)  # fmt: skip
+    assert r.returncode != 0 and (crashed / "checkpoints" / "latest").read_text() == "iter_0000002"
+    r = torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, crashed, 4) + common)
+    assert "resumed from" in r.stdout
+    a, b = metrics(ref), metrics(crashed)
+    for step in (3, 4):
+        for k in ("reward/mean", "loss/pg", "loss/grad_norm", "response/length_mean", "rollout/groups_buffered"):
+            assert a[step][k] == b[step][k], (step, k)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="prompts_per_step=6 is not a multiple of data.mini_batch_prompts=4"):
+        load_config(RLConfig, ROOT / CONFIG, ["data.prompts_per_step=6"])
+    with pytest.raises(ConfigError, match="algo.loss"):
+        load_config(RLConfig, ROOT / CONFIG, ["algo.loss=ppo"])
+    with pytest.raises(ConfigError, match="n_samples"):
+        load_config(RLConfig, ROOT / CONFIG, ["rollout.n_samples=1"])
