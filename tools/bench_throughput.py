@@ -5,8 +5,14 @@ breakdown, and model FLOPs utilisation.
     torchrun --nproc-per-node N tools/bench_throughput.py --mode sft [--shape tiny|0.6b|1.7b|8b]
         [--seq-len 4096] [--steps 6] [--tp 1 --pp 1] [--peak-tflops 989] [--json OUT.json]
 
-Random weights of the named Qwen3 shape (no download). ``--mode rl`` is not available until
-the RL loop lands.
+Random weights of the named Qwen3 shape (no download).
+
+    torchrun --nproc-per-node N tools/bench_throughput.py --mode rl --config examples/tiny/rl_math.yaml
+        [--steps 2] [--json OUT.json] [key=value ...]
+
+``--mode rl`` runs that RL config for ``--steps`` steps (no evaluation, no export, a fresh
+output directory) and reports the time per phase (generate, reward wait, old log-probs,
+train, sync) and the generated tokens/s of each step, from the run's own metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +28,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict  # noqa: E402
 
+RL_PHASES = ("time/generate_s", "time/reward_wait_s", "time/old_logprobs_s", "time/train_s", "time/sync_s")
+
+
+def bench_rl(a) -> int:
+    """Run ``a.steps`` RL steps of ``a.config`` and report its per-phase times."""
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_klear.config import load_config
+    from megatron_klear.distributed import is_main
+    from megatron_klear.rl.config import RLConfig
+    from megatron_klear.rl.trainer import train
+
+    # one directory for all ranks: torchrun gives every rank of a launch the same run id
+    out = Path("runs/bench_rl") / os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    fixed = [f"output_dir={out}", f"train_steps={a.steps}", "eval.at_start=false", "eval.at_end=false"]
+    fixed += ["eval.interval=0", "checkpoint.export_hf=false", f"checkpoint.save_interval={a.steps + 1}"]
+    cfg = load_config(RLConfig, a.config, list(a.overrides) + fixed)
+    train(cfg)
+    if is_main():
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        print(f"RL step phases, {a.config} ({' '.join(a.overrides)}), world size {dist.get_world_size()}")
+        print("| step | step s | generate s | reward wait s | old log-probs s | train s | sync s | gen tokens/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            cells = [r["time/step_s"]] + [r[k] for k in RL_PHASES] + [r["perf/tokens_per_s"]]
+            print(f"| {r['step']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        result = dict(mode="rl", config=a.config, overrides=a.overrides, world=dist.get_world_size(), steps=rows)
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    from megatron_klear.distributed import destroy_distributed
+
+    destroy_distributed()
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logprob-impl", default="torch", choices=["torch", "triton"])
     p.add_argument("--peak-tflops", type=float, default=None, help="per device, for MFU (H100 SXM bf16: 989)")
     p.add_argument("--json", default="bench_throughput.json")
+    p.add_argument("--config", default="examples/tiny/rl_math.yaml", help="--mode rl: the RL config")
+    p.add_argument("overrides", nargs="*", help="--mode rl: config overrides key=value")
     a = p.parse_args(argv)
     if a.mode == "rl":
-        print("pending: --mode rl needs the RL loop (issue: The GPPO RL loop), which has not landed yet")
-        return 2
+        return bench_rl(a)
 
     import numpy as np
     import torch

@@ -1,0 +1,85 @@
+"""Evaluate a model on held-out prompts: avg@k (pass@1 averaged over k samples) and pass@k,
+scored by the training reward code.
+
+    python tools/eval.py --model runs/tiny_rl_math/hf --data examples/data/math_test.parquet \
+        --k 4 --out runs/eval/tiny_rl_math.jsonl
+
+``--engine hf`` (default) runs transformers in process (CPU or one GPU); ``--engine sglang``
+launches SGLang servers (``--sglang key=value`` sets SGLangConfig fields, e.g. replicas=8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model directory (weights + tokenizer)")
+    p.add_argument("--data", nargs="+", required=True, help="prompt files in the RL schema (.parquet / .jsonl)")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-prompts", type=int, default=0, help="0: all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["hf", "sglang"], default="hf")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sglang", nargs="*", default=[], help="SGLangConfig fields as key=value")
+    p.add_argument("--reward-workers", type=int, default=4)
+    p.add_argument("--math-wrong-score", type=float, default=0.0)
+    p.add_argument("--out", default=None, help="JSONL of per-prompt results and the summary")
+    a = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from megatron_klear.data.rl import CurationConfig, load_rl_prompts
+    from megatron_klear.rewards.code import CodeRewardConfig
+    from megatron_klear.rewards.math import MathRewardConfig
+    from megatron_klear.rl.evaluate import evaluate
+    from megatron_klear.rl.rollout import RewardConfigs
+
+    if not (Path(a.model) / "config.json").is_file():
+        print(f"error: {a.model} is not an HF model directory (no config.json)", file=sys.stderr)
+        return 2
+    prompts, _ = load_rl_prompts(a.data, CurationConfig(min_code_tests=0, dedup=False))
+    if a.max_prompts:
+        prompts = prompts[: a.max_prompts]
+    tok = AutoTokenizer.from_pretrained(a.model)
+    if a.engine == "hf":
+        from megatron_klear.rollout.hf_engine import HFEngine
+
+        engine = HFEngine(a.model, device=a.device)
+    else:
+        from megatron_klear.config import apply_overrides, from_dict
+        from megatron_klear.rollout.sglang_engine import SGLangConfig, SGLangEngine
+
+        engine = SGLangEngine(from_dict(SGLangConfig, apply_overrides({"model_path": a.model}, a.sglang)))
+    rewards = RewardConfigs(MathRewardConfig(wrong_score=a.math_wrong_score), CodeRewardConfig(), a.reward_workers)
+    try:
+        res = evaluate(
+            engine,
+            tok,
+            prompts,
+            rewards,
+            k=a.k,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            max_new_tokens=a.max_new_tokens,
+            seed=a.seed,
+            out_jsonl=Path(a.out) if a.out else None,
+        )
+    finally:
+        engine.shutdown()
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
