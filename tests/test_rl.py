@@ -76,7 +76,7 @@ def rl_overrides(model: Path, out: Path, steps: int = 1) -> list[str]:
     return [
         f"output_dir={out}",
         f"model.hf={model}",
-        "bootstrap_sft=null",
+        "bootstrap=null",
         "data.generate=null",
         f"data.train=[{DATA / 'math_train.parquet'}]",
         f"data.eval=[{DATA / 'math_test.parquet'}]",
@@ -192,3 +192,20 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(RLConfig, ROOT / CONFIG, ["algo.loss=ppo"])
     with pytest.raises(ConfigError, match="n_samples"):
         load_config(RLConfig, ROOT / CONFIG, ["rollout.n_samples=1"])
+
+
+def test_long_prompts_skipped_and_nonfinite_update_never_synced(sft_model, tmp_path):
+    out = tmp_path / "nan"
+    o = rl_overrides(sft_model, out, steps=3) + [
+        "rollout.max_prompt_len=60",
+        "optim.lr=1e30",
+        "optim.weight_decay=1e30",
+    ]
+    r = torchrun("megatron_klear.rl", CONFIG, 2, o, expect_ok=False)
+    assert r.returncode != 0 and "non-finite" in r.stderr
+    diag = json.loads((out / "nan_diagnostics.json").read_text())
+    log = out / "metrics.jsonl"
+    assert diag["step"] == 1 and (not log.exists() or not log.read_text().strip())  # stopped before sync and log
+    rows = dumped(out, 1)
+    assert all(len(s["prompt_ids"]) <= 60 for g in rows for s in g["samples"])
+    assert diag["rollout"]["rollout/prompts_skipped_long"] > 0

@@ -97,7 +97,7 @@ class RLConfig:
     log: LogSection = field(default_factory=LogSection)
     train_steps: int = 100
     seed: int = 1234
-    bootstrap_sft: Optional[str] = None  # SFT config to run first when model.hf does not exist yet
+    bootstrap: Optional[str] = None  # SFT / RL config to run first when model.hf does not exist yet
 
     def validate(self) -> None:
         m, d, r, a = self.model, self.data, self.rollout, self.algo

@@ -80,21 +80,38 @@ def load_prompts(cfg: RLConfig):
     return train, evals, stats
 
 
-def bootstrap_sft(cfg: RLConfig) -> None:
-    """Run the SFT config named by ``bootstrap_sft`` first when ``model.hf`` does not exist."""
-    if cfg.bootstrap_sft is None or cfg.model.hf is None or (Path(cfg.model.hf) / "config.json").is_file():
+def bootstrap(cfg: RLConfig) -> None:
+    """Run the config named by ``bootstrap`` (an SFT or an earlier RL stage) first when
+    ``model.hf`` does not exist yet: its run must export that directory."""
+    if cfg.bootstrap is None or cfg.model.hf is None or (Path(cfg.model.hf) / "config.json").is_file():
         return
-    from megatron_klear.distributed import destroy_distributed, is_main
-    from megatron_klear.sft import SFTConfig
-    from megatron_klear.sft import train as sft_train
+    import yaml
 
-    sft_cfg = load_config(SFTConfig, cfg.bootstrap_sft, [])
+    from megatron_klear.distributed import destroy_distributed, is_main
+
+    raw = yaml.safe_load(Path(cfg.bootstrap).read_text()) or {}
     if is_main():
-        print(f"{cfg.model.hf} is missing: running SFT {cfg.bootstrap_sft} first", flush=True)
-    sft_train(sft_cfg)
+        print(f"{cfg.model.hf} is missing: running {cfg.bootstrap} first", flush=True)
+    if "rollout" in raw or "algo" in raw:
+        train(load_config(RLConfig, cfg.bootstrap, []))
+    else:
+        from megatron_klear.sft import SFTConfig
+        from megatron_klear.sft import train as sft_train
+
+        sft_train(load_config(SFTConfig, cfg.bootstrap, []))
     destroy_distributed()
     if not (Path(cfg.model.hf) / "config.json").is_file():
-        raise ConfigError(f"bootstrap SFT ran but model.hf={cfg.model.hf} still does not exist (check its output_dir)")
+        raise ConfigError(f"bootstrap {cfg.bootstrap} ran but model.hf={cfg.model.hf} still does not exist")
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Collective: True when every rank's parameters are finite."""
+    from megatron_klear.distributed import comm_device
+
+    ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in model.parameters()))], device=comm_device())
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def train(cfg: RLConfig) -> dict:
@@ -120,7 +137,7 @@ def train(cfg: RLConfig) -> dict:
     from megatron_klear.training.engine import build_engine, forward_backward, optimizer_step, reduce_reports
     from megatron_klear.training.metrics import MetricsLogger
 
-    bootstrap_sft(cfg)
+    bootstrap(cfg)
     init_distributed(ParallelConfig(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel), seed=cfg.seed)
     prepare_assets(cfg)
     hf_cfg, init_weights = model_source(cfg)
@@ -272,12 +289,14 @@ def train(cfg: RLConfig) -> dict:
                 applied, grad_norm = optimizer_step(engine)
                 rep = reduce_reports(reps, REPORT_KEYS)
                 if rep["nonfinite"] > 0 or not math.isfinite(rep["pg_sum"]) or not math.isfinite(grad_norm):
-                    stop_on_nonfinite(out, step + 1, pg_sum=rep["pg_sum"], grad_norm=grad_norm, report=rep)
+                    stop_on_nonfinite(out, step + 1, grad_norm=grad_norm, report=rep, rollout=metrics)
                 grad_norms.append(grad_norm)
                 norm_total += mini.num_tokens if a.agg == "token-mean" else mini.num_seqs
                 for k in REPORT_KEYS:
                     sums[k] += rep[k]
             metrics["time/train_s"] = time.time() - t0
+            if minis and not weights_finite(engine.module):  # never push poisoned weights into the engine
+                stop_on_nonfinite(out, step + 1, problem="non-finite weights", grad_norms=grad_norms, rollout=metrics)
             step += 1
             state.update(step=step, prompt_epoch=pos[0], prompt_index=pos[1], buffer=groups_to_json(buffer))
             metrics.update(sync(f"step-{step}"))
