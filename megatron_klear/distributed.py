@@ -112,6 +112,15 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def broadcast_object(obj):
+    """Global rank 0's picklable object, returned on every rank (as is when not distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def comm_device() -> torch.device:
     """Where tensors for collectives must live: the GPU under NCCL, else the CPU."""
     if dist.is_initialized() and dist.get_backend() == "nccl":

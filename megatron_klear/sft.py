@@ -10,22 +10,24 @@ clip, step the distributed optimizer and the LR schedule; log, validate, checkpo
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_klear.config import load_config, to_dict
+from megatron_klear.config import to_dict
 from megatron_klear.data.io import DataError
 from megatron_klear.errors import CheckpointError, ConfigError
 from megatron_klear.training.engine import OptimConfig
+
+if TYPE_CHECKING:
+    from megatron_klear.models.qwen3 import ModelOptions
 
 
 @dataclass
@@ -159,26 +161,31 @@ def model_source(cfg: SFTConfig):
     return hf_cfg, lambda gpt: load_model(gpt, cfg.model.load)
 
 
+def model_options(cfg) -> "ModelOptions":
+    """Megatron model options from a run config's ``model`` and ``parallel`` sections (SFT, RL)."""
+    from megatron_klear.models.qwen3 import ModelOptions, have_transformer_engine
+
+    return ModelOptions(
+        params_dtype=cfg.model.params_dtype,
+        use_te=have_transformer_engine() if cfg.model.use_te is None else cfg.model.use_te,
+        fp8=cfg.model.fp8,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        recompute=cfg.model.recompute,
+        init_weights=False,  # weights come from the HF model or a checkpoint
+    )
+
+
 def tokenizer_dir(cfg: SFTConfig) -> str:
     return cfg.model.hf or cfg.model.load
 
 
 def nll_loss(vocab_size: int, impl: str):
     """Per micro-batch: (sum of -log p over assistant tokens, their count, report)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_klear.ops.logprobs import vocab_parallel_logprobs
+    from megatron_klear.ops.logprobs import model_output_logprobs
 
     def loss(logits: torch.Tensor, mb: dict):
-        vl = logits.shape[-1]
-        logp, _ = vocab_parallel_logprobs(
-            logits.reshape(-1, vl),
-            mb["labels"].reshape(-1),
-            tp_group=ps.get_tensor_model_parallel_group(),
-            vocab_size=vocab_size,
-            impl=impl,
-        )
-        mask = mb["loss_mask"].reshape(-1).to(logp.dtype)
+        logp, _ = model_output_logprobs(logits, mb["labels"], vocab_size, impl=impl)
+        mask = mb["loss_mask"].to(logp.dtype)
         total = -(logp * mask).sum()
         count = mask.sum().to(torch.int)
         return total, count, {"loss_sum": total.detach(), "tokens": count.detach()}
@@ -250,7 +257,7 @@ def train(cfg: SFTConfig) -> dict:
 
     from megatron_klear.data.sft import SFTDataConfig, SFTDataset
     from megatron_klear.distributed import ParallelConfig, init_distributed, is_main
-    from megatron_klear.models.qwen3 import ModelOptions, have_transformer_engine, validate_parallel
+    from megatron_klear.models.qwen3 import validate_parallel
     from megatron_klear.training.checkpoint import (
         export_hf,
         latest_checkpoint,
@@ -298,15 +305,8 @@ def train(cfg: SFTConfig) -> dict:
     steps_per_epoch = max(1, train_ds.packs_per_epoch() // seqs)
     total_steps = cfg.train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    use_te = have_transformer_engine() if cfg.model.use_te is None else cfg.model.use_te
-    opts = ModelOptions(
-        params_dtype=cfg.model.params_dtype,
-        use_te=use_te,
-        fp8=cfg.model.fp8,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        recompute=cfg.model.recompute,
-        init_weights=False,
-    )
+    opts = model_options(cfg)
+    use_te = opts.use_te
     resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     engine = build_engine(hf_cfg, opts, cfg.optim, total_steps, init_weights=None if resume_from else init_weights)
     state = {"step": 0, "data_epoch": 0, "data_pack": 0, "tokens": 0}
@@ -405,24 +405,9 @@ def train(cfg: SFTConfig) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
-    a = p.parse_args(argv)
-    try:
-        cfg = load_config(SFTConfig, a.config, a.overrides)
-        train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from megatron_klear.distributed import destroy_distributed
+    from megatron_klear.cli import run_config_entry
 
-        destroy_distributed()
-    return 0
+    return run_config_entry(SFTConfig, train, __doc__, argv, (CheckpointError, DataError))
 
 
 if __name__ == "__main__":

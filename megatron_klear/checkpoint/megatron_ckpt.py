@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_klear.distributed import broadcast_object
 from megatron_klear.errors import CheckpointError
 from megatron_klear.models.qwen3 import Qwen3Config
 
@@ -47,9 +48,7 @@ def _broadcast_str(value: Optional[str], collective: bool = True) -> str:
     if not (collective and dist.is_initialized()):
         assert value is not None
         return value
-    obj = [value]
-    dist.broadcast_object_list(obj, src=0)
-    return obj[0]  # type: ignore[return-value]
+    return broadcast_object(value)
 
 
 def is_valid_checkpoint(path: str | Path) -> bool:

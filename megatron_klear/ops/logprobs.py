@@ -126,3 +126,29 @@ def vocab_parallel_logprobs(
 
         return triton_vocab_parallel_logprobs(logits, targets, tp_group, temperature, with_entropy, n_valid)
     return _TorchVocabParallelLogProbs.apply(logits, targets, float(temperature), tp_group, with_entropy, n_valid)
+
+
+def model_output_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    impl: str = "torch",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``vocab_parallel_logprobs`` over a Megatron output stage's ``[b, s, V/TP]`` logits and
+    ``[b, s]`` labels, on Megatron's tensor-parallel group; results are ``[b, s]``."""
+    from megatron.core import parallel_state as ps
+
+    b, s, v = logits.shape
+    logp, ent = vocab_parallel_logprobs(
+        logits.reshape(-1, v),
+        labels.reshape(-1),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        temperature=temperature,
+        with_entropy=with_entropy,
+        vocab_size=vocab_size,
+        impl=impl,
+    )
+    return logp.view(b, s), (ent.view(b, s) if ent is not None else None)

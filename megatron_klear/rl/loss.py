@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_klear.ops.logprobs import vocab_parallel_logprobs
+from megatron_klear.ops.logprobs import model_output_logprobs
 from megatron_klear.ops.loss import policy_loss
 from megatron_klear.rl.batch import MiniBatch
 from megatron_klear.rl.config import AlgoSection
@@ -32,28 +32,12 @@ REPORT_KEYS = (
 )
 
 
-def _token_logprobs(logits: torch.Tensor, mb: dict, vocab_size: int, temperature: float, impl: str):
-    from megatron.core import parallel_state as ps
-
-    b, s, v = logits.shape
-    logp, ent = vocab_parallel_logprobs(
-        logits.reshape(-1, v),
-        mb["labels"].reshape(-1),
-        tp_group=ps.get_tensor_model_parallel_group(),
-        temperature=temperature,
-        with_entropy=True,
-        vocab_size=vocab_size,
-        impl=impl,
-    )
-    return logp.view(b, s), ent.view(b, s)
-
-
 def old_logprob_fn(vocab_size: int, temperature: float, impl: str):
     """Forward-only: report the trainer's log-probs of the response tokens."""
 
     def fn(logits: torch.Tensor, mb: dict):
         with torch.no_grad():
-            logp, _ = _token_logprobs(logits, mb, vocab_size, temperature, impl)
+            logp, _ = model_output_logprobs(logits, mb["labels"], vocab_size, temperature=temperature, impl=impl)
         zero = logits.sum() * 0.0
         return zero, mb["mask"].sum().to(torch.int), {"logp": logp.float().cpu()}
 
@@ -66,7 +50,9 @@ def rl_loss_fn(vocab_size: int, algo: AlgoSection, mini: MiniBatch, temperature:
     norm = mini.num_tokens if token_mean else mini.num_seqs
 
     def fn(logits: torch.Tensor, mb: dict):
-        logp, ent = _token_logprobs(logits, mb, vocab_size, temperature, impl)
+        logp, ent = model_output_logprobs(
+            logits, mb["labels"], vocab_size, temperature=temperature, with_entropy=True, impl=impl
+        )
         mask = mb["mask"].to(logp.dtype)
         old = (mb["engine_lp"] if algo.old_logprobs == "engine" else mb["old_lp"]).to(logp.dtype)
         adv = mb["adv"].to(logp.dtype)[:, None].expand_as(logp)

@@ -157,8 +157,7 @@ class Collector:
         d, a = self.cfg.data, self.cfg.algo
         stats = dict(prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0)
         kept: list[Group] = list(buffer)
-        samples: list[Sample] = []
-        dumped: list[dict] = []
+        generated: list[tuple[int, bool, Group]] = []  # (generation batch, kept, group)
         t_gen = t_wait = 0.0
         with ThreadPoolExecutor(1, thread_name_prefix="score") as scorer:
             while len(kept) < d.prompts_per_step and stats["gen_batches"] < d.max_gen_batches:
@@ -186,12 +185,9 @@ class Collector:
                         ]
                         for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps)):
                             s.advantage = adv
-                        samples.extend(g)
                         stats["groups_generated"] += 1
                         keep = not (a.filter_zero_adv and len({s.reward for s in g}) == 1)
-                        dumped.append(
-                            {"gen_batch": stats["gen_batches"], "kept": keep, "samples": [asdict(s) for s in g]}
-                        )
+                        generated.append((stats["gen_batches"], keep, g))
                         if not keep:
                             stats["groups_filtered"] += 1
                             continue
@@ -202,9 +198,12 @@ class Collector:
             dump.parent.mkdir(parents=True, exist_ok=True)
             used = {id(g) for g in groups}
             rows = [{"source": "buffer", "used": id(g) in used, "samples": [asdict(s) for s in g]} for g in buffer]
-            rows += [dict(row, source="generated") for row in dumped]
+            rows += [
+                {"source": "generated", "gen_batch": n, "kept": keep, "samples": [asdict(s) for s in g]}
+                for n, keep, g in generated
+            ]
             dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        metrics = rollout_metrics(samples, self.cfg.rollout.max_response_len)
+        metrics = rollout_metrics([s for _, _, g in generated for s in g])
         metrics.update({f"rollout/{k}": v for k, v in stats.items()})
         metrics["rollout/groups_kept"] = len(groups)
         metrics["rollout/groups_buffered"] = len(rest)
@@ -213,7 +212,7 @@ class Collector:
         return groups, metrics, pos, rest
 
 
-def rollout_metrics(samples: Sequence[Sample], max_len: int) -> dict:
+def rollout_metrics(samples: Sequence[Sample]) -> dict:
     if not samples:
         return {}
     rewards = np.array([s.reward for s in samples])

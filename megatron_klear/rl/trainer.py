@@ -14,10 +14,8 @@ One step, top to bottom:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,15 +28,6 @@ from megatron_klear.data.io import DataError
 from megatron_klear.errors import CheckpointError, ConfigError
 from megatron_klear.rl.config import RLConfig
 from megatron_klear.rollout.base import EngineError, RolloutEngine, StaleEngineError
-
-
-def broadcast(obj: Any) -> Any:
-    """Rank 0's Python object on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def build_rollout_engine(cfg: RLConfig, model_dir: str) -> RolloutEngine:
@@ -118,13 +107,13 @@ def train(cfg: RLConfig) -> dict:
     """Run (or resume) RL; returns the last step's metrics."""
     from megatron.core import parallel_state as ps
 
-    from megatron_klear.distributed import ParallelConfig, init_distributed, is_main
-    from megatron_klear.models.qwen3 import ModelOptions, have_transformer_engine, validate_parallel
+    from megatron_klear.distributed import ParallelConfig, broadcast_object, init_distributed, is_main
+    from megatron_klear.models.qwen3 import validate_parallel
     from megatron_klear.rl.batch import minibatches
     from megatron_klear.rl.evaluate import evaluate
     from megatron_klear.rl.loss import REPORT_KEYS, old_logprob_fn, rl_loss_fn
     from megatron_klear.rl.rollout import Collector, PromptStream, groups_from_json, groups_to_json, render_prompt
-    from megatron_klear.sft import model_source, prepare_assets, tokenizer_dir
+    from megatron_klear.sft import model_options, model_source, prepare_assets, tokenizer_dir
     from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
     from megatron_klear.training.checkpoint import (
         export_hf,
@@ -156,15 +145,7 @@ def train(cfg: RLConfig) -> dict:
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    use_te = have_transformer_engine() if cfg.model.use_te is None else cfg.model.use_te
-    opts = ModelOptions(
-        params_dtype=cfg.model.params_dtype,
-        use_te=use_te,
-        fp8=cfg.model.fp8,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        recompute=cfg.model.recompute,
-        init_weights=False,
-    )
+    opts = model_options(cfg)
     resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     steps_of_updates = cfg.train_steps * (cfg.data.prompts_per_step // cfg.data.mini_batch_prompts)
     engine = build_engine(hf_cfg, opts, cfg.optim, steps_of_updates, init_weights=None if resume_from else init_weights)
@@ -221,7 +202,7 @@ def train(cfg: RLConfig) -> dict:
                 step=step,
             )
             print(f"eval @ step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
-        return broadcast(res) or {}
+        return broadcast_object(res) or {}
 
     def collect(step: int):
         """Rollouts on rank 0, shared with all; a stale engine gets one full sync and a retry."""
@@ -236,7 +217,7 @@ def train(cfg: RLConfig) -> dict:
                     res = ("stale", str(e))
                 except EngineError as e:
                     res = ("error", str(e))
-            res = broadcast(res)
+            res = broadcast_object(res)
             if res[0] == "ok":
                 return res[1]
             if res[0] == "stale" and attempt == 0:
@@ -346,21 +327,6 @@ def train(cfg: RLConfig) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-6")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(RLConfig, args.config, args.overrides)
-        train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DataError, EngineError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from megatron_klear.distributed import destroy_distributed
+    from megatron_klear.cli import run_config_entry
 
-        destroy_distributed()
-    return 0
+    return run_config_entry(RLConfig, train, __doc__, argv, (CheckpointError, DataError, EngineError))

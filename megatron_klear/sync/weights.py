@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_klear.distributed import broadcast_object
 from megatron_klear.models.qwen3 import Qwen3Config
 from megatron_klear.rollout.base import EngineError, RolloutEngine
 from megatron_klear.sync.gather import DEFAULT_BUCKET_BYTES, gather_hf_buckets
@@ -33,15 +34,6 @@ class SyncStats:
     bytes: int
     buckets: int
     tensors: int
-
-
-def _agree(error: Optional[str]) -> Optional[str]:
-    """Rank 0's error message (or None) on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return error
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def sync_weights(
@@ -80,7 +72,7 @@ def sync_weights(
             engine.finish_update()
         except EngineError as e:
             error = str(e)
-    error = _agree(error)
+    error = broadcast_object(error)  # rank 0's verdict on every rank
     if error is not None:
         raise SyncError(f"weight sync {version} failed, engine left stale: {error}")
     return SyncStats(time.time() - t0, nbytes, nbuckets, ntensors)
@@ -107,8 +99,4 @@ def probe_logprob_diff(
     if ours is not None:
         theirs = torch.tensor(engine.score([probe])[0], dtype=torch.float64)
         diff = float((ours - theirs).abs().mean())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [diff]
-        dist.broadcast_object_list(box, src=0)
-        diff = box[0]
-    return diff
+    return broadcast_object(diff)

@@ -1,0 +1,41 @@
+"""The command line shared by the config-driven entry points (SFT, RL)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+from megatron_klear.config import load_config
+from megatron_klear.errors import ConfigError
+
+
+def run_config_entry(
+    cls: type,
+    train: Callable,
+    doc: str,
+    argv: Optional[list[str]] = None,
+    user_errors: Sequence[type[BaseException]] = (),
+) -> int:
+    """``--config FILE [key=value ...]`` -> ``train(load_config(cls, ...))``.
+
+    Config errors and ``user_errors`` (bad data, checkpoints, engines) print one line and exit
+    2 instead of a traceback; the process groups are torn down however the run ends.
+    """
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
+    a = p.parse_args(argv)
+    try:
+        train(load_config(cls, a.config, a.overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except tuple(user_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from megatron_klear.distributed import destroy_distributed
+
+        destroy_distributed()
+    return 0
