@@ -36,10 +36,22 @@ def build_rollout_engine(cfg: RLConfig, model_dir: str) -> RolloutEngine:
         from megatron_klear.rollout.hf_engine import HFEngine
 
         return HFEngine(model_dir, device=r.hf_device, dtype=r.hf_dtype, max_batch=r.hf_max_batch)
-    from megatron_klear.rollout.sglang_engine import SGLangConfig, SGLangEngine
+    from megatron_klear.rollout.sglang_engine import SGLangEngine
 
-    sg = SGLangConfig(**{"model_path": model_dir, "log_dir": str(Path(cfg.output_dir) / "sglang_logs"), **r.sglang})
-    return SGLangEngine(sg)
+    return SGLangEngine(sglang_config(cfg, model_dir))
+
+
+def sglang_config(cfg: RLConfig, model_dir: str, **fields):
+    """``rollout.sglang`` as an SGLangConfig (the trainer's and the Slurm launcher's view)."""
+    from megatron_klear.rollout.sglang_engine import SGLangConfig
+
+    values = {"model_path": model_dir, "log_dir": str(Path(cfg.output_dir) / "sglang_logs"), **cfg.rollout.sglang}
+    try:
+        sg = SGLangConfig(**{**values, **fields})
+    except TypeError as e:
+        raise ConfigError(f"rollout.sglang: {e}") from None
+    sg.validate()
+    return sg
 
 
 def reward_configs(cfg: RLConfig):

@@ -73,6 +73,9 @@ class SGLangConfig:
     nccl_master_address: Optional[str] = None  # distributed mode; default this host's name
     nccl_master_port: int = 29650
     verify_rows: int = 8
+    # Slurm: nodes at the end of the allocation that run only engines (distributed mode);
+    # 0: the engines share the trainer's first node.
+    nodes: int = 0
 
     def validate(self) -> None:
         from megatron_klear.errors import ConfigError
@@ -85,6 +88,8 @@ class SGLangConfig:
             raise ConfigError("rollout.sglang.server_urls and router_url are required when launch is false")
         if self.replicas < 1 or self.tp_size < 1:
             raise ConfigError("rollout.sglang.replicas and tp_size must be >= 1")
+        if self.nodes < 0:
+            raise ConfigError(f"rollout.sglang.nodes must be >= 0, got {self.nodes}")
 
 
 def server_command(cfg: SGLangConfig, i: int) -> list[str]:

@@ -1,0 +1,449 @@
+"""The one Slurm launcher behind every job script in ``slurm/`` (via ``slurm/launch.sh``).
+
+Inside an allocation (``sbatch``), ``python -m megatron_klear.slurm_launch sft|rl --config C
+[key=value ...]``:
+
+1. reads Slurm's environment: the hosts (``scontrol show hostnames $SLURM_JOB_NODELIST``), the
+   processes per node (``KLEAR_PROCS_PER_NODE``, else the GPUs Slurm gave the node, else 1)
+   and the requeue count;
+2. loads and validates the config with the trainer's own config class and checks that the
+   world size (trainer nodes x processes per node) fits the parallel sizes and batch layout,
+   all before anything is launched;
+3. RL with SGLang in ``distributed`` mode and ``rollout.sglang.nodes > 0``: the last nodes of
+   the allocation run only engines. One ``srun`` step starts the servers there and the router
+   on the first of them (``engines`` sub-command below), the launcher waits for
+   ``/health`` of each (failing the job with the log path if one exits or does not come up in
+   ``startup_timeout_s``), points the trainer at them and stops them when training ends. In
+   ``colocated`` mode the trainer's rank 0 starts and supervises the engines on its node itself
+   (CUDA IPC needs them there), so there is nothing for the launcher to do;
+4. starts ``torchrun`` on each trainer node with one ``srun`` task per node (static
+   rendezvous: the first trainer host and a free port), with per-node logs in
+   ``OUTPUT_DIR/logs/``, and exits with the training step's status. A requeued job
+   (``--requeue``) simply starts again: the trainers resume from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megatron_klear.config import load_config
+from megatron_klear.errors import ConfigError
+
+# entry -> (trainer module, "module:ConfigClass")
+ENTRIES = {
+    "sft": ("megatron_klear.sft", "megatron_klear.sft:SFTConfig"),
+    "rl": ("megatron_klear.rl", "megatron_klear.rl.config:RLConfig"),
+}
+
+
+class LaunchError(RuntimeError):
+    """The job cannot be launched as configured; the message says what to change."""
+
+
+@dataclass
+class SlurmJob:
+    """What the launcher needs from Slurm's environment."""
+
+    job_id: str
+    hosts: list[str]
+    procs_per_node: int
+    restart_count: int = 0
+    cpus_per_node: Optional[int] = None
+
+    @classmethod
+    def from_env(cls, env: Optional[dict] = None) -> "SlurmJob":
+        env = dict(os.environ if env is None else env)
+        if "SLURM_JOB_ID" not in env:
+            raise LaunchError("not inside a Slurm allocation (SLURM_JOB_ID is unset): submit with sbatch")
+        hosts = expand_hostnames(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+        cpus = env.get("SLURM_CPUS_ON_NODE")
+        return cls(
+            job_id=env["SLURM_JOB_ID"],
+            hosts=hosts,
+            procs_per_node=procs_per_node(env),
+            restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+            cpus_per_node=int(cpus) if cpus and cpus.isdigit() else None,
+        )
+
+
+def expand_hostnames(nodelist: str) -> list[str]:
+    """Slurm's compressed node list (``gpu[01-03,07]``) as host names, via ``scontrol``."""
+    if not nodelist:
+        raise LaunchError("SLURM_JOB_NODELIST is empty")
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise LaunchError(f"scontrol show hostnames {nodelist!r} failed: {e}") from None
+    hosts = out.split()
+    if not hosts:
+        raise LaunchError(f"scontrol show hostnames {nodelist!r} returned no hosts")
+    return hosts
+
+
+def procs_per_node(env: dict) -> int:
+    """Trainer processes per node: ``KLEAR_PROCS_PER_NODE``, else the node's GPUs, else 1."""
+    explicit = env.get("KLEAR_PROCS_PER_NODE")
+    if explicit:
+        if not explicit.isdigit() or int(explicit) < 1:
+            raise LaunchError(f"KLEAR_PROCS_PER_NODE must be a positive integer, got {explicit!r}")
+        return int(explicit)
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        value = env.get(key, "").split(":")[-1]  # "h100:8" -> "8"
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return len([d for d in visible.split(",") if d.strip()])
+    return 1
+
+
+def free_port(start: int, host: str = "") -> int:
+    """The first port from ``start`` that can be bound on this host."""
+    for port in range(start, start + 2000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+                return port
+            except OSError:
+                continue
+    raise LaunchError(f"no free port in {start}..{start + 1999}")
+
+
+@dataclass
+class EnginePlan:
+    """SGLang servers on engine-only nodes (RL, distributed mode)."""
+
+    hosts: list[str]
+    replicas_per_node: int
+    server_urls: list[str]
+    router_url: str
+    timeout_s: float
+
+
+@dataclass
+class LaunchPlan:
+    entry: str
+    config: str
+    overrides: list[str]
+    output_dir: Path
+    trainer_hosts: list[str]
+    procs_per_node: int
+    master_addr: str
+    master_port: int
+    engines: Optional[EnginePlan] = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def trainer_overrides(self) -> list[str]:
+        """The user's overrides plus where the engines are (they are up before training)."""
+        if self.engines is None:
+            return list(self.overrides)
+        e = self.engines
+        urls = "[" + ",".join(e.server_urls) + "]"
+        return list(self.overrides) + [
+            "rollout.sglang.launch=false",
+            f"rollout.sglang.server_urls={urls}",
+            f"rollout.sglang.router_url={e.router_url}",
+            f"rollout.sglang.nccl_master_address={self.master_addr}",
+        ]
+
+
+def load_entry_config(entry: str, config: str, overrides: list[str]):
+    """The trainer's own typed config (validated): errors name the field or the file."""
+    if entry not in ENTRIES:
+        raise LaunchError(f"unknown entry {entry!r}; choose one of {sorted(ENTRIES)}")
+    if not os.access(config, os.R_OK) and Path(config).is_file():
+        raise LaunchError(f"config {config} is not readable")
+    module, _, cls_name = ENTRIES[entry][1].partition(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    return load_config(cls, config, overrides)
+
+
+def check_world(cfg, world: int, where: str) -> None:
+    """The parallel sizes and the batch layout must fit ``world`` trainer processes."""
+    par = cfg.parallel
+    model_parallel = par.tp * par.pp * getattr(par, "context_parallel", 1)
+    if world % model_parallel:
+        raise LaunchError(
+            f"{where} give {world} trainer processes, not a multiple of parallel.tp x parallel.pp "
+            f"(x context_parallel) = {model_parallel}: change the node count, KLEAR_PROCS_PER_NODE or the "
+            "parallel sizes"
+        )
+    dp = world // model_parallel
+    if hasattr(cfg, "batch_layout"):
+        try:
+            cfg.batch_layout(dp)
+        except ConfigError as e:
+            raise LaunchError(f"{where} give data-parallel size {dp}: {e}") from None
+
+
+def plan_launch(entry: str, config: str, overrides: list[str], job: SlurmJob, this_host: str = "") -> LaunchPlan:
+    """Validate everything and decide who runs what; raises LaunchError / ConfigError."""
+    cfg = load_entry_config(entry, config, overrides)
+    hosts = list(job.hosts)
+    engines: Optional[EnginePlan] = None
+    notes: list[str] = []
+    if entry == "rl" and cfg.rollout.engine == "sglang":
+        sg = _sglang_config(cfg)
+        n_engine_nodes = sg.nodes
+        if sg.mode == "distributed" and n_engine_nodes > 0:
+            if n_engine_nodes >= len(hosts):
+                raise LaunchError(
+                    f"rollout.sglang.nodes={n_engine_nodes} leaves no trainer node in a {len(hosts)}-node job"
+                )
+            if sg.replicas % n_engine_nodes:
+                raise LaunchError(
+                    f"rollout.sglang.replicas={sg.replicas} is not divisible by rollout.sglang.nodes={n_engine_nodes}"
+                )
+            engine_hosts, hosts = hosts[-n_engine_nodes:], hosts[:-n_engine_nodes]
+            per_node = sg.replicas // n_engine_nodes
+            engines = EnginePlan(
+                hosts=engine_hosts,
+                replicas_per_node=per_node,
+                server_urls=[f"http://{h}:{sg.port + i}" for h in engine_hosts for i in range(per_node)],
+                router_url=f"http://{engine_hosts[0]}:{sg.router_port}",
+                timeout_s=sg.startup_timeout_s,
+            )
+        elif n_engine_nodes > 0:
+            raise LaunchError("rollout.sglang.nodes > 0 needs rollout.sglang.mode=distributed (CUDA IPC is node-local)")
+        elif sg.mode == "colocated" and len(hosts) > 1:
+            notes.append(
+                "colocated SGLang engines run on the first node only (CUDA IPC is node-local); "
+                "use mode=distributed with rollout.sglang.nodes for engines on their own nodes"
+            )
+    world = len(hosts) * job.procs_per_node
+    check_world(cfg, world, f"{len(hosts)} trainer node(s) x {job.procs_per_node} process(es)")
+    master = hosts[0]
+    this_host = this_host or socket.gethostname().split(".")[0]
+    # The batch script runs on the first node, which is the master: bind-test the port there.
+    # Elsewhere a job-id-derived port keeps concurrent jobs on shared nodes apart.
+    base = 20000 + int(job.job_id) % 20000 if job.job_id.isdigit() else 29500
+    port = free_port(base) if master.split(".")[0] == this_host else base
+    return LaunchPlan(
+        entry=entry,
+        config=config,
+        overrides=list(overrides),
+        output_dir=Path(cfg.output_dir),
+        trainer_hosts=hosts,
+        procs_per_node=job.procs_per_node,
+        master_addr=master,
+        master_port=port,
+        engines=engines,
+        notes=notes,
+    )
+
+
+def _sglang_config(cfg, **extra):
+    from megatron_klear.rl.trainer import sglang_config
+
+    return sglang_config(cfg, cfg.model.hf or "", **extra)
+
+
+def trainer_command(plan: LaunchPlan, job: SlurmJob) -> list[str]:
+    """``srun`` (one task per trainer node) running ``torchrun`` with a static rendezvous."""
+    module = ENTRIES[plan.entry][0]
+    n = len(plan.trainer_hosts)
+    log = plan.output_dir / "logs" / f"{plan.entry}-%j-node%n.log"
+    torchrun = [
+        "torchrun",
+        f"--nnodes={n}",
+        f"--nproc-per-node={plan.procs_per_node}",
+        f"--master-addr={plan.master_addr}",
+        f"--master-port={plan.master_port}",
+        "--node-rank=$SLURM_NODEID",
+        "-m",
+        module,
+        "--config",
+        plan.config,
+        *plan.trainer_overrides,
+    ]
+    # $SLURM_NODEID differs per task: expand it on the node, quote everything else.
+    script = " ".join(a if a == "--node-rank=$SLURM_NODEID" else shlex.quote(a) for a in torchrun)
+    srun = [
+        "srun",
+        f"--nodes={n}",
+        f"--ntasks={n}",
+        "--ntasks-per-node=1",
+        f"--nodelist={','.join(plan.trainer_hosts)}",
+        "--kill-on-bad-exit=1",
+        f"--output={log}",
+        "--open-mode=append",
+    ]
+    if job.cpus_per_node:
+        srun.append(f"--cpus-per-task={job.cpus_per_node}")
+    return srun + ["bash", "-c", "exec " + script]
+
+
+def engines_command(plan: LaunchPlan) -> list[str]:
+    """``srun`` (one task per engine node) running this module's ``engines`` agent."""
+    e = plan.engines
+    log = plan.output_dir / "logs" / "engines-%j-%N.log"
+    return [
+        "srun",
+        f"--nodes={len(e.hosts)}",
+        f"--ntasks={len(e.hosts)}",
+        "--ntasks-per-node=1",
+        f"--nodelist={','.join(e.hosts)}",
+        f"--output={log}",
+        "--open-mode=append",
+        sys.executable,
+        "-m",
+        "megatron_klear.slurm_launch",
+        "engines",
+        "--config",
+        plan.config,
+        *plan.overrides,
+    ]
+
+
+def wait_for_engines(plan: LaunchPlan, proc: subprocess.Popen) -> None:
+    """Every server and the router answer ``/health``, or LaunchError naming the log."""
+    from megatron_klear.rollout.base import EngineError
+    from megatron_klear.rollout.sglang_api import wait_healthy
+
+    e = plan.engines
+    logs = plan.output_dir / "logs"
+    deadline = time.time() + e.timeout_s
+    checks = [(e.router_url, "/health")] + [(u, "/health_generate") for u in e.server_urls]
+    for url, path in checks:
+        try:
+            wait_healthy(url, max(1.0, deadline - time.time()), path=path, alive=lambda: proc.poll() is None)
+        except EngineError as err:
+            raise LaunchError(
+                f"SGLang engine {url} did not come up ({err}); see {logs}/engines-*.log and {logs}/sglang/"
+            ) from None
+
+
+class _Children:
+    """Child process groups to stop on SIGTERM (scancel, time limit, requeue) and at exit."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def start(self, cmd: list[str]) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    def _on_signal(self, signum, _frame) -> None:
+        print(f"[launch] got signal {signum}: stopping the job's steps", flush=True)
+        self.stop()
+        sys.exit(128 + signum)
+
+
+def launch(plan: LaunchPlan, job: SlurmJob) -> int:
+    """Run the job (engines first when they have their own nodes); the training step's status."""
+    logs = plan.output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(
+        f"[launch] job {job.job_id}{f' (restart {job.restart_count})' if job.restart_count else ''}: "
+        f"{plan.entry} on {len(plan.trainer_hosts)} node(s) x {plan.procs_per_node} process(es), "
+        f"master {plan.master_addr}:{plan.master_port}, logs {logs}",
+        flush=True,
+    )
+    if job.restart_count:
+        print(f"[launch] requeued: the trainer resumes from {plan.output_dir / 'checkpoints'}", flush=True)
+    for note in plan.notes:
+        print(f"[launch] note: {note}", flush=True)
+    children = _Children()
+    try:
+        if plan.engines is not None:
+            print(f"[launch] starting SGLang on {','.join(plan.engines.hosts)}", flush=True)
+            engines = children.start(engines_command(plan))
+            wait_for_engines(plan, engines)
+        trainer = children.start(trainer_command(plan, job))
+        rc = trainer.wait()
+        print(f"[launch] training step exited with {rc}; logs in {logs}", flush=True)
+        return rc
+    finally:
+        children.stop()
+
+
+# -- the engine agent (runs on each engine node under srun) ------------------------------------
+def run_engines(config: str, overrides: list[str]) -> int:
+    """Start this node's SGLang servers (and the router on the first engine node); exit when
+    one of them dies or on SIGTERM, stopping the others."""
+    cfg = load_entry_config("rl", config, overrides)
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    log_dir = Path(cfg.output_dir) / "logs" / "sglang"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # Bind on all interfaces: trainers on other nodes connect to us.
+    sg = _sglang_config(cfg, host="0.0.0.0", launch=True, log_dir=str(log_dir))
+    from megatron_klear.rollout.sglang_engine import router_command, server_command
+
+    per_node = sg.replicas // max(sg.nodes, 1)
+    children = _Children()
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+    if node == 0:
+        path = log_dir / f"router-{socket.gethostname()}.log"
+        procs["router"] = (_spawn_logged(children, router_command(sg), path), path)
+    for i in range(per_node):
+        path = log_dir / f"server-{socket.gethostname()}-{i}.log"
+        procs[f"server {i}"] = (_spawn_logged(children, server_command(sg, i), path), path)
+    print(f"[engines] node {node}: started {', '.join(procs)}", flush=True)
+    try:
+        while True:
+            for name, (p, path) in procs.items():
+                if p.poll() is not None:
+                    print(f"[engines] {name} exited with {p.returncode}; log: {path}", flush=True)
+                    return 1
+            time.sleep(2.0)
+    finally:
+        children.stop()
+
+
+def _spawn_logged(children: _Children, cmd: list[str], path: Path) -> subprocess.Popen:
+    with open(path, "ab") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    children.procs.append(p)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("entry", choices=sorted(ENTRIES) + ["engines"], help="trainer, or the engine agent")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides passed to the trainer")
+    a = p.parse_intermixed_args(argv)  # the entry, then --config, then the overrides
+    try:
+        if a.entry == "engines":
+            return run_engines(a.config, a.overrides)
+        job = SlurmJob.from_env()
+        plan = plan_launch(a.entry, a.config, a.overrides, job)
+        return launch(plan, job)
+    except (LaunchError, ConfigError) as e:
+        print(f"launch error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
