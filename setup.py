@@ -24,6 +24,7 @@ setup(
         "pyarrow",
         "math-verify>=0.7",
         "tensorboard",
+        "matplotlib",  # the demo's and the ablations' plots
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "triton>=3.2", "ruff"],

@@ -243,3 +243,15 @@ def test_generated_solutions_score_correct_with_the_reward_code():
     assert all(r.correct for r in results), [r for r in results if not r.correct]
     levels = {p.extra_info["level"] for p in prompts if p.ability == "math"}
     assert levels == {1, 2, 3, 4}
+
+
+def test_synthetic_math_test_split_never_repeats_a_training_question(tmp_path):
+    """Level 0 (the demo's two-digit sums) has only 8100 questions: the test split must still
+    be held out."""
+    from megatron_klear.data.io import read_rows
+    from megatron_klear.data.synthetic import make_dataset
+
+    files = make_dataset(tmp_path, seed=0, n_math=3000, n_code=6, n_test=100, levels=(0,))
+    train = {r["prompt"][0]["content"] for _, r in read_rows(files["math_train"])}
+    test = [r["prompt"][0]["content"] for _, r in read_rows(files["math_test"])]
+    assert len(test) == 100 and not set(test) & train

@@ -1,16 +1,17 @@
 #!/usr/bin/env python
-"""End-to-end demo on a 2-core CPU.
+"""End-to-end demo on a 2-core CPU: data -> tiny Qwen3 -> long-CoT SFT -> math GPPO RL (HF
+engine) -> held-out evaluation before and after RL -> HF export -> table and plot.
 
-Today: make a tiny Qwen3, convert it to Megatron at TP=2 x PP=2, run it on 4 processes,
-check its logits against HF transformers, convert it back and check the round trip.
-(It grows into the full SFT -> RL demo.)
+    bash tools/demo.sh [--out runs/demo] [--rl-steps 30] [--seed 1234]
+
+Configs: examples/demo/sft.yaml and examples/demo/rl_math.yaml (paths rewritten under --out).
+Writes OUT/summary.json, OUT/summary.md and OUT/demo.png (reward and accuracy per RL step).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,89 +19,91 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def step(name: str, report: list, fn):
-    t = time.time()
-    print(f"==> {name}", flush=True)
-    result = fn()
-    report.append((name, time.time() - t, result))
-    return result
+DEMO_DATA = dict(n_math=6000, n_code=6, n_test=200, levels=(0,))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="working directory")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="working directory (reused if present)")
+    p.add_argument("--rl-steps", type=int, default=None, help="override train_steps of the RL stage")
+    p.add_argument("--seed", type=int, default=1234, help="RL seed (sampling, prompt order)")
     a = p.parse_args(argv)
 
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from megatron_klear.data.synthetic import make_dataset
+    from megatron_klear.experiments import eval_points, plot_run, read_metrics, run_stage
 
-    from megatron_klear.checkpoint.convert import hf_to_megatron, megatron_to_hf
-    from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
-
-    out = Path(a.out)
+    out = Path(a.out).resolve()
+    data, sft, rl = out / "data", out / "sft", out / "rl"
     out.mkdir(parents=True, exist_ok=True)
-    hf, mg, back, logits_pt = out / "hf", out / "megatron_tp2_pp2", out / "hf_roundtrip", out / "logits.pt"
-    report: list = []
-    args = TinyModelArgs(layers=4, hidden=128, heads=8, kv_heads=2, head_dim=16, ffn=256, vocab=512)
-    step("make tiny Qwen3 (HF)", report, lambda: make_tiny_model(hf, args) and "ok")
-    step(
-        "convert HF -> Megatron (tp=2, pp=2)",
-        report,
-        lambda: hf_to_megatron(str(hf), str(mg), tp=2, pp=2, force=True) or "ok",
+    times: dict[str, float] = {}
+    t0 = time.time()
+
+    print("==> data: two-digit addition with digit-by-digit reasoning", flush=True)
+    if not (data / "sft.jsonl").is_file():
+        make_dataset(data, seed=0, **DEMO_DATA)
+    times["data_s"] = time.time() - t0
+
+    t = time.time()
+    print("==> long-CoT SFT of a tiny Qwen3 (2 processes)", flush=True)
+    if not (sft / "hf" / "config.json").is_file():
+        run_stage(
+            "megatron_klear.sft",
+            "examples/demo/sft.yaml",
+            [
+                f"output_dir={sft}",
+                f"model.hf={out / 'model'}",
+                f"data.train=[{data / 'sft.jsonl'}]",
+                f"data.cache_dir={out / 'cache'}",
+            ],
+            out / "sft.log",
+        )
+    times["sft_s"] = time.time() - t
+
+    t = time.time()
+    print("==> math GPPO RL with the HF engine (eval before, during and after)", flush=True)
+    overrides = [
+        f"output_dir={rl}",
+        f"model.hf={sft / 'hf'}",
+        f"data.train=[{data / 'math_train.parquet'}]",
+        f"data.eval=[{data / 'math_test.parquet'}]",
+        f"seed={a.seed}",
+    ]
+    if a.rl_steps is not None:
+        overrides.append(f"train_steps={a.rl_steps}")
+    if not (rl / "final_eval.json").is_file():
+        run_stage("megatron_klear.rl", "examples/demo/rl_math.yaml", overrides, out / "rl.log")
+    times["rl_s"] = time.time() - t
+
+    evals = eval_points(rl)
+    before, after = evals[0], evals[-1]
+    sft_rows = read_metrics(sft)
+    summary = {
+        "sft_steps": sft_rows[-1]["step"],
+        "sft_final_loss": sft_rows[-1]["loss"],
+        "rl_steps": after[0],
+        "heldout_avg@4_before_rl": before[1],
+        "heldout_avg@4_after_rl": after[1],
+        "heldout_pass@4_before_rl": before[2],
+        "heldout_pass@4_after_rl": after[2],
+        "evals": evals,
+        "exported_hf": str(rl / "hf"),
+        **{k: round(v, 1) for k, v in times.items()},
+        "total_s": round(time.time() - t0, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_run(rl, out / "demo.png", "demo: tiny Qwen3, two-digit addition, GPPO")
+    table = [
+        "| stage | held-out avg@4 | held-out pass@4 |",
+        "|---|---:|---:|",
+        f"| after SFT ({summary['sft_steps']} steps) | {before[1]:.3f} | {before[2]:.3f} |",
+        f"| after GPPO RL ({after[0]} steps) | {after[1]:.3f} | {after[2]:.3f} |",
+    ]
+    md = "\n".join(table) + (
+        f"\n\nTimes (s): data {times['data_s']:.0f}, SFT {times['sft_s']:.0f}, RL {times['rl_s']:.0f}, "
+        f"total {summary['total_s']:.0f}. HF export: {rl / 'hf'}. Plot: {out / 'demo.png'}.\n"
     )
-
-    ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
-    (out / "ids.json").write_text(json.dumps(ids.tolist()))
-
-    def run_megatron():
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "4",
-            str(ROOT / "tools/dump_logits.py"),
-            "--load",
-            str(mg),
-            "--tp",
-            "2",
-            "--pp",
-            "2",
-            "--input-ids",
-            str(out / "ids.json"),
-            "--out",
-            str(logits_pt),
-        ]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        return "ok"
-
-    step("run Megatron on 4 processes (gloo)", report, run_megatron)
-
-    def compare():
-        ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)(ids).logits.detach()
-        ours = torch.load(logits_pt)
-        rel = ((ours - ref).norm() / ref.norm()).item()
-        if rel >= 1e-4:
-            raise SystemExit(f"logits differ from HF transformers: relative error {rel:.2e}")
-        return f"relative error {rel:.1e}"
-
-    step("compare logits with HF transformers", report, compare)
-    step("convert Megatron -> HF", report, lambda: megatron_to_hf(str(mg), str(back), force=True) or "ok")
-
-    def roundtrip():
-        x, y = load_file(hf / "model.safetensors"), load_file(back / "model.safetensors")
-        same = sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
-        if not same:
-            raise SystemExit("round trip is not bit-identical")
-        return f"{len(x)} tensors bit-identical"
-
-    step("check round trip", report, roundtrip)
-    print("\n| step | seconds | result |\n|---|---:|---|")
-    for name, secs, result in report:
-        print(f"| {name} | {secs:.1f} | {result} |")
-    print(f"\noutputs in {out}")
+    (out / "summary.md").write_text(md)
+    print(md, flush=True)
     return 0
 
 

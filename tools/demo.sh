@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on an embedded default: bash tools/demo.sh [--out DIR]
+# The README's first command: bash tools/demo.sh [--out DIR] [--rl-steps N] [--seed S]
+# Sets up .venv on first use, then runs tools/demo.py (data -> SFT -> GPPO RL -> eval -> plot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup_env.sh

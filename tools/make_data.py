@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write our synthetic math / code / SFT data in the real formats, deterministic by seed.
 
-python tools/make_data.py --out DIR [--seed 0 --math 2000 --code 60 --test 200]
+python tools/make_data.py --out DIR [--seed 0 --math 2000 --code 60 --test 200 --levels 1,2,3,4]
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--math", type=int, default=2000, help="math training prompts")
     p.add_argument("--code", type=int, default=60, help="code training problems")
     p.add_argument("--test", type=int, default=200, help="held-out math prompts")
+    p.add_argument("--levels", default="1,2,3,4", help="math levels, comma-separated (0..4; 0: the demo task)")
     a = p.parse_args(argv)
-    for name, path in make_dataset(a.out, a.seed, a.math, a.code, a.test).items():
+    levels = tuple(int(x) for x in a.levels.split(","))
+    for name, path in make_dataset(a.out, a.seed, a.math, a.code, a.test, levels).items():
         print(f"{name}: {path}")
     return 0
 

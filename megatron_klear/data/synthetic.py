@@ -1,6 +1,7 @@
 """Our own small data in the real formats (no downloads are possible on our machines).
 
-* Math prompts with verifiable answers at graded difficulty: 1 addition / subtraction,
+* Math prompts with verifiable answers at graded difficulty: 0 two-digit addition worked digit
+  by digit (the demo's task, only when asked for), 1 addition / subtraction,
   2 two-step arithmetic, 3 fractions, 4 linear equations. Each row's ``extra_info.solution``
   is a response (``<think>`` steps, then ``\\boxed{answer}``) that the math reward scores correct.
 * Code problems, each with 16+ stdin/stdout tests and ``extra_info.reference_solution`` (a
@@ -30,7 +31,19 @@ def _frac_tex(f: Fraction) -> str:
 
 
 def math_problem(rng: random.Random, level: int) -> tuple[str, str, str]:
-    """``(question, answer, worked steps)`` at difficulty ``level`` 1..4."""
+    """``(question, answer, worked steps)`` at difficulty ``level`` 0..4."""
+    if level == 0:
+        # Two-digit addition worked digit by digit (the demo's task: each step is a one-digit
+        # fact plus a carry, so a tiny model can learn it in minutes and RL can sharpen it).
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        units = a % 10 + b % 10
+        tens = a // 10 + b // 10 + units // 10
+        steps = (
+            f"units: {a % 10} + {b % 10} = {units}, write {units % 10} carry {units // 10}\n"
+            f"tens: {a // 10} + {b // 10} + {units // 10} = {tens}\n"
+            f"so {a} + {b} = {a + b}"
+        )
+        return f"What is {a} + {b}?", str(a + b), steps
     if level == 1:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         if rng.random() < 0.5:
@@ -181,8 +194,24 @@ def sft_conversations(rows: list[dict]) -> list[dict]:
     return [{"messages": r["prompt"] + [{"role": "assistant", "content": r["extra_info"]["solution"]}]} for r in rows]
 
 
-def make_dataset(out: str | Path, seed: int = 0, n_math: int = 2000, n_code: int = 60, n_test: int = 200) -> dict:
+def held_out(train: list[dict], candidates: list[dict], n: int) -> list[dict]:
+    """The first ``n`` candidates whose question is not among the training questions (small
+    problem spaces, like the demo's two-digit sums, would otherwise repeat them)."""
+    seen = {r["prompt"][0]["content"] for r in train}
+    return [r for r in candidates if r["prompt"][0]["content"] not in seen][:n]
+
+
+def make_dataset(
+    out: str | Path,
+    seed: int = 0,
+    n_math: int = 2000,
+    n_code: int = 60,
+    n_test: int = 200,
+    levels: tuple[int, ...] = (1, 2, 3, 4),
+) -> dict:
     """Write the whole synthetic data set; returns ``{name: path}``.
+
+    ``levels`` picks the math difficulty levels (the demo uses level 1 only).
 
     Files: ``math_train.parquet``, ``math_test.parquet``, ``code_train.parquet``,
     ``code_test.parquet`` (RL schema) and ``sft.jsonl`` (conversations from the train splits).
@@ -192,9 +221,10 @@ def make_dataset(out: str | Path, seed: int = 0, n_math: int = 2000, n_code: int
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
+    train = make_math_rows(n_math, seed, levels)
     splits = {
-        "math_train": make_math_rows(n_math, seed),
-        "math_test": make_math_rows(n_test, seed + 10_000, source="synthetic_math_test"),
+        "math_train": train,
+        "math_test": held_out(train, make_math_rows(3 * n_test, seed + 10_000, levels, "synthetic_math_test"), n_test),
         "code_train": make_code_rows(n_code, seed),
         "code_test": make_code_rows(max(6, n_test // 20), seed + 10_000, source="synthetic_code_test"),
     }

@@ -7,6 +7,7 @@ with reason ``timeout`` and never blocks the caller for longer than the limit.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import threading
 from dataclasses import dataclass
@@ -127,14 +128,21 @@ class MathVerifier:
             self._stop()
 
 
-_local = threading.local()
+# Idle verifiers, shared by all threads: scoring threads come and go (a thread pool per
+# batch), while each verifier's process (sympy imports: ~1 s) lives for the whole run.
+_idle: list[MathVerifier] = []
+_idle_lock = threading.Lock()
 
 
-def _verifier() -> MathVerifier:
-    v = getattr(_local, "verifier", None)
-    if v is None:
-        v = _local.verifier = MathVerifier()
-    return v
+@contextlib.contextmanager
+def _verifier():
+    with _idle_lock:
+        v = _idle.pop() if _idle else MathVerifier()
+    try:
+        yield v
+    finally:
+        with _idle_lock:
+            _idle.append(v)
 
 
 def score_math(
@@ -155,7 +163,8 @@ def score_math(
     if answer is None:
         return RewardResult(c.wrong_score, False, "no_boxed")
     gold = last_boxed(ground_truth) or ground_truth
-    status, value = _verifier().check(gold, answer, c.timeout_s)
+    with _verifier() as v:
+        status, value = v.check(gold, answer, c.timeout_s)
     if status == "timeout":
         return RewardResult(c.wrong_score, False, "timeout")
     if status == "error":

@@ -249,6 +249,7 @@ def train(cfg: RLConfig) -> dict:
     )
     metrics: dict = {}
     step = state["step"]
+    last_eval: tuple[int, dict] = (-1, {})
     try:
         first = sync(f"step-{step}")
         if cfg.eval.at_start and step == 0:
@@ -314,7 +315,8 @@ def train(cfg: RLConfig) -> dict:
             if not minis and rank0:
                 print(f"step {step}: every group was filtered; no update this step", flush=True)
             if cfg.eval.interval and step % cfg.eval.interval == 0:
-                metrics.update(run_eval(step))
+                last_eval = (step, run_eval(step))
+                metrics.update(last_eval[1])
             dt = time.time() - t_step
             gen_tokens = metrics.get("response/length_mean", 0.0) * metrics.get("rollout/samples", 0)
             metrics.update({"time/step_s": dt, "perf/tokens_per_s": gen_tokens / dt})
@@ -323,8 +325,9 @@ def train(cfg: RLConfig) -> dict:
             maybe_crash("step", step)
             if step % cfg.checkpoint.save_interval == 0 or step == cfg.train_steps:
                 save_checkpoint(engine, ckpt_root, step, state, cfg.checkpoint.keep_last)
-        if cfg.eval.at_end and not (cfg.eval.interval and step % cfg.eval.interval == 0):
-            final = run_eval(step)
+        if cfg.eval.at_end:
+            # The interval evaluation may just have run at this very step: reuse it.
+            final = last_eval[1] if last_eval[0] == step else run_eval(step)
             if rank0 and final:
                 (out / "final_eval.json").write_text(json.dumps(dict(step=step, **final), indent=1))
     finally:
