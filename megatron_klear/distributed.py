@@ -6,6 +6,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -53,11 +54,18 @@ class DistEnv:
         return cls(0, 1, 0)
 
 
-def free_port() -> int:
-    """A TCP port that is free on this host right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(start: Optional[int] = None, host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now: any (the OS picks), or with ``start``
+    the first one from ``start`` upward (the Slurm launcher's job-derived port)."""
+    candidates = [0] if start is None else range(start, start + 2000)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in {start}..{start + 1999} on {host!r}")
 
 
 def device() -> torch.device:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_klear.config import load_config
+from megatron_klear.distributed import free_port
 from megatron_klear.errors import ConfigError
 
 # entry -> (trainer module, "module:ConfigClass")
@@ -110,24 +111,11 @@ def procs_per_node(env: dict) -> int:
     return 1
 
 
-def free_port(start: int, host: str = "") -> int:
-    """The first port from ``start`` that can be bound on this host."""
-    for port in range(start, start + 2000):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-                return port
-            except OSError:
-                continue
-    raise LaunchError(f"no free port in {start}..{start + 1999}")
-
-
 @dataclass
 class EnginePlan:
     """SGLang servers on engine-only nodes (RL, distributed mode)."""
 
     hosts: list[str]
-    replicas_per_node: int
     server_urls: list[str]
     router_url: str
     timeout_s: float
@@ -212,7 +200,6 @@ def plan_launch(entry: str, config: str, overrides: list[str], job: SlurmJob, th
             per_node = sg.replicas // n_engine_nodes
             engines = EnginePlan(
                 hosts=engine_hosts,
-                replicas_per_node=per_node,
                 server_urls=[f"http://{h}:{sg.port + i}" for h in engine_hosts for i in range(per_node)],
                 router_url=f"http://{engine_hosts[0]}:{sg.router_port}",
                 timeout_s=sg.startup_timeout_s,
@@ -231,7 +218,7 @@ def plan_launch(entry: str, config: str, overrides: list[str], job: SlurmJob, th
     # The batch script runs on the first node, which is the master: bind-test the port there.
     # Elsewhere a job-id-derived port keeps concurrent jobs on shared nodes apart.
     base = 20000 + int(job.job_id) % 20000 if job.job_id.isdigit() else 29500
-    port = free_port(base) if master.split(".")[0] == this_host else base
+    port = free_port(base, host="") if master.split(".")[0] == this_host else base
     return LaunchPlan(
         entry=entry,
         config=config,
@@ -335,8 +322,14 @@ class _Children:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
-    def start(self, cmd: list[str]) -> subprocess.Popen:
-        p = subprocess.Popen(cmd, start_new_session=True)
+    def start(self, cmd: list[str], log: Optional[Path] = None) -> subprocess.Popen:
+        """Start ``cmd`` in its own process group; its output to ``log`` when given."""
+        if log is None:
+            p = subprocess.Popen(cmd, start_new_session=True)
+        else:
+            from megatron_klear.rollout.sglang_engine import spawn_logged
+
+            p = spawn_logged(cmd, log)
         self.procs.append(p)
         return p
 
@@ -405,10 +398,10 @@ def run_engines(config: str, overrides: list[str]) -> int:
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     if node == 0:
         path = log_dir / f"router-{socket.gethostname()}.log"
-        procs["router"] = (_spawn_logged(children, router_command(sg), path), path)
+        procs["router"] = (children.start(router_command(sg), path), path)
     for i in range(per_node):
         path = log_dir / f"server-{socket.gethostname()}-{i}.log"
-        procs[f"server {i}"] = (_spawn_logged(children, server_command(sg, i), path), path)
+        procs[f"server {i}"] = (children.start(server_command(sg, i), path), path)
     print(f"[engines] node {node}: started {', '.join(procs)}", flush=True)
     try:
         while True:
@@ -419,13 +412,6 @@ def run_engines(config: str, overrides: list[str]) -> int:
             time.sleep(2.0)
     finally:
         children.stop()
-
-
-def _spawn_logged(children: _Children, cmd: list[str], path: Path) -> subprocess.Popen:
-    with open(path, "ab") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    children.procs.append(p)
-    return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -211,7 +211,7 @@ def make_dataset(
 ) -> dict:
     """Write the whole synthetic data set; returns ``{name: path}``.
 
-    ``levels`` picks the math difficulty levels (the demo uses level 1 only).
+    ``levels`` picks the math difficulty levels (the demo uses level 0 only).
 
     Files: ``math_train.parquet``, ``math_test.parquet``, ``code_train.parquet``,
     ``code_test.parquet`` (RL schema) and ``sft.jsonl`` (conversations from the train splits).

@@ -116,6 +116,13 @@ def router_command(cfg: SGLangConfig) -> list[str]:
     ]  # fmt: skip
 
 
+def spawn_logged(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start a server/router process in its own session, appending its output to ``log``
+    (the child keeps its own handle; ours is closed at once)."""
+    with open(log, "ab") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @dataclass
 class _Server:
     url: str
@@ -152,9 +159,9 @@ class SGLangEngine(RolloutEngine):
                 )
                 for i in range(cfg.replicas)
             ]
-            self._router_proc = self._spawn(router_command(cfg), log_dir / "router.log")
+            self._router_proc = spawn_logged(router_command(cfg), log_dir / "router.log")
             for i, s in enumerate(self.servers):
-                s.proc = self._spawn(server_command(cfg, i), s.log)
+                s.proc = spawn_logged(server_command(cfg, i), s.log)
         else:
             self.router_url = cfg.router_url.rstrip("/")
             self.servers = [
@@ -170,11 +177,6 @@ class SGLangEngine(RolloutEngine):
             raise
 
     # -- processes --------------------------------------------------------------------
-    @staticmethod
-    def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
-        f = open(log, "ab")
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
-
     def _wait(self, s: _Server) -> None:
         try:
             api.wait_healthy(s.url, self.cfg.startup_timeout_s, alive=s.alive)
@@ -200,7 +202,7 @@ class SGLangEngine(RolloutEngine):
                     continue
                 print(f"[sglang] server {s.url} died (exit {s.proc.returncode}); restarting, log {s.log}", flush=True)
                 self._unregister(s)
-                s.proc = self._spawn(server_command(self.cfg, i), s.log)
+                s.proc = spawn_logged(server_command(self.cfg, i), s.log)
                 self._wait(s)
                 s.stale = True
             if all(s.stale or not s.registered for s in self.servers):
