@@ -72,6 +72,15 @@ def steps_and_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _logged_past_a_save(run: Path, first_save: int, interval: int) -> bool:
+    """True once the run logged a step 2-6 steps after a checkpoint at or past `first_save`."""
+    try:
+        last = max(steps_and_losses(run), default=0)
+    except (OSError, json.JSONDecodeError):  # not written yet, or a line half-written
+        return False
+    return last >= first_save + 2 and 2 <= last % interval <= 6
+
+
 def sft_overrides(tmp: Path, out: Path, steps: int, save: int) -> list[str]:
     data = tmp / "data"
     return [
@@ -141,11 +150,13 @@ def test_cancelled_job_resubmitted_resumes_exactly(slurm, tmp_path):
     args = ["examples/tiny/sft.yaml", *sft_overrides(tmp_path, out, 150, 10)]
     job = sbatch(slurm, "slurm/sft.sbatch", args, log)
     deadline = time.time() + 400
-    while not (out / "checkpoints" / "iter_0000020").is_dir():
+    # Cancel a few steps past a save (never right on one), so that the resumed job redoes
+    # steps the first job already logged and their losses can be compared.
+    while not _logged_past_a_save(out, first_save=20, interval=10):
         state, _ = job_state(slurm, job)
         assert state not in TERMINAL, f"job ended ({state}) before it could be cancelled:\n{_tail(log)}"
         assert time.time() < deadline, _tail(log)
-        time.sleep(0.3)
+        time.sleep(0.1)
     subprocess.run(["scancel", job], env=slurm, check=True)
     state, _ = wait_job(slurm, job, log)
     assert state == "CANCELLED"
