@@ -22,15 +22,18 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = False
+    cp: int = 1  # context parallel: each sequence split over cp ranks (Transformer Engine attention)
 
     def validate(self, world_size: int) -> int:
         """Check the sizes against the world; returns the data-parallel size."""
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "cp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        mp = self.tp * self.pp
+        mp = self.tp * self.pp * self.cp
         if world_size % mp != 0:
-            raise ConfigError(f"world size {world_size} is not divisible by tp x pp = {self.tp} x {self.pp} = {mp}")
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tp x pp x cp = {self.tp} x {self.pp} x {self.cp} = {mp}"
+            )
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
         return world_size // mp
@@ -103,7 +106,9 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_min:
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            context_parallel_size=parallel.cp,
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

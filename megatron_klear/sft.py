@@ -47,7 +47,7 @@ class ParallelSection:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = False  # Transformer Engine only; needs tp > 1
-    context_parallel: int = 1  # Transformer Engine only
+    context_parallel: int = 1  # Transformer Engine only; splits every packed sequence over cp ranks
 
 
 @dataclass
@@ -113,8 +113,19 @@ class SFTConfig:
             )
         if (self.train_steps is None) == (self.epochs is None):
             raise ConfigError("set exactly one of train_steps and epochs")
-        if self.parallel.context_parallel != 1:
-            raise ConfigError("parallel.context_parallel > 1 is not supported yet")
+        par = self.parallel
+        if par.context_parallel < 1:
+            raise ConfigError(f"parallel.context_parallel must be >= 1, got {par.context_parallel}")
+        if par.context_parallel > 1 and d.seq_len % (2 * par.context_parallel):
+            raise ConfigError(
+                f"data.seq_len={d.seq_len} must be a multiple of 2 x parallel.context_parallel = "
+                f"{2 * par.context_parallel} (each document is split into 2 x cp chunks)"
+            )
+        if par.sequence_parallel and (d.seq_len // par.context_parallel) % par.tp:
+            raise ConfigError(
+                f"data.seq_len / parallel.context_parallel = {d.seq_len // par.context_parallel} must be a multiple "
+                f"of parallel.tp={par.tp} with parallel.sequence_parallel"
+            )
         self.optim.validate()
 
     def batch_layout(self, dp: int) -> tuple[int, int]:
@@ -205,7 +216,16 @@ def model_flops_per_token(hf, seq_len: int) -> float:
 class BatchStream:
     """This DP rank's micro-batches of each global batch, from a resumable data position."""
 
-    def __init__(self, dataset, seqs_per_batch: int, n_micro: int, mbs: int, dp_rank: int, use_te: bool):
+    def __init__(
+        self,
+        dataset,
+        seqs_per_batch: int,
+        n_micro: int,
+        mbs: int,
+        dp_rank: int,
+        use_te: bool,
+        cp: tuple[int, int] = (1, 0),
+    ):
         self.ds, self.seqs, self.n_micro, self.mbs, self.dp_rank, self.use_te = (
             dataset,
             seqs_per_batch,
@@ -214,6 +234,7 @@ class BatchStream:
             dp_rank,
             use_te,
         )
+        self.cp_size, self.cp_rank = cp  # the ranks of one context-parallel group share each sequence
 
     def global_batch(self, epoch: int, pack: int):
         """Micro-batches of the global batch starting at (epoch, pack), and the next position."""
@@ -228,7 +249,10 @@ class BatchStream:
             k += 1
         mine = positions[self.dp_rank * self.n_micro * self.mbs : (self.dp_rank + 1) * self.n_micro * self.mbs]
         samples = [self.ds.build(self.ds.plan(pe)[pk]) for pe, pk in mine]
-        micro = [micro_batch(samples[i : i + self.mbs], self.use_te) for i in range(0, len(samples), self.mbs)]
+        micro = [
+            micro_batch(samples[i : i + self.mbs], self.use_te, self.cp_size, self.cp_rank)
+            for i in range(0, len(samples), self.mbs)
+        ]
         if k >= len(self.ds.plan(e)):
             e, k = e + 1, 0
         return micro, (e, k)
@@ -269,7 +293,8 @@ def train(cfg: SFTConfig) -> dict:
     from megatron_klear.training.engine import build_engine, forward_backward, optimizer_step, reduce_reports
     from megatron_klear.training.metrics import MetricsLogger
 
-    init_distributed(ParallelConfig(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel), seed=cfg.seed)
+    par = cfg.parallel
+    init_distributed(ParallelConfig(par.tp, par.pp, par.sequence_parallel, par.context_parallel), seed=cfg.seed)
     dp = ps.get_data_parallel_world_size()
     seqs, n_micro = cfg.batch_layout(dp)
     prepare_assets(cfg)
@@ -292,6 +317,7 @@ def train(cfg: SFTConfig) -> dict:
             cfg.data.overlong,
             cfg.data.seed,
             workers=cfg.data.workers,
+            align=2 * par.context_parallel if par.context_parallel > 1 else 1,
         )
         if not is_main():  # rank 0 builds the token cache, the others then map it
             dist.barrier()
@@ -319,7 +345,7 @@ def train(cfg: SFTConfig) -> dict:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         print(
             f"SFT: {train_ds.stats()} | {seqs} sequences x {cfg.data.seq_len} tokens per step, "
-            f"dp={dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp}, {n_micro} micro-batches per rank, "
+            f"dp={dp} tp={par.tp} pp={par.pp} cp={par.context_parallel}, {n_micro} micro-batches per rank, "
             f"{total_steps} steps",
             flush=True,
         )
@@ -331,6 +357,7 @@ def train(cfg: SFTConfig) -> dict:
         mbs=cfg.data.micro_batch_size,
         dp_rank=ps.get_data_parallel_rank(),
         use_te=use_te,
+        cp=(ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()),
     )
     stream = BatchStream(train_ds, **stream_args)
     logger = MetricsLogger(

@@ -98,6 +98,37 @@ def test_packing_never_crosses_documents(tmp_path, tok_dir, tok):
     assert np.array_equal(s.loss_mask[: len(toks) - 1], mask[1:].astype(np.float32))
 
 
+def test_aligned_packing_for_context_parallel(tmp_path, tok_dir):
+    """align=4 (context parallel 2): every document slot is a multiple of 4 long, and the packs
+    hold the same documents with the same supervision as unaligned packing."""
+    path = write_jsonl(tmp_path / "sft.jsonl", [conv(i, n_words=3 + i % 17) for i in range(60)])
+    base = dict(paths=[str(path)], tokenizer=tok_dir, seq_len=128, cache_dir=str(tmp_path / "cache"))
+    plain, aligned = SFTDataset(SFTDataConfig(**base)), SFTDataset(SFTDataConfig(**base, align=4))
+
+    def documents(ds):
+        docs = {}
+        for ids in ds.plan(0):
+            s = ds.build(ids)
+            assert len(s.input_ids) == 128 and s.cu_seqlens[-1] == 128
+            for i, a in zip(ids, s.cu_seqlens[:-1]):
+                n = int(ds.lengths[i])
+                docs[i] = (
+                    s.input_ids[a : a + n].tolist(),
+                    s.labels[a : a + n].tolist(),
+                    s.loss_mask[a : a + n].tolist(),
+                )
+            if ds.cfg.align > 1:
+                assert all(c % 4 == 0 for c in s.cu_seqlens)
+            supervised = sum(s.loss_mask[a : a + int(ds.lengths[i])].sum() for i, a in zip(ids, s.cu_seqlens))
+            assert s.loss_mask.sum() == supervised  # alignment padding carries no loss
+        return docs
+
+    assert documents(aligned) == documents(plain)
+    assert len(aligned.plan(0)) >= len(plain.plan(0))
+    with pytest.raises(DataError, match="data.seq_len=130 is not a multiple of the document alignment 4"):
+        SFTDataset(SFTDataConfig(**{**base, "seq_len": 130}, align=4))
+
+
 def test_exact_resume_of_data_order(tmp_path, tok_dir):
     path = write_jsonl(tmp_path / "sft.jsonl", [conv(i) for i in range(40)])
     cfg = SFTDataConfig([str(path)], tok_dir, seq_len=96, cache_dir=str(tmp_path / "cache"), seed=7)

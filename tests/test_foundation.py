@@ -200,8 +200,11 @@ def test_parallel_sizes_checked_before_any_work(hf_models, tmp_path):
     with pytest.raises(ConfigError, match="pp=3 does not divide num_hidden_layers=2"):
         hf_to_megatron(str(hf_models["gqa1_untied"]), str(tmp_path / "o3"), pp=3)
     assert not any(tmp_path.iterdir())
-    with pytest.raises(ConfigError, match="world size 6 is not divisible by tp x pp = 2 x 2 = 4"):
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by tp x pp x cp = 2 x 2 x 1 = 4"):
         ParallelConfig(tp=2, pp=2).validate(6)
+    with pytest.raises(ConfigError, match="world size 4 is not divisible by tp x pp x cp = 1 x 1 x 3 = 3"):
+        ParallelConfig(cp=3).validate(4)
+    assert ParallelConfig(tp=2, cp=2).validate(8) == 2
     with pytest.raises(ConfigError, match="does not split over tp=3"):
         padded_vocab_size(500, 3)
     assert padded_vocab_size(500, 4) == 512 and padded_vocab_size(151936, 8) == 151936

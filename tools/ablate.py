@@ -4,13 +4,16 @@
     python tools/ablate.py [--demo runs/demo] [--out runs/ablate] [--seeds 3] [--steps 30]
                            [--suites algos,filter,code_reward]
 
-Suites (each arm is one RL run per seed of examples/demo/rl_math.yaml with overrides):
+Suites (each arm is one RL run per seed of examples/demo/rl_math.yaml with overrides; an arm
+that is the demo config itself is run once and shared by the suites that compare against it):
   algos        algo.loss = gppo | clip (clip-higher) | cispo        (paper Figure 2)
   filter       gppo with vs without zero-advantage filtering       (dynamic sampling)
   code_reward  code RL (examples/tiny/rl_code.yaml data) with soft vs binary test reward
                (paper Figure 5)
-Writes OUT/ablation.json (every run's curves), OUT/<suite>.png (mean held-out avg@k per arm
-with the min-max band across seeds) and OUT/summary.md (final mean and spread per arm).
+Writes OUT/ablation.json (every run's held-out and training curves), OUT/<suite>.png (held-out
+avg@k, training reward mean and training reward std per step for each arm: the mean over seeds
+with the min-max band across seeds) and OUT/summary.md (step-0 and final held-out avg@k with
+their spread across seeds, training reward mean and std averaged over all steps and seeds).
 Finished runs are reused: rerunning after an interruption continues where it stopped.
 What wins at this scale is whatever is measured; nothing here is tuned toward a result.
 """
@@ -26,10 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Each arm's overrides on top of the demo RL config; [] is the demo config itself (GPPO with
+# zero-advantage filtering, soft code reward), so that run is shared by the suites that hold it.
 SUITES: dict[str, dict[str, list[str]]] = {
-    "algos": {"gppo": ["algo.loss=gppo"], "clip": ["algo.loss=clip"], "cispo": ["algo.loss=cispo"]},
-    "filter": {"filtered": ["algo.filter_zero_adv=true"], "unfiltered": ["algo.filter_zero_adv=false"]},
-    "code_reward": {"soft": ["reward.code.binary=false"], "binary": ["reward.code.binary=true"]},
+    "algos": {"gppo": [], "clip": ["algo.loss=clip"], "cispo": ["algo.loss=cispo"]},
+    "filter": {"filtered": [], "unfiltered": ["algo.filter_zero_adv=false"]},
+    "code_reward": {"soft": [], "binary": ["reward.code.binary=true"]},
 }
 
 
@@ -49,7 +54,9 @@ def suite_overrides(suite: str, data: Path) -> list[str]:
 def run_arm(out: Path, demo: Path, suite: str, arm: str, seed: int, steps: int) -> Path:
     from megatron_klear.experiments import run_stage
 
-    run = out / suite / f"{arm}_seed{seed}"
+    task = "code" if suite == "code_reward" else "math"
+    arm_key = "-".join(o.replace("=", "_") for o in SUITES[suite][arm]) or "base"
+    run = out / "runs" / f"{task}_{arm_key}_seed{seed}"  # one run per distinct config, whichever suite asks
     if not (run / "final_eval.json").is_file():
         overrides = [
             f"output_dir={run}",
@@ -66,22 +73,40 @@ def run_arm(out: Path, demo: Path, suite: str, arm: str, seed: int, steps: int) 
     return run
 
 
-def plot_suite(path: Path, suite: str, curves: dict[str, list[list[tuple[int, float, float]]]]) -> None:
+def train_points(run: Path) -> list[tuple[int, float, float]]:
+    """(step, training reward mean, training reward std) for every RL step of a run."""
+    from megatron_klear.experiments import read_metrics
+
+    return [(r["step"], r["reward/mean"], r["reward/std"]) for r in read_metrics(run) if "reward/mean" in r]
+
+
+def _mean_band(ax, runs: list[list[tuple]], col: int, label: str) -> None:
+    """Plot the mean over seeds of column `col` with the min-max band across seeds."""
+    steps = [p[0] for p in runs[0]]
+    per_step = [[r[i][col] for r in runs if i < len(r)] for i in range(len(steps))]
+    ax.plot(steps, [statistics.mean(v) for v in per_step], "-", label=label)
+    ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2)
+
+
+def plot_suite(path: Path, suite: str, evals: dict[str, list], trains: dict[str, list]) -> None:
+    """Held-out avg@4 (left), training reward mean (middle) and its within-batch std (right) per
+    arm: the mean over seeds with the min-max band across seeds, like the paper's Figures 2, 3, 5."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, runs in curves.items():
-        steps = [p[0] for p in runs[0]]
-        per_step = [[r[i][1] for r in runs if i < len(r)] for i in range(len(steps))]
-        ax.plot(steps, [statistics.mean(v) for v in per_step], "o-", label=f"{arm} (n={len(runs)})")
-        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("held-out avg@4")
-    ax.set_title(f"ablation: {suite} (mean, min-max over seeds)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for arm in evals:
+        n = len(evals[arm])
+        _mean_band(axes[0], evals[arm], 1, f"{arm} (n={n})")
+        _mean_band(axes[1], trains[arm], 1, arm)
+        _mean_band(axes[2], trains[arm], 2, arm)
+    for ax, ylabel in zip(axes, ["held-out avg@4", "training reward mean", "training reward std"]):
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"ablation: {suite} (mean over seeds, band = min-max across seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -110,24 +135,30 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     lines = [
-        "| suite | arm | seeds | final held-out avg@4 mean | min | max | start |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| suite | arm | seeds | held-out avg@4 at step 0 (mean) | final avg@4 mean | final min | final max "
+        "| training reward mean | training reward std |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for suite in suites:
-        curves: dict[str, list] = {}
+        evals: dict[str, list] = {}
+        trains: dict[str, list] = {}
         for arm in SUITES[suite]:
             for seed in range(1, a.seeds + 1):
                 run = run_arm(out, demo, suite, arm, seed, a.steps)
-                curves.setdefault(arm, []).append(eval_points(run))
-        results[suite] = curves
-        plot_suite(out / f"{suite}.png", suite, curves)
-        for arm, runs in curves.items():
+                evals.setdefault(arm, []).append(eval_points(run))
+                trains.setdefault(arm, []).append(train_points(run))
+        results[suite] = {"eval": evals, "train": trains}
+        plot_suite(out / f"{suite}.png", suite, evals, trains)
+        for arm, runs in evals.items():
             finals = [r[-1][1] for r in runs]
+            train_mean = statistics.mean(p[1] for r in trains[arm] for p in r)
+            train_std = statistics.mean(p[2] for r in trains[arm] for p in r)
             lines.append(
-                f"| {suite} | {arm} | {len(runs)} | {statistics.mean(finals):.3f} | {min(finals):.3f} | "
-                f"{max(finals):.3f} | {runs[0][0][1]:.3f} |"
+                f"| {suite} | {arm} | {len(runs)} | {statistics.mean(p[0][1] for p in runs):.3f} | "
+                f"{statistics.mean(finals):.3f} | {min(finals):.3f} | {max(finals):.3f} | "
+                f"{train_mean:.3f} | {train_std:.3f} |"
             )
-    (out / "ablation.json").write_text(json.dumps({"steps": a.steps, "seeds": a.seeds, "curves": results}, indent=1))
+    (out / "ablation.json").write_text(json.dumps({"steps": a.steps, "seeds": a.seeds, "suites": results}, indent=1))
     summary = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(summary)
     print(summary, flush=True)

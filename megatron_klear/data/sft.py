@@ -46,6 +46,10 @@ class SFTDataConfig:
     seed: int = 1234
     strict: bool = False
     workers: int = 1
+    # Every document's slot in a pack is rounded up to a multiple of this (the extra positions
+    # are padding with no loss). Context parallel needs 2 x cp: Transformer Engine splits each
+    # document into 2 x cp equal chunks.
+    align: int = 1
 
 
 @dataclass
@@ -183,6 +187,8 @@ class SFTDataset:
             raise DataError(f"data.seq_len must be >= 2, got {cfg.seq_len}")
         if not cfg.paths:
             raise DataError("data.paths is empty")
+        if cfg.align < 1 or cfg.seq_len % cfg.align:
+            raise DataError(f"data.seq_len={cfg.seq_len} is not a multiple of the document alignment {cfg.align}")
         self.cfg = cfg
         self.caches = [TokenCache(build_cache(p, cfg)) for p in cfg.paths]
         self.refs = [(c, i) for c, cache in enumerate(self.caches) for i in range(len(cache))]
@@ -197,6 +203,7 @@ class SFTDataset:
             if not self.refs:
                 raise DataError(f"every sample is longer than data.seq_len={cfg.seq_len} and overlong='drop'")
         self.lengths = np.minimum(lengths, cfg.seq_len)
+        self.slots = -(-self.lengths // cfg.align) * cfg.align  # positions each sample takes in a pack
         self._plans: dict[int, list[list[int]]] = {}
 
     @property
@@ -219,7 +226,7 @@ class SFTDataset:
             order = rng.permutation(len(self.refs))
             packs, cur, used = [], [], 0
             for i in order:
-                n = int(self.lengths[i])
+                n = int(self.slots[i])
                 if cur and used + n > self.cfg.seq_len:
                     packs.append(cur)
                     cur, used = [], 0
@@ -250,8 +257,9 @@ class SFTDataset:
             ids[at : at + n] = toks
             labels[at : at + n - 1] = toks[1:]
             loss[at : at + n - 1] = mask[1:]  # predicting an assistant token
-            pos[at : at + n] = np.arange(n)
-            at += n
+            slot = -(-n // self.cfg.align) * self.cfg.align  # alignment padding stays in the document
+            pos[at : at + slot] = np.arange(slot)
+            at += slot
             cu.append(at)
         if at < L:  # padding is a document of its own, with no loss
             pos[at:] = np.arange(L - at)

@@ -158,7 +158,7 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def transformer_config(cfg: Qwen3Config, tp: int, pp: int, opts: ModelOptions):
+def transformer_config(cfg: Qwen3Config, tp: int, pp: int, opts: ModelOptions, cp: int = 1):
     """Megatron ``TransformerConfig`` for a Qwen3 model at the given parallel sizes."""
     from megatron.core.transformer import TransformerConfig
 
@@ -168,6 +168,8 @@ def transformer_config(cfg: Qwen3Config, tp: int, pp: int, opts: ModelOptions):
         raise ConfigError("model.fp8 needs Transformer Engine, which is not installed")
     if opts.sequence_parallel and not use_te:
         raise ConfigError("parallel.sequence_parallel needs Transformer Engine layers")
+    if cp > 1 and not use_te:  # Megatron's torch-native attention has no context-parallel path
+        raise ConfigError(f"parallel.context_parallel={cp} needs Transformer Engine attention, which is not in use")
     dtype = _DTYPES[opts.params_dtype or cfg.dtype]
     recompute = {}
     if opts.recompute == "full":
@@ -200,6 +202,7 @@ def transformer_config(cfg: Qwen3Config, tp: int, pp: int, opts: ModelOptions):
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         sequence_parallel=opts.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -229,7 +232,8 @@ def build_model(cfg: Qwen3Config, opts: Optional[ModelOptions] = None):
     opts = opts or ModelOptions()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    tcfg = transformer_config(cfg, tp, pp, opts)
+    cp = parallel_state.get_context_parallel_world_size()
+    tcfg = transformer_config(cfg, tp, pp, opts, cp)
     use_te = have_transformer_engine() if opts.use_te is None else opts.use_te
     model = GPTModel(
         config=tcfg,

@@ -1,8 +1,8 @@
 """Model + Megatron DDP + distributed optimizer + LR schedule, and one training step.
 
 The loss is a token sum per micro-batch with Megatron's ``calculate_per_token_loss``: the
-schedule sums the token counts, DDP sums gradients across data-parallel ranks, and
-``finalize_model_grads`` divides by the global count. So the gradient is the token mean over
+schedule sums the token counts, DDP sums gradients across data- and context-parallel ranks,
+and ``finalize_model_grads`` divides by the global count. So the gradient is the token mean over
 the whole global batch, whatever the split into micro-batches and DP ranks.
 """
 
@@ -133,9 +133,10 @@ def forward_backward(
     Each micro-batch holds ``input_ids``, ``position_ids`` and ``attention_mask`` tensors
     (plus whatever ``loss_fn`` needs); all micro-batches have the same shape.
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    b, s = micro_batches[0]["input_ids"].shape
+    b, s = micro_batches[0]["input_ids"].shape  # s: this context-parallel rank's share
     dev = next(engine.model.parameters()).device
 
     def step(data_iter, model):
@@ -157,7 +158,7 @@ def forward_backward(
         data_iterator=iter(micro_batches),
         model=[engine.model],
         num_microbatches=len(micro_batches),
-        seq_length=s,
+        seq_length=s * ps.get_context_parallel_world_size(),  # the schedule divides by cp itself
         micro_batch_size=b,
         forward_only=forward_only,
     )
@@ -172,7 +173,7 @@ def optimizer_step(engine: TrainEngine) -> tuple[bool, float]:
 
 
 def reduce_reports(reports: Iterable[dict], keys: Iterable[str]) -> dict[str, float]:
-    """Sum report entries over micro-batches (last stage) and over DP; same on every rank."""
+    """Sum report entries over micro-batches (last stage) and over DP x CP; same on every rank."""
     from megatron.core import parallel_state as ps
 
     from megatron_klear.distributed import comm_device
@@ -183,7 +184,7 @@ def reduce_reports(reports: Iterable[dict], keys: Iterable[str]) -> dict[str, fl
         for i, k in enumerate(keys):
             local[i] += float(r[k])
     if dist.is_initialized():
-        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        dist.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
         # only the last pipeline stage computed losses: take its numbers everywhere
         dist.broadcast(
             local, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
