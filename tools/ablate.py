@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""The paper's ablations at demo scale, several seeds each, from the demo's SFT model.
+"""The paper's ablations at demo scale, several seeds each.
 
-    python tools/ablate.py [--demo runs/demo] [--out runs/ablate] [--seeds 3] [--steps 30]
+    python tools/ablate.py [--demo runs/demo] [--out runs/ablate] [--seeds 3] [--steps N]
                            [--suites algos,filter,code_reward]
 
-Suites (each arm is one RL run per seed of examples/demo/rl_math.yaml with overrides; an arm
-that is the demo config itself is run once and shared by the suites that compare against it):
-  algos        algo.loss = gppo | clip (clip-higher) | cispo        (paper Figure 2)
-  filter       gppo with vs without zero-advantage filtering       (dynamic sampling)
-  code_reward  code RL (examples/tiny/rl_code.yaml data) with soft vs binary test reward
-               (paper Figure 5)
+Suites (each arm is one RL run per seed; an arm that is a suite's base config is run once and
+shared by the suites that compare against it):
+  algos        math RL from the demo's SFT model (examples/demo/rl_math.yaml) with
+               algo.loss = gppo | clip (clip-higher) | cispo                 (paper Figure 2)
+  code_reward  code RL (examples/demo/rl_code.yaml) from a tiny Qwen3 SFT'd on our code
+               problems (examples/demo/sft_code.yaml, made once under OUT/code) with the
+               soft (pass fraction) vs binary (all tests pass) reward        (paper Figure 3)
+  filter       math GPPO with vs without zero-advantage filtering            (paper Figure 5)
 Writes OUT/ablation.json (every run's held-out and training curves), OUT/<suite>.png (held-out
 avg@k, training reward mean and training reward std per step for each arm: the mean over seeds
 with the min-max band across seeds) and OUT/summary.md (step-0 and final held-out avg@k with
@@ -38,38 +40,64 @@ SUITES: dict[str, dict[str, list[str]]] = {
 }
 
 
-def suite_overrides(suite: str, data: Path) -> list[str]:
-    """What a suite changes in the demo RL config besides its arms."""
+def prepare_code_model(out: Path, demo: Path) -> Path:
+    """The code suite's starting point: our code problems (held-out statements for eval) and a
+    tiny Qwen3 SFT'd on them from the demo's random init (examples/demo/sft_code.yaml)."""
+    from megatron_klear.data.synthetic import make_code_dataset
+    from megatron_klear.experiments import run_stage
+
+    data, sft = out / "code" / "data", out / "code" / "sft"
+    if not (data / "sft.jsonl").is_file():
+        make_code_dataset(data)
+    if not (sft / "hf" / "config.json").is_file():
+        print("==> code SFT for the code_reward suite", flush=True)
+        overrides = [
+            f"output_dir={sft}",
+            f"model.hf={demo / 'model'}",
+            f"data.train=[{data / 'sft.jsonl'}]",
+            f"data.cache_dir={out / 'code' / 'cache'}",
+        ]
+        run_stage("megatron_klear.sft", "examples/demo/sft_code.yaml", overrides, out / "code" / "sft.log")
+    return out / "code"
+
+
+def stage_overrides(suite: str, out: Path, demo: Path) -> tuple[str, list[str]]:
+    """(RL config, its path overrides) of a suite: math from the demo's SFT model, or code from
+    the code suite's own SFT model."""
     if suite != "code_reward":
-        return [f"data.train=[{data / 'math_train.parquet'}]", f"data.eval=[{data / 'math_test.parquet'}]"]
-    return [
-        f"data.train=[{data / 'code_train.parquet'}]",
-        f"data.eval=[{data / 'code_test.parquet'}]",
-        "data.min_code_tests=1",
-        "optim.lr=5.0e-6",
-        "optim.min_lr=5.0e-6",
+        data = demo / "data"
+        return "examples/demo/rl_math.yaml", [
+            f"model.hf={demo / 'sft' / 'hf'}",
+            f"data.train=[{data / 'math_train.parquet'}]",
+            f"data.eval=[{data / 'math_test.parquet'}]",
+        ]
+    code = prepare_code_model(out, demo)
+    return "examples/demo/rl_code.yaml", [
+        f"model.hf={code / 'sft' / 'hf'}",
+        f"data.train=[{code / 'data' / 'code_train.parquet'}]",
+        f"data.eval=[{code / 'data' / 'code_test.parquet'}]",
     ]
 
 
-def run_arm(out: Path, demo: Path, suite: str, arm: str, seed: int, steps: int) -> Path:
+def run_arm(out: Path, demo: Path, suite: str, arm: str, seed: int, steps: int | None) -> Path:
     from megatron_klear.experiments import run_stage
 
     task = "code" if suite == "code_reward" else "math"
     arm_key = "-".join(o.replace("=", "_") for o in SUITES[suite][arm]) or "base"
     run = out / "runs" / f"{task}_{arm_key}_seed{seed}"  # one run per distinct config, whichever suite asks
     if not (run / "final_eval.json").is_file():
+        config, paths = stage_overrides(suite, out, demo)
         overrides = [
             f"output_dir={run}",
-            f"model.hf={demo / 'sft' / 'hf'}",
             f"seed={seed}",
-            f"train_steps={steps}",
+            *([f"train_steps={steps}"] if steps else []),
             "checkpoint.export_hf=false",
-            *suite_overrides(suite, demo / "data"),
+            *paths,
             *SUITES[suite][arm],
         ]
         print(f"==> {suite}/{arm} seed {seed}", flush=True)
         run.mkdir(parents=True, exist_ok=True)
-        run_stage("megatron_klear.rl", "examples/demo/rl_math.yaml", overrides, run.parent / f"{run.name}.log")
+        run_stage("megatron_klear.rl", config, overrides, run.parent / f"{run.name}.log")
     return run
 
 
@@ -117,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", default=str(ROOT / "runs" / "demo"), help="a finished tools/demo.sh --out directory")
     p.add_argument("--out", default=str(ROOT / "runs" / "ablate"))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument(
+        "--steps", type=int, default=None, help="RL steps per run (default: the config's, 30 math / 20 code)"
+    )
     p.add_argument("--suites", default="algos,filter,code_reward")
     a = p.parse_args(argv)
 
@@ -158,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.mean(finals):.3f} | {min(finals):.3f} | {max(finals):.3f} | "
                 f"{train_mean:.3f} | {train_std:.3f} |"
             )
-    (out / "ablation.json").write_text(json.dumps({"steps": a.steps, "seeds": a.seeds, "suites": results}, indent=1))
+    (out / "ablation.json").write_text(
+        json.dumps({"steps": a.steps or "config", "seeds": a.seeds, "suites": results}, indent=1)
+    )
     summary = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(summary)
     print(summary, flush=True)

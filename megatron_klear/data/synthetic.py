@@ -201,6 +201,36 @@ def held_out(train: list[dict], candidates: list[dict], n: int) -> list[dict]:
     return [r for r in candidates if r["prompt"][0]["content"] not in seen][:n]
 
 
+def make_code_dataset(out: str | Path, n_train: int = 2000, n_test: int = 48, seed: int = 0) -> dict:
+    """A code-only data set for the code-reward ablation; returns ``{name: path}``.
+
+    Our code problems are 6 families x 39 constants, so random rows repeat statements: the
+    test split takes ``n_test`` distinct statements and the train split never contains one of
+    them (the model must carry a constant it has seen elsewhere into a new family). Files:
+    ``code_train.parquet``, ``code_test.parquet`` and ``sft.jsonl`` (from the train split).
+    """
+    from megatron_klear.data.rl import write_parquet
+
+    def statement(row: dict) -> str:
+        return row["prompt"][0]["content"]
+
+    test: dict[str, dict] = {}
+    for row in make_code_rows(20 * n_test, seed + 10_000, source="synthetic_code_test"):
+        test.setdefault(statement(row), row)
+    if len(test) < n_test:
+        raise ValueError(f"only {len(test)} distinct code statements for n_test={n_test}")
+    test_rows = list(test.values())[:n_test]
+    unseen = {statement(r) for r in test_rows}
+    train = [r for r in make_code_rows(2 * n_train, seed) if statement(r) not in unseen][:n_train]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"code_train": out / "code_train.parquet", "code_test": out / "code_test.parquet", "sft": out / "sft.jsonl"}
+    write_parquet(train, files["code_train"])
+    write_parquet(test_rows, files["code_test"])
+    files["sft"].write_text("".join(json.dumps(c) + "\n" for c in sft_conversations(train)))
+    return files
+
+
 def make_dataset(
     out: str | Path,
     seed: int = 0,
