@@ -19,7 +19,10 @@ import ablate  # noqa: E402
 
 def write_run(run: Path, evals: list[tuple[int, float]], rewards: list[tuple[float, float]]) -> None:
     run.mkdir(parents=True)
-    rows = [{"step": i + 1, "reward/mean": m, "reward/std": s} for i, (m, s) in enumerate(rewards)]
+    rows = [
+        {"step": i + 1, "reward/mean": m, "reward/std": s, "loss/clipfrac_high": 0.01, "loss/clipfrac_low": 0.02}
+        for i, (m, s) in enumerate(rewards)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = []
     for step, avg in evals:
@@ -43,8 +46,8 @@ def test_summary_reuses_finished_runs_and_reports_mean_and_spread(tmp_path):
         ablate.main(["--demo", str(demo), "--out", str(out), "--seeds", "2", "--steps", "2", "--suites", "filter"]) == 0
     )
     summary = (out / "summary.md").read_text().splitlines()
-    assert "| filter | filtered | 2 | 0.420 | 0.550 | 0.500 | 0.600 | 0.350 | 0.450 |" in summary
-    assert "| filter | unfiltered | 2 | 0.410 | 0.460 | 0.450 | 0.470 | 0.150 | 0.300 |" in summary
+    assert "| filter | filtered | 2 | 0.420 | 0.550 | 0.500 | 0.600 | 0.350 | 0.450 | 3.00% |" in summary
+    assert "| filter | unfiltered | 2 | 0.410 | 0.460 | 0.450 | 0.470 | 0.150 | 0.300 | 3.00% |" in summary
     data = json.loads((out / "ablation.json").read_text())
     assert data["suites"]["filter"]["eval"]["filtered"][1] == [[0, 0.44, 0.88], [2, 0.6, 1.0]]
     assert (out / "filter.png").stat().st_size > 0

@@ -12,10 +12,13 @@ shared by the suites that compare against it):
                problems (examples/demo/sft_code.yaml, made once under OUT/code) with the
                soft (pass fraction) vs binary (all tests pass) reward        (paper Figure 3)
   filter       math GPPO with vs without zero-advantage filtering            (paper Figure 5)
+  offpolicy    the algos suite with 8 updates per rollout batch at lr 1e-4 for 20 steps, so
+               that clipping engages (it never does in the demo's setting)
 Writes OUT/ablation.json (every run's held-out and training curves), OUT/<suite>.png (held-out
 avg@k, training reward mean and training reward std per step for each arm: the mean over seeds
 with the min-max band across seeds) and OUT/summary.md (step-0 and final held-out avg@k with
-their spread across seeds, training reward mean and std averaged over all steps and seeds).
+their spread across seeds; training reward mean and std, and the fraction of tokens the loss
+clipped, averaged over all steps and seeds).
 Finished runs are reused: rerunning after an interruption continues where it stopped.
 What wins at this scale is whatever is measured; nothing here is tuned toward a result.
 """
@@ -31,10 +34,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+OFF_POLICY = ["data.mini_batch_prompts=1", "optim.lr=1e-4", "optim.min_lr=1e-4", "train_steps=20"]
+
 # Each arm's overrides on top of the demo RL config; [] is the demo config itself (GPPO with
 # zero-advantage filtering, soft code reward), so that run is shared by the suites that hold it.
 SUITES: dict[str, dict[str, list[str]]] = {
     "algos": {"gppo": [], "clip": ["algo.loss=clip"], "cispo": ["algo.loss=cispo"]},
+    # The demo's 2 updates per rollout batch at lr 1e-5 never leave the clip range (clipfrac 0),
+    # which makes the three losses the same update. Here 8 updates per batch at lr 1e-4 move the
+    # policy far enough for ~1% of tokens to be clipped (measured), the regime where they differ.
+    "offpolicy": {
+        arm: [*OFF_POLICY, *extra]
+        for arm, extra in {"gppo": [], "clip": ["algo.loss=clip"], "cispo": ["algo.loss=cispo"]}.items()
+    },
     "filter": {"filtered": [], "unfiltered": ["algo.filter_zero_adv=false"]},
     "code_reward": {"soft": [], "binary": ["reward.code.binary=true"]},
 }
@@ -101,11 +113,21 @@ def run_arm(out: Path, demo: Path, suite: str, arm: str, seed: int, steps: int |
     return run
 
 
-def train_points(run: Path) -> list[tuple[int, float, float]]:
-    """(step, training reward mean, training reward std) for every RL step of a run."""
+def train_points(run: Path) -> list[tuple[int, float, float, float]]:
+    """(step, training reward mean, training reward std, fraction of tokens clipped) for every
+    RL step of a run (steps that made no update count as 0 clipped)."""
     from megatron_klear.experiments import read_metrics
 
-    return [(r["step"], r["reward/mean"], r["reward/std"]) for r in read_metrics(run) if "reward/mean" in r]
+    return [
+        (
+            r["step"],
+            r["reward/mean"],
+            r["reward/std"],
+            r.get("loss/clipfrac_high", 0.0) + r.get("loss/clipfrac_low", 0.0),
+        )
+        for r in read_metrics(run)
+        if "reward/mean" in r
+    ]
 
 
 def _mean_band(ax, runs: list[list[tuple]], col: int, label: str) -> None:
@@ -166,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     lines = [
         "| suite | arm | seeds | held-out avg@4 at step 0 (mean) | final avg@4 mean | final min | final max "
-        "| training reward mean | training reward std |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| training reward mean | training reward std | tokens clipped |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for suite in suites:
         evals: dict[str, list] = {}
@@ -183,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             finals = [r[-1][1] for r in runs]
             train_mean = statistics.mean(p[1] for r in trains[arm] for p in r)
             train_std = statistics.mean(p[2] for r in trains[arm] for p in r)
+            clipped = statistics.mean(p[3] for r in trains[arm] for p in r)
             lines.append(
                 f"| {suite} | {arm} | {len(runs)} | {statistics.mean(p[0][1] for p in runs):.3f} | "
                 f"{statistics.mean(finals):.3f} | {min(finals):.3f} | {max(finals):.3f} | "
-                f"{train_mean:.3f} | {train_std:.3f} |"
+                f"{train_mean:.3f} | {train_std:.3f} | {clipped:.2%} |"
             )
     (out / "ablation.json").write_text(
         json.dumps({"steps": a.steps or "config", "seeds": a.seeds, "suites": results}, indent=1)
