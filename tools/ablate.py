@@ -2,7 +2,7 @@
 """The paper's ablations at demo scale, several seeds each.
 
     python tools/ablate.py [--demo runs/demo] [--out runs/ablate] [--seeds 3] [--steps N]
-                           [--suites algos,filter,code_reward]
+                           [--suites algos,offpolicy,filter,code_reward]
 
 Suites (each arm is one RL run per seed; an arm that is a suite's base config is run once and
 shared by the suites that compare against it):
@@ -34,19 +34,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+ALGO_ARMS = {"gppo": [], "clip": ["algo.loss=clip"], "cispo": ["algo.loss=cispo"]}
 OFF_POLICY = ["data.mini_batch_prompts=1", "optim.lr=1e-4", "optim.min_lr=1e-4", "train_steps=20"]
 
 # Each arm's overrides on top of the demo RL config; [] is the demo config itself (GPPO with
 # zero-advantage filtering, soft code reward), so that run is shared by the suites that hold it.
 SUITES: dict[str, dict[str, list[str]]] = {
-    "algos": {"gppo": [], "clip": ["algo.loss=clip"], "cispo": ["algo.loss=cispo"]},
+    "algos": ALGO_ARMS,
     # The demo's 2 updates per rollout batch at lr 1e-5 never leave the clip range (clipfrac 0),
     # which makes the three losses the same update. Here 8 updates per batch at lr 1e-4 move the
     # policy far enough for ~1% of tokens to be clipped (measured), the regime where they differ.
-    "offpolicy": {
-        arm: [*OFF_POLICY, *extra]
-        for arm, extra in {"gppo": [], "clip": ["algo.loss=clip"], "cispo": ["algo.loss=cispo"]}.items()
-    },
+    "offpolicy": {arm: [*OFF_POLICY, *extra] for arm, extra in ALGO_ARMS.items()},
     "filter": {"filtered": [], "unfiltered": ["algo.filter_zero_adv=false"]},
     "code_reward": {"soft": [], "binary": ["reward.code.binary=true"]},
 }
@@ -170,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--steps", type=int, default=None, help="RL steps per run (default: the config's, 30 math / 20 code)"
     )
-    p.add_argument("--suites", default="algos,filter,code_reward")
+    p.add_argument("--suites", default=",".join(SUITES), help="comma-separated; default: all")
     a = p.parse_args(argv)
 
     from megatron_klear.experiments import eval_points

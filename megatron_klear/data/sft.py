@@ -257,7 +257,7 @@ class SFTDataset:
             ids[at : at + n] = toks
             labels[at : at + n - 1] = toks[1:]
             loss[at : at + n - 1] = mask[1:]  # predicting an assistant token
-            slot = -(-n // self.cfg.align) * self.cfg.align  # alignment padding stays in the document
+            slot = int(self.slots[i])  # n rounded up to the alignment; the padding stays in the document
             pos[at : at + slot] = np.arange(slot)
             at += slot
             cu.append(at)
