@@ -1,19 +1,23 @@
 """Rollout engines: the HF engine's sampling and weight updates, and the SGLang request contract.
 
-The SGLang tests are CONTRACT TESTS: SGLang cannot run on CPU, so a local HTTP server records
-what our SGLangEngine sends and answers in SGLang 0.5.x's response format. They check that every
-request has exactly the fields and JSON types of SGLang's request structs
-(``srt/managers/io_struct.py``); they say nothing about SGLang's behaviour.
+The SGLang tests are CONTRACT TESTS: SGLang cannot run on CPU, so the local HTTP doubles of
+tests/sglang_double.py record what our SGLangEngine sends and answer in SGLang 0.5.x's response
+format. They check that every request has exactly the fields and JSON types of SGLang's request
+structs (``srt/managers/io_struct.py``), and how the engine supervises servers and the router;
+they say nothing about SGLang's behaviour.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import pickle
-import threading
+import random
+import signal
+import socket
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ from megatron_klear.rollout import sglang_api as api
 from megatron_klear.rollout.base import EngineError, EngineWeightError, SamplingParams, StaleEngineError
 from megatron_klear.rollout.hf_engine import HFEngine, filter_logits
 from megatron_klear.rollout.sglang_engine import SGLangConfig, SGLangEngine, router_command, server_command
+from tests.sglang_double import ServerDouble, check_contract
 
 # ----------------------------------------------------------------------------- HF engine
 
@@ -95,143 +100,10 @@ def test_weight_update_rejections_leave_the_engine_stale(hf_models):
 
 # ----------------------------------------------------------------------------- SGLang contract
 
-# Request fields and JSON types, transcribed from SGLang 0.5.x io_struct.py / sampling_params.py.
-INT_LIST = ("list", "int")
-SCHEMA = {
-    "/generate": {"input_ids": list, "sampling_params": dict, "return_logprob": bool, "logprob_start_len": int},
-    "/workers": {"url": str},
-    "/update_weights_from_tensor": {
-        "serialized_named_tensors": list,
-        "load_format": (str, type(None)),
-        "flush_cache": bool,
-        "weight_version": str,
-    },
-    "/update_weights_from_distributed": {
-        "names": list,
-        "dtypes": list,
-        "shapes": list,
-        "group_name": str,
-        "flush_cache": bool,
-        "weight_version": str,
-    },
-    "/init_weights_update_group": {
-        "master_address": str,
-        "master_port": int,
-        "rank_offset": int,
-        "world_size": int,
-        "group_name": str,
-        "backend": str,
-    },
-    "/release_memory_occupation": {"tags": list},
-    "/resume_memory_occupation": {"tags": list},
-    "/abort_request": {"abort_all": bool},
-    "/get_weights_by_name": {"name": str, "truncate_size": int},
-}
-SAMPLING = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "max_new_tokens": int,
-    "n": int,
-    "stop_token_ids": list,
-    "skip_special_tokens": bool,
-    "no_stop_trim": bool,
-    "sampling_seed": int,
-}
-
-
-def check_contract(path: str, body: dict) -> None:
-    fields = SCHEMA[path]
-    extra = set(body) - set(fields)
-    assert not extra, f"{path}: fields SGLang does not know: {extra}"
-    for k, v in body.items():
-        assert isinstance(v, fields[k]) and not (fields[k] is int and isinstance(v, bool)), (path, k, v)
-    if path == "/generate":
-        assert all(isinstance(t, int) for row in body["input_ids"] for t in row)
-        for k, v in body["sampling_params"].items():
-            assert k in SAMPLING and isinstance(v, SAMPLING[k]), (k, v)
-
-
-class Recorder:
-    """Local HTTP test double that records requests and answers like SGLang / sglang_router."""
-
-    def __init__(self, weights: dict):
-        self.requests: list[tuple[str, str, dict]] = []
-        self.weights = weights  # name -> list returned by /get_weights_by_name
-        self.fail_generate = 0
-        rec = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _reply(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _handle(self, method):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(n)) if n else {}
-                rec.requests.append((method, self.path, body))
-                self._reply(*rec.answer(self.path, body))
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_POST(self):
-                self._handle("POST")
-
-            def do_DELETE(self):
-                self._handle("DELETE")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def answer(self, path: str, body: dict):
-        if path in ("/health", "/health_generate", "/workers", "/abort_request"):
-            return 200, {}
-        if path in ("/release_memory_occupation", "/resume_memory_occupation"):
-            return 200, {}
-        if path == "/get_weights_by_name":
-            return 200, self.weights.get(body["name"])
-        if path == "/generate":
-            if self.fail_generate:
-                self.fail_generate -= 1
-                return 503, {"error": "worker unavailable"}
-            out = []
-            for ids in body["input_ids"]:
-                if body["sampling_params"]["max_new_tokens"] == 0:  # scoring
-                    lps = [[None, ids[0], None]] + [[-0.5, t, None] for t in ids[1:]]
-                    out.append(
-                        {
-                            "output_ids": [],
-                            "meta_info": {"input_token_logprobs": lps, "finish_reason": {"type": "length"}},
-                        }
-                    )
-                else:
-                    toks = [ids[-1] + 1, ids[-1] + 2]
-                    meta = {
-                        "finish_reason": {"type": "stop", "matched": toks[-1]},
-                        "completion_tokens": 2,
-                        "weight_version": "v",
-                        "output_token_logprobs": [[-1.25, t, None] for t in toks],
-                    }
-                    out.append({"output_ids": toks, "meta_info": meta})
-            return 200, out
-        return 404, {"error": path}
-
-    def close(self):
-        self.server.shutdown()
-
 
 @pytest.fixture
 def recorder():
-    r = Recorder({"model.norm.weight": [1.0, 2.0, 3.0]})
+    r = ServerDouble({"model.norm.weight": [1.0, 2.0, 3.0]})
     yield r
     r.close()
 
@@ -336,3 +208,134 @@ def test_launch_commands():
     assert "sglang_router.launch_router" in router_command(cfg)
     with pytest.raises(Exception, match="model_path"):
         SGLangConfig().validate()
+
+
+# ------------------------------------------------------- SGLang supervision (processes, contract)
+
+
+def _consecutive_free_ports(n: int) -> int:
+    for base in random.Random().sample(range(20000, 60000, 7), 50):
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+@pytest.fixture
+def launched(tmp_path, monkeypatch):
+    """An SGLangEngine that launches two server doubles and a router double as processes
+    (``python -m sglang.launch_server`` resolves to tests/sglang_double_pkgs) and syncs over a
+    gloo weight-update group: the engine's real supervision and distributed-sync code paths."""
+    tests_dir = Path(__file__).parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tests_dir / "sglang_double_pkgs"), str(tests_dir.parent)]))
+    monkeypatch.setenv("SGLANG_DOUBLE_LOG_DIR", str(tmp_path))
+    base = _consecutive_free_ports(5)  # 2 servers, router, 2 group generations
+    cfg = SGLangConfig(
+        model_path="unused-by-the-double",
+        mode="distributed",
+        weight_sync_backend="gloo",
+        replicas=2,
+        port=base,
+        router_port=base + 2,
+        nccl_master_address="127.0.0.1",
+        nccl_master_port=base + 3,
+        log_dir=str(tmp_path / "logs"),
+        startup_timeout_s=120,
+        weight_group_timeout_s=120,
+    )
+    eng = SGLangEngine(cfg)
+    yield eng, tmp_path, base
+    eng.shutdown()
+
+
+def _bucket(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ("model.norm.weight", torch.randn(8, generator=g)),
+        ("model.layers.0.mlp.gate_proj.weight", torch.randn(6, 4, generator=g).bfloat16()),
+        ("model.layers.0.input_layernorm.weight", torch.randn(8, generator=g)),
+    ]
+
+
+def _holds(url: str, bucket) -> bool:
+    """The server's copy of every tensor in ``bucket`` is bit-identical to ours."""
+    for name, t in bucket:
+        got = api.call(url + "/get_weights_by_name", api.weights_by_name_request(name, t.shape[0]), method="GET")
+        if got is None or not torch.equal(torch.tensor(got).to(t.dtype), t):
+            return False
+    return True
+
+
+def _log(tmp_path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_contract_dead_server_restarted_regrouped_and_resynced(launched):
+    eng, logs, base = launched
+    params = SamplingParams(max_new_tokens=2, n=2)
+    b1 = _bucket(1)
+    eng.update_weights([b1[:2], b1[2:]], "step-1")
+    assert all(_holds(s.url, b1) for s in eng.servers)
+    assert [g[0].output_ids for g in eng.generate([[1], [5]], params)] == [[2, 3], [6, 7]]
+
+    # a server dies: requests routed to it fail, it is restarted and kept out of the router
+    dead = eng.servers[1]
+    old_pid = dead.proc.pid
+    os.killpg(old_pid, signal.SIGKILL)
+    dead.proc.wait()
+    outs = eng.generate([[10 * i] for i in range(1, 5)], params)  # round robin: half go to the dead one
+    assert [g[0].output_ids for g in outs] == [[11, 12], [21, 22], [31, 32], [41, 42]]
+    assert dead.proc.pid != old_pid and dead.alive()
+    assert dead.stale and not dead.registered and not dead.in_group and not eng.stale
+
+    # the next sync tears the old group down, builds generation 2 with the new process, resyncs
+    b2 = _bucket(2)
+    eng.update_weights([b2], "step-2")
+    assert all(_holds(s.url, b2) for s in eng.servers)
+    assert all(s.registered and s.in_group and not s.stale for s in eng.servers) and eng.version == "step-2"
+    eng.generate([[i] for i in range(4)], params)
+
+    survivor = [(r["path"], r["body"]) for r in _log(logs, f"server_{base}") if "group" in r["path"]]
+    assert [(p, b["group_name"]) for p, b in survivor] == [
+        ("/init_weights_update_group", "megatron_klear_sync_1"),
+        ("/destroy_weights_update_group", "megatron_klear_sync_1"),
+        ("/init_weights_update_group", "megatron_klear_sync_2"),
+    ]
+    assert [b["master_port"] for p, b in survivor if p.startswith("/init")] == [base + 3, base + 4]
+    restarted = [r for r in _log(logs, f"server_{base + 1}") if r["pid"] == dead.proc.pid]
+    paths = [r["path"] for r in restarted]
+    joined = next(r["body"] for r in restarted if r["path"] == "/init_weights_update_group")
+    assert (joined["rank_offset"], joined["world_size"], joined["backend"]) == (2, 3, "gloo")
+    # the restarted server generated nothing before it held the synced weights
+    assert "/generate" in paths and paths.index("/update_weights_from_distributed") < paths.index("/generate")
+
+    # the router dies: it is restarted and the in-sync servers are registered again
+    old_router = eng._router_proc.pid
+    os.killpg(old_router, signal.SIGKILL)
+    eng._router_proc.wait()
+    assert [g[0].output_ids for g in eng.generate([[7]], params)] == [[8, 9]]
+    new_router = [r for r in _log(logs, f"router_{base + 2}") if r["pid"] == eng._router_proc.pid]
+    assert eng._router_proc.pid != old_router
+    assert sorted(r["body"]["url"] for r in new_router if r["path"] == "/workers") == [s.url for s in eng.servers]
+
+
+def test_sync_broken_off_rebuilds_the_group(launched):
+    eng, logs, base = launched
+    eng.update_weights([_bucket(1)], "step-1")
+    eng.begin_update("step-2")  # a sync that never finishes (say the trainer hit an error)
+    b3 = _bucket(3)
+    eng.update_weights([b3], "step-3")
+    assert all(_holds(s.url, b3) for s in eng.servers) and eng.version == "step-3"
+    groups = [
+        r["body"]["group_name"] for r in _log(logs, f"server_{base}") if r["path"] == "/init_weights_update_group"
+    ]
+    assert groups == ["megatron_klear_sync_1", "megatron_klear_sync_2"]

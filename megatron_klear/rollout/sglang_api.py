@@ -67,7 +67,9 @@ def update_from_tensor_request(payloads: list[str], version: str, flattened: boo
     }
 
 
-def init_group_request(master_address: str, master_port: int, rank_offset: int, world_size: int, group: str) -> dict:
+def init_group_request(
+    master_address: str, master_port: int, rank_offset: int, world_size: int, group: str, backend: str = "nccl"
+) -> dict:
     """POST /init_weights_update_group: the engine's ranks join ours at ``rank_offset``."""
     return {
         "master_address": master_address,
@@ -75,8 +77,13 @@ def init_group_request(master_address: str, master_port: int, rank_offset: int, 
         "rank_offset": int(rank_offset),
         "world_size": int(world_size),
         "group_name": group,
-        "backend": "nccl",
+        "backend": backend,
     }
+
+
+def destroy_group_request(group: str) -> dict:
+    """POST /destroy_weights_update_group: the engine leaves a group we are replacing."""
+    return {"group_name": group}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

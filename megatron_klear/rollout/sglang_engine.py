@@ -10,9 +10,12 @@ Weight sync, per bucket and per replica, goes straight to the server:
 * ``colocated``: CUDA IPC. The bucket is flattened per dtype, copied onto each engine TP
   rank's GPU and serialized once per rank (``update_weights_from_tensor``). The servers must
   run on the node of the trainer's global rank 0, which holds the gathered buckets.
-* ``distributed``: NCCL. At start the trainer (rank 0 of a new group) and every engine rank
-  join ``init_weights_update_group``; each bucket is announced with
-  ``update_weights_from_distributed`` and broadcast tensor by tensor in that order.
+* ``distributed``: NCCL. At the first sync the trainer (rank 0 of a new group) and every engine
+  rank join ``init_weights_update_group``; each bucket is announced with
+  ``update_weights_from_distributed`` and broadcast tensor by tensor in that order. A restarted
+  server is not in that group and a sync that broke off leaves it in an unknown state, so then
+  the next sync first tears the group down (``destroy_weights_update_group`` on the survivors)
+  and builds a new one under a new name on the next port.
 After the last bucket a few replicated tensors are read back with ``get_weights_by_name`` and
 compared with what we sent: SGLang skips unknown names with only a warning.
 """
@@ -43,8 +46,8 @@ from megatron_klear.rollout.base import (
     StaleEngineError,
 )
 
+_GROUP = "megatron_klear_sync"  # generation n of the weight-update group is named f"{_GROUP}_{n}"
 # Replicated (never TP-sharded, never fused) tensors whose first rows we read back after a sync.
-_GROUP = "megatron_klear_sync"
 _VERIFY_SUFFIXES = ("model.norm.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
 
 
@@ -71,7 +74,10 @@ class SGLangConfig:
     concurrency: int = 64
     log_dir: str = "sglang_logs"
     nccl_master_address: Optional[str] = None  # distributed mode; default this host's name
-    nccl_master_port: int = 29650
+    nccl_master_port: int = 29650  # group generation n uses nccl_master_port + n - 1
+    # distributed mode: "nccl", or "gloo" (CPU tensors; slow, for debugging and the CPU tests)
+    weight_sync_backend: str = "nccl"
+    weight_group_timeout_s: float = 600.0  # every engine rank must join the group within this
     verify_rows: int = 8
     # Slurm: nodes at the end of the allocation that run only engines (distributed mode);
     # 0: the engines share the trainer's first node.
@@ -86,6 +92,10 @@ class SGLangConfig:
             raise ConfigError("rollout.sglang.model_path is required when launch is true")
         if not self.launch and (not self.server_urls or not self.router_url):
             raise ConfigError("rollout.sglang.server_urls and router_url are required when launch is false")
+        if self.weight_sync_backend not in ("nccl", "gloo"):
+            raise ConfigError(
+                f"rollout.sglang.weight_sync_backend must be 'nccl' or 'gloo', got {self.weight_sync_backend!r}"
+            )
         if self.replicas < 1 or self.tp_size < 1:
             raise ConfigError("rollout.sglang.replicas and tp_size must be >= 1")
         if self.nodes < 0:
@@ -131,6 +141,7 @@ class _Server:
     log: Optional[Path] = None
     stale: bool = False  # holds weights older than the engine's version
     registered: bool = False
+    in_group: bool = False  # a member of the current weight-update group (distributed mode)
 
     def alive(self) -> bool:
         return self.proc is None or self.proc.poll() is None
@@ -146,7 +157,10 @@ class SGLangEngine(RolloutEngine):
         self.stale = False
         self._lock = threading.Lock()
         self._router_proc: Optional[subprocess.Popen] = None
-        self._group = None
+        self._group = None  # our side of the weight-update group (distributed mode)
+        self._group_name = ""
+        self._group_generation = 0
+        self._sync_open = False  # a sync began and has not finished
         log_dir = Path(cfg.log_dir)
         if cfg.launch:
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +197,9 @@ class SGLangEngine(RolloutEngine):
         except EngineError as e:
             raise EngineError(f"{e}; server log: {s.log}") from None
 
+    def _router_alive(self) -> bool:
+        return self._router_proc is None or self._router_proc.poll() is None
+
     def _register(self, s: _Server) -> None:
         api.call(self.router_url + "/workers", api.register_worker_request(s.url), timeout=60)
         s.registered = True
@@ -195,16 +212,27 @@ class SGLangEngine(RolloutEngine):
         s.registered = False
 
     def _recover(self) -> None:
-        """Restart dead servers; they rejoin the router only after the next full sync."""
+        """Restart a dead router (re-registering the in-sync servers) and dead servers; a
+        restarted server rejoins the router only after the next full sync."""
         with self._lock:
+            router = self._router_proc
+            if router is not None and router.poll() is not None:
+                log = Path(self.cfg.log_dir) / "router.log"
+                print(f"[sglang] router died (exit {router.returncode}); restarting, log {log}", flush=True)
+                self._router_proc = spawn_logged(router_command(self.cfg), log)
+                api.wait_healthy(self.router_url, self.cfg.startup_timeout_s, alive=self._router_alive, path="/health")
+                for s in self.servers:
+                    s.registered = False
+                    if s.alive() and not s.stale:
+                        self._register(s)
             for i, s in enumerate(self.servers):
                 if s.alive():
                     continue
                 print(f"[sglang] server {s.url} died (exit {s.proc.returncode}); restarting, log {s.log}", flush=True)
                 self._unregister(s)
                 s.proc = spawn_logged(server_command(self.cfg, i), s.log)
+                s.stale, s.in_group = True, False
                 self._wait(s)
-                s.stale = True
             if all(s.stale or not s.registered for s in self.servers):
                 self.stale = True
                 raise StaleEngineError("no in-sync SGLang server left; the next weight sync restores them")
@@ -246,11 +274,15 @@ class SGLangEngine(RolloutEngine):
     # -- weights ----------------------------------------------------------------------
     def begin_update(self, version: str) -> None:
         self._recover_quietly()
-        self.stale = True
+        broke_off = self._sync_open
+        self.stale, self._sync_open = True, True
         self._pending_version = version
         self._verify: list[tuple[str, torch.Tensor]] = []
-        if self.cfg.mode == "distributed" and self._group is None:
-            self._init_nccl_group()
+        if self.cfg.mode == "distributed":
+            if self._group is not None and (broke_off or not all(s.in_group for s in self.servers)):
+                self._leave_group()
+            if self._group is None:
+                self._init_group()
 
     def _recover_quietly(self) -> None:
         try:
@@ -287,7 +319,8 @@ class SGLangEngine(RolloutEngine):
     def _update_distributed(self, bucket: Bucket) -> None:
         import torch.distributed as dist
 
-        body = api.update_from_distributed_request(bucket, _GROUP, self._pending_version)
+        body = api.update_from_distributed_request(bucket, self._group_name, self._pending_version)
+        device = "cuda" if self.cfg.weight_sync_backend == "nccl" else "cpu"
         timeout = self.cfg.request_timeout_s
         with ThreadPoolExecutor(len(self.servers)) as pool:
             futures = [
@@ -295,27 +328,55 @@ class SGLangEngine(RolloutEngine):
                 for s in self.servers
             ]
             for _, t in bucket:  # the servers receive in the order of ``names``
-                dist.broadcast(t.detach().contiguous().cuda(), src=0, group=self._group)
+                dist.broadcast(t.detach().contiguous().to(device), src=0, group=self._group)
             for s, f in zip(self.servers, futures):
                 self._check(s, f.result())
 
-    def _init_nccl_group(self) -> None:
+    def _init_group(self) -> None:
+        """Build the next generation of the weight-update group: us as rank 0, then every
+        engine rank at its server's offset. A fresh name and port, so no part of an old group
+        (or its rendezvous store) can be mistaken for this one."""
         import socket
 
-        addr = self.cfg.nccl_master_address or socket.gethostname()
-        world = 1 + len(self.servers) * self.cfg.tp_size
+        cfg = self.cfg
+        self._group_generation += 1
+        name = f"{_GROUP}_{self._group_generation}"
+        port = cfg.nccl_master_port + self._group_generation - 1
+        addr = cfg.nccl_master_address or socket.gethostname()
+        world = 1 + len(self.servers) * cfg.tp_size
         bodies = [
-            api.init_group_request(addr, self.cfg.nccl_master_port, 1 + i * self.cfg.tp_size, world, _GROUP)
+            api.init_group_request(addr, port, 1 + i * cfg.tp_size, world, name, cfg.weight_sync_backend)
             for i in range(len(self.servers))
         ]
+        print(f"[sglang] weight-update group {name}: world {world} at {addr}:{port}", flush=True)
+        timeout = cfg.weight_group_timeout_s
         with ThreadPoolExecutor(len(self.servers)) as pool:  # both sides must join at the same time
             futures = [
-                pool.submit(api.call, s.url + "/init_weights_update_group", b, timeout=600)
+                pool.submit(api.call, s.url + "/init_weights_update_group", b, timeout=timeout)
                 for s, b in zip(self.servers, bodies)
             ]
-            self._group = init_custom_group(f"tcp://{addr}:{self.cfg.nccl_master_port}", world, 0, _GROUP)
+            self._group = init_custom_group(
+                f"tcp://{addr}:{port}", world, 0, name, cfg.weight_sync_backend, timeout_s=timeout
+            )
+            self._group_name = name
             for s, f in zip(self.servers, futures):
                 self._check(s, f.result())
+                s.in_group = True
+
+    def _leave_group(self) -> None:
+        """Tear the weight-update group down on every live member and on our side."""
+        import torch.distributed as dist
+
+        for s in self.servers:
+            if s.in_group and s.alive():
+                try:
+                    api.call(s.url + "/destroy_weights_update_group", api.destroy_group_request(self._group_name))
+                except EngineError as e:  # the next group has a new name, so a leftover cannot clash
+                    print(f"[sglang] {s.url} could not leave {self._group_name}: {e}", flush=True)
+            s.in_group = False
+        print(f"[sglang] weight-update group {self._group_name} torn down", flush=True)
+        dist.destroy_process_group(self._group)
+        self._group = None
 
     def finish_update(self) -> None:
         for s in self.servers:
@@ -336,7 +397,7 @@ class SGLangEngine(RolloutEngine):
             s.stale = False
             if not s.registered:
                 self._register(s)
-        self.version, self.stale = self._pending_version, False
+        self.version, self.stale, self._sync_open = self._pending_version, False, False
 
     # -- memory / lifecycle -----------------------------------------------------------
     def release_memory(self, tags: Sequence[str] = ("weights", "kv_cache", "cuda_graph")) -> None:
@@ -356,6 +417,11 @@ class SGLangEngine(RolloutEngine):
             return False
 
     def shutdown(self) -> None:
+        if self._group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group(self._group)
+            self._group = None
         procs = [s.proc for s in self.servers if s.proc is not None] + [self._router_proc]
         for p in procs:
             if p is not None and p.poll() is None:
@@ -371,16 +437,21 @@ class SGLangEngine(RolloutEngine):
                     os.killpg(p.pid, 9)
 
 
-def init_custom_group(init_method: str, world_size: int, rank: int, name: str):
-    """A NCCL group outside the default one, built the way SGLang's ``init_custom_process_group``
-    builds its side (rendezvous store + ``_new_process_group_helper``), so the two agree."""
-    import torch.distributed as dist
+def init_custom_group(
+    init_method: str, world_size: int, rank: int, name: str, backend: str = "nccl", timeout_s: float = 1800.0
+):
+    """A process group outside the default one, built the way SGLang's
+    ``init_custom_process_group`` builds its side (rendezvous store + ``_new_process_group_helper``),
+    so the two agree. Works with or without a default group in this process."""
+    from datetime import timedelta
+
     from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
 
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=dist.default_pg_timeout))
-    store.set_timeout(dist.default_pg_timeout)
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
     pg, _ = _new_process_group_helper(
-        world_size, rank, [], "nccl", PrefixStore(name, store), group_name=name, timeout=dist.default_pg_timeout
+        world_size, rank, [], backend, PrefixStore(name, store), group_name=name, timeout=timeout
     )
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
