@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -168,6 +169,7 @@ class ServerDouble(_Double):
         self.weights: dict[str, object] = dict(weights or {})  # name -> tensor or list
         self.version = "initial"
         self.fail_generate = 0  # answer the next N generations with 503
+        self.stall_generate = 0.0  # hold the next generation this many seconds (a hung server)
         self.groups: dict[str, object] = {}
         super().__init__(host, port, log)
 
@@ -219,6 +221,9 @@ class ServerDouble(_Double):
         return 200, {"success": True, "message": ""}
 
     def _generate(self, body: dict) -> tuple[int, object]:
+        if self.stall_generate:
+            stall, self.stall_generate = self.stall_generate, 0.0
+            time.sleep(stall)
         if self.fail_generate:
             self.fail_generate -= 1
             return 503, {"error": "worker unavailable"}

@@ -144,6 +144,13 @@ def test_contract_retries_then_surfaces(recorder):
         eng.generate([[1]], SamplingParams(max_new_tokens=2))
 
 
+def test_contract_generation_timeout_is_retried(recorder):
+    eng = _sglang(recorder, max_retries=1, request_timeout_s=1.0)
+    recorder.stall_generate = 3.0  # longer than the request timeout: the first try times out
+    assert eng.generate([[1]], SamplingParams(max_new_tokens=2))[0][0].output_ids == [2, 3]
+    assert sum(p == "/generate" for _, p, _ in recorder.requests) == 2
+
+
 def test_contract_weight_verification(recorder):
     eng = _sglang(recorder)
     eng.begin_update("step-1")
