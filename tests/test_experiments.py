@@ -42,9 +42,7 @@ def test_summary_reuses_finished_runs_and_reports_mean_and_spread(tmp_path):
     write_run(runs / "math_algo.filter_zero_adv_false_seed1", [(0, 0.42), (2, 0.45)], [(0.1, 0.3), (0.1, 0.3)])
     write_run(runs / "math_algo.filter_zero_adv_false_seed2", [(0, 0.40), (2, 0.47)], [(0.1, 0.3), (0.3, 0.3)])
 
-    assert (
-        ablate.main(["--demo", str(demo), "--out", str(out), "--seeds", "2", "--steps", "2", "--suites", "filter"]) == 0
-    )
+    assert ablate.main(["--demo", str(demo), "--out", str(out), "--seeds", "2", "--suites", "filter"]) == 0
     summary = (out / "summary.md").read_text().splitlines()
     assert "| filter | filtered | 2 | 0.420 | 0.550 | 0.500 | 0.600 | 0.350 | 0.450 | 3.00% |" in summary
     assert "| filter | unfiltered | 2 | 0.410 | 0.460 | 0.450 | 0.470 | 0.150 | 0.300 | 3.00% |" in summary

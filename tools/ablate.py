@@ -94,16 +94,17 @@ def run_arm(out: Path, demo: Path, suite: str, arm: str, seed: int, steps: int |
 
     task = "code" if suite == "code_reward" else "math"
     arm_key = "-".join(o.replace("=", "_") for o in SUITES[suite][arm]) or "base"
-    run = out / "runs" / f"{task}_{arm_key}_seed{seed}"  # one run per distinct config, whichever suite asks
+    # one run per distinct config, whichever suite asks; --steps N runs apart from the configs' lengths
+    run = out / "runs" / f"{task}_{arm_key}{f'_steps{steps}' if steps else ''}_seed{seed}"
     if not (run / "final_eval.json").is_file():
         config, paths = stage_overrides(suite, out, demo)
         overrides = [
             f"output_dir={run}",
             f"seed={seed}",
-            *([f"train_steps={steps}"] if steps else []),
             "checkpoint.export_hf=false",
             *paths,
             *SUITES[suite][arm],
+            *([f"train_steps={steps}"] if steps else []),  # last: it overrides the offpolicy arms' 20 too
         ]
         print(f"==> {suite}/{arm} seed {seed}", flush=True)
         run.mkdir(parents=True, exist_ok=True)
