@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
 from megatron_klear.config import load_config
 from megatron_klear.errors import ConfigError
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_config_entry(
@@ -26,6 +31,9 @@ def run_config_entry(
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
     a = p.parse_args(argv)
+    # SIGTERM (torchrun stopping its workers, scancel) unwinds like an exception, so the
+    # ``finally`` blocks run: rollout engine servers are stopped rather than orphaned on their GPUs.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         train(load_config(cls, a.config, a.overrides))
     except ConfigError as e:

@@ -12,10 +12,13 @@ The server double does take part in a real weight-update group: on
 can read back exactly what arrived with ``/get_weights_by_name``.
 
 In-process: ``ServerDouble(weights)`` (it also answers the router's ``/workers``, so one double
-can be router and server at once). As processes, for the supervision tests: the packages under
-``tests/sglang_double_pkgs`` make ``python -m sglang.launch_server`` and ``python -m
-sglang_router.launch_router`` run ``main`` below; every request is appended to
-``$SGLANG_DOUBLE_LOG_DIR/<role>_<port>.jsonl`` with the process id.
+can be router and server at once). As processes, for the supervision tests: with
+``process_env(log_dir)`` in the environment, ``python -m sglang.launch_server`` and ``python -m
+sglang_router.launch_router`` resolve to the packages under ``tests/sglang_double_pkgs``, which
+run ``main`` below; every request is appended to ``$SGLANG_DOUBLE_LOG_DIR/<role>_<port>.jsonl``
+with the process id. ``SGLANG_DOUBLE_VOCAB`` keeps generated ids below a vocabulary size;
+``SGLANG_DOUBLE_FAIL_FROM_VERSION`` makes a server answer every sampling request with 503 once
+it holds that weight version (an engine that broke for good).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import socket
 import threading
 import time
 import urllib.parse
@@ -170,6 +175,8 @@ class ServerDouble(_Double):
         self.version = "initial"
         self.fail_generate = 0  # answer the next N generations with 503
         self.stall_generate = 0.0  # hold the next generation this many seconds (a hung server)
+        self.vocab = int(os.environ.get("SGLANG_DOUBLE_VOCAB", 1 << 30))
+        self.broken_from = os.environ.get("SGLANG_DOUBLE_FAIL_FROM_VERSION")
         self.groups: dict[str, object] = {}
         super().__init__(host, port, log)
 
@@ -224,17 +231,18 @@ class ServerDouble(_Double):
         if self.stall_generate:
             stall, self.stall_generate = self.stall_generate, 0.0
             time.sleep(stall)
-        if self.fail_generate:
-            self.fail_generate -= 1
+        sampling = body["sampling_params"]["max_new_tokens"] > 0
+        if self.fail_generate or (sampling and self.version == self.broken_from):
+            self.fail_generate = max(0, self.fail_generate - 1)
             return 503, {"error": "worker unavailable"}
         out = []
         for ids in body["input_ids"]:
-            if body["sampling_params"]["max_new_tokens"] == 0:  # scoring
+            if not sampling:  # scoring
                 lps = [[None, ids[0], None]] + [[-0.5, t, None] for t in ids[1:]]
                 meta = {"input_token_logprobs": lps, "finish_reason": {"type": "length"}}
                 out.append({"output_ids": [], "meta_info": meta})
             else:
-                toks = [ids[-1] + 1, ids[-1] + 2]
+                toks = [(ids[-1] + 1) % self.vocab, (ids[-1] + 2) % self.vocab]
                 meta = {
                     "finish_reason": {"type": "stop", "matched": toks[-1]},
                     "completion_tokens": 2,
@@ -281,6 +289,32 @@ class RouterDouble(_Double):
             except api.HTTPError as e:
                 return 502, {"error": str(e)}
         return 404, {"error": path}
+
+
+def free_port_block(n: int) -> int:
+    """The first of ``n`` consecutive ports that are free on 127.0.0.1 right now."""
+    for base in random.Random().sample(range(20000, 60000, 7), 50):
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def process_env(log_dir: Path) -> dict[str, str]:
+    """Environment under which ``python -m sglang.launch_server`` / ``sglang_router.launch_router``
+    start the doubles (prepend to PYTHONPATH; the repository root makes ``tests`` importable)."""
+    here = Path(__file__).resolve().parent
+    return {"PYTHONPATH": os.pathsep.join([str(here / "sglang_double_pkgs"), str(here.parent)]),
+            "SGLANG_DOUBLE_LOG_DIR": str(log_dir)}  # fmt: skip
 
 
 def main(role: str) -> None:

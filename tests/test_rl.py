@@ -209,3 +209,59 @@ def test_long_prompts_skipped_and_nonfinite_update_never_synced(sft_model, tmp_p
     rows = dumped(out, 1)
     assert all(len(s["prompt_ids"]) <= 60 for g in rows for s in g["samples"])
     assert diag["rollout"]["rollout/prompts_skipped_long"] > 0
+
+
+def test_sglang_engine_failure_stops_with_checkpoint_intact_then_resumes(sft_model, tmp_path, monkeypatch):
+    """CONTRACT TEST of the loop's SGLang path: rank 0 launches server and router doubles
+    (tests/sglang_double.py, as processes) and syncs into them over a gloo weight-update group.
+    The doubles generate no text, so every group is filtered; what is checked is what the loop
+    sends (every HF tensor, once per sync, in bucket order) and that an engine that breaks for
+    good stops the run after its retries with the last checkpoint intact."""
+    import safetensors
+
+    from tests.sglang_double import free_port_block, process_env
+
+    logs = tmp_path / "doubles"
+    logs.mkdir()
+    for k, v in process_env(logs).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SGLANG_DOUBLE_VOCAB", "512")
+    monkeypatch.setenv("SGLANG_DOUBLE_FAIL_FROM_VERSION", "step-2")  # broken from the sync after step 2
+    base = free_port_block(3)
+    out = tmp_path / "sgl"
+    o = rl_overrides(sft_model, out, steps=3) + [
+        "rollout.engine=sglang",
+        "rollout.bucket_mb=1",
+        "rollout.sglang.mode=distributed",
+        "rollout.sglang.weight_sync_backend=gloo",
+        f"rollout.sglang.port={base}",
+        f"rollout.sglang.router_port={base + 1}",
+        "rollout.sglang.nccl_master_address=127.0.0.1",
+        f"rollout.sglang.nccl_master_port={base + 2}",
+        "rollout.sglang.max_retries=1",
+        "rollout.sglang.startup_timeout_s=120",
+        "data.max_gen_batches=1",
+        "checkpoint.save_interval=1",
+    ]
+    r = torchrun("megatron_klear.rl", CONFIG, 2, o, expect_ok=False)
+    assert r.returncode != 0 and "rollout engine failed at step 3" in r.stdout + r.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "iter_0000002"
+    m = metrics(out)
+    assert sorted(m) == [1, 2] and all(m[s]["rollout/groups_kept"] == 0 for s in (1, 2))
+
+    server = [json.loads(line) for line in (logs / f"server_{base}.jsonl").read_text().splitlines()]
+    with safetensors.safe_open(str(sft_model / "model.safetensors"), "pt") as f:
+        hf_names = sorted(f.keys())
+    syncs: dict[str, list[str]] = {}
+    for row in server:
+        if row["path"] == "/update_weights_from_distributed":
+            syncs.setdefault(row["body"]["weight_version"], []).extend(row["body"]["names"])
+    assert list(syncs) == ["step-0", "step-1", "step-2"]
+    for names in syncs.values():
+        assert sorted(names) == hf_names  # every tensor once, HF names
+    assert [row["path"] for row in server].count("/init_weights_update_group") == 1
+    assert any(row["path"] == "/get_weights_by_name" for row in server)  # read back after each sync
+
+    monkeypatch.delenv("SGLANG_DOUBLE_FAIL_FROM_VERSION")  # the engines are healthy again
+    r = torchrun("megatron_klear.rl", CONFIG, 2, o)
+    assert "resumed from" in r.stdout and sorted(metrics(out)) == [1, 2, 3]

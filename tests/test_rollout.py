@@ -13,11 +13,8 @@ import base64
 import json
 import os
 import pickle
-import random
 import signal
-import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +23,7 @@ from megatron_klear.rollout import sglang_api as api
 from megatron_klear.rollout.base import EngineError, EngineWeightError, SamplingParams, StaleEngineError
 from megatron_klear.rollout.hf_engine import HFEngine, filter_logits
 from megatron_klear.rollout.sglang_engine import SGLangConfig, SGLangEngine, router_command, server_command
-from tests.sglang_double import ServerDouble, check_contract
+from tests.sglang_double import ServerDouble, check_contract, free_port_block, process_env
 
 # ----------------------------------------------------------------------------- HF engine
 
@@ -220,32 +217,14 @@ def test_launch_commands():
 # ------------------------------------------------------- SGLang supervision (processes, contract)
 
 
-def _consecutive_free_ports(n: int) -> int:
-    for base in random.Random().sample(range(20000, 60000, 7), 50):
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
 @pytest.fixture
 def launched(tmp_path, monkeypatch):
     """An SGLangEngine that launches two server doubles and a router double as processes
     (``python -m sglang.launch_server`` resolves to tests/sglang_double_pkgs) and syncs over a
     gloo weight-update group: the engine's real supervision and distributed-sync code paths."""
-    tests_dir = Path(__file__).parent
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tests_dir / "sglang_double_pkgs"), str(tests_dir.parent)]))
-    monkeypatch.setenv("SGLANG_DOUBLE_LOG_DIR", str(tmp_path))
-    base = _consecutive_free_ports(5)  # 2 servers, router, 2 group generations
+    for k, v in process_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    base = free_port_block(5)  # 2 servers, router, 2 group generations
     cfg = SGLangConfig(
         model_path="unused-by-the-double",
         mode="distributed",

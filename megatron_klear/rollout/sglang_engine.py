@@ -126,11 +126,26 @@ def router_command(cfg: SGLangConfig) -> list[str]:
     ]  # fmt: skip
 
 
+# What torchrun tells its workers. A server started from a trainer rank must not see them:
+# with TORCHELASTIC_USE_AGENT_STORE its weight-update rendezvous would go to torchrun's store.
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+
+
+def server_env() -> dict[str, str]:
+    """This process's environment without the distributed launcher's variables."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARS and not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC"))
+    }
+
+
 def spawn_logged(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start a server/router process in its own session, appending its output to ``log``
     (the child keeps its own handle; ours is closed at once)."""
     with open(log, "ab") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
 
 
 @dataclass
@@ -440,16 +455,23 @@ class SGLangEngine(RolloutEngine):
 def init_custom_group(
     init_method: str, world_size: int, rank: int, name: str, backend: str = "nccl", timeout_s: float = 1800.0
 ):
-    """A process group outside the default one, built the way SGLang's
-    ``init_custom_process_group`` builds its side (rendezvous store + ``_new_process_group_helper``),
-    so the two agree. Works with or without a default group in this process."""
+    """A process group outside the default one, agreeing with the side SGLang's
+    ``init_custom_process_group`` builds: a TCP store hosted by rank 0 at ``init_method``
+    (``tcp://host:port``) and ``_new_process_group_helper`` under the group's name as prefix.
+    The store is built here rather than by ``rendezvous``: under torchrun, ``rendezvous``
+    connects every rank to the elastic agent's store instead (TORCHELASTIC_USE_AGENT_STORE),
+    so nobody would host the group's store and both sides would wait for ever."""
     from datetime import timedelta
+    from urllib.parse import urlparse
 
-    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
+    from torch.distributed import TCPStore
+    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world
 
+    url = urlparse(init_method)
+    if url.scheme != "tcp" or url.hostname is None or url.port is None:
+        raise ValueError(f"init_method must be tcp://host:port, got {init_method!r}")
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    store = TCPStore(url.hostname, url.port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
     pg, _ = _new_process_group_helper(
         world_size, rank, [], backend, PrefixStore(name, store), group_name=name, timeout=timeout
     )
