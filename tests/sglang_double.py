@@ -325,6 +325,13 @@ def main(role: str) -> None:
     args, _ = p.parse_known_args()  # the rest (--model-path, --tp-size, ...) means nothing here
     log_dir = Path(os.environ["SGLANG_DOUBLE_LOG_DIR"])
     log = log_dir / f"{role}_{args.port}.jsonl"
+    from megatron_klear.rollout.sglang_engine import server_env
+
+    leaked = sorted(set(os.environ) - set(server_env()))  # distributed-launcher variables we inherited
+    with open(log, "a") as f:
+        f.write(
+            json.dumps({"pid": os.getpid(), "method": "START", "path": "", "body": {"launcher_env": leaked}}) + "\n"
+        )
     cls = ServerDouble if role == "server" else RouterDouble
     cls(host=args.host, port=args.port, log=log)
     threading.Event().wait()  # until killed

@@ -260,6 +260,8 @@ def test_sglang_engine_failure_stops_with_checkpoint_intact_then_resumes(sft_mod
     for names in syncs.values():
         assert sorted(names) == hf_names  # every tensor once, HF names
     assert [row["path"] for row in server].count("/init_weights_update_group") == 1
+    starts = [row["body"]["launcher_env"] for row in server if row["method"] == "START"]
+    assert starts == [[]]  # launched from a torchrun rank without its RANK / MASTER_* / TORCHELASTIC_*
     assert any(row["path"] == "/get_weights_by_name" for row in server)  # read back after each sync
 
     monkeypatch.delenv("SGLANG_DOUBLE_FAIL_FROM_VERSION")  # the engines are healthy again
