@@ -325,3 +325,20 @@ def test_sync_broken_off_rebuilds_the_group(launched):
         r["body"]["group_name"] for r in _log(logs, f"server_{base}") if r["path"] == "/init_weights_update_group"
     ]
     assert groups == ["megatron_klear_sync_1", "megatron_klear_sync_2"]
+
+
+def test_every_server_dead_means_stale_until_a_full_sync(launched):
+    eng, logs, base = launched
+    eng.update_weights([_bucket(1)], "step-1")
+    for s in eng.servers:
+        os.killpg(s.proc.pid, signal.SIGKILL)
+        s.proc.wait()
+    with pytest.raises(StaleEngineError, match="no in-sync SGLang server"):
+        eng.generate([[1]], SamplingParams(max_new_tokens=2))
+    assert eng.stale and all(s.alive() and s.stale and not s.registered for s in eng.servers)
+    with pytest.raises(StaleEngineError):  # nothing is served from the restarted servers' initial weights
+        eng.generate([[1]], SamplingParams(max_new_tokens=2))
+    b2 = _bucket(2)
+    eng.update_weights([b2], "step-2")  # what the RL loop does on StaleEngineError
+    assert all(_holds(s.url, b2) and s.registered for s in eng.servers) and not eng.stale
+    assert [g[0].output_ids for g in eng.generate([[1], [2]], SamplingParams(max_new_tokens=2))] == [[2, 3], [3, 4]]
