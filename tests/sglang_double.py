@@ -254,11 +254,15 @@ class ServerDouble(_Double):
 
 
 class RouterDouble(_Double):
-    """Answers like ``sglang_router``: ``/workers`` add / delete, ``/generate`` forwarded round
-    robin to the registered workers (502 when the chosen one does not answer)."""
+    """Answers like ``sglang_router``: ``/workers`` add / list / delete, ``/generate`` forwarded
+    round robin to the registered workers (502 when the chosen one does not answer). Workers
+    are deleted by URL, or only by the id the listing gives them (``delete_by="id"``, as
+    routers that key workers by id do)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, log=None):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, log=None, delete_by: str = "url"):
         self.workers: list[str] = []
+        self.ids: dict[str, str] = {}  # url -> id
+        self.delete_by = delete_by
         self._next = 0
         self._lock = threading.Lock()
         super().__init__(host, port, log)
@@ -272,12 +276,18 @@ class RouterDouble(_Double):
             with self._lock:
                 if body["url"] not in self.workers:
                     self.workers.append(body["url"])
+                    self.ids[body["url"]] = f"worker-{len(self.ids)}"
             return 200, {"status": "accepted"}
-        if path.startswith("/workers/") and method == "DELETE":
-            url = urllib.parse.unquote(path[len("/workers/") :])
+        if path == "/workers" and method == "GET":
             with self._lock:
-                self.workers = [w for w in self.workers if w != url]
-            return 200, {}
+                listed = [{"id": self.ids[w], "url": w} for w in self.workers]
+            return 200, {"workers": listed, "total": len(listed)}
+        if path.startswith("/workers/") and method == "DELETE":
+            key = urllib.parse.unquote(path[len("/workers/") :])
+            with self._lock:
+                gone = [w for w in self.workers if key == (self.ids[w] if self.delete_by == "id" else w)]
+                self.workers = [w for w in self.workers if w not in gone]
+            return (200, {}) if gone else (404, {"error": f"no worker {key}"})
         if path == "/generate":
             with self._lock:
                 if not self.workers:

@@ -23,7 +23,7 @@ from megatron_klear.rollout import sglang_api as api
 from megatron_klear.rollout.base import EngineError, EngineWeightError, SamplingParams, StaleEngineError
 from megatron_klear.rollout.hf_engine import HFEngine, filter_logits
 from megatron_klear.rollout.sglang_engine import SGLangConfig, SGLangEngine, router_command, server_command
-from tests.sglang_double import ServerDouble, check_contract, free_port_block, process_env
+from tests.sglang_double import RouterDouble, ServerDouble, check_contract, free_port_block, process_env
 
 # ----------------------------------------------------------------------------- HF engine
 
@@ -139,6 +139,31 @@ def test_contract_retries_then_surfaces(recorder):
     recorder.fail_generate = 3
     with pytest.raises(EngineError, match="failed 3 times"):
         eng.generate([[1]], SamplingParams(max_new_tokens=2))
+
+
+def test_contract_samples_from_other_weights_are_rejected(recorder):
+    eng = _sglang(recorder, max_retries=1)
+    eng.begin_update("step-1")  # verified (nothing to read back), but the server never got step-1
+    eng.finish_update()
+    with pytest.raises(EngineError, match="sampled with weight version 'initial', expected 'step-1'"):
+        eng.generate([[1]], SamplingParams(max_new_tokens=2))
+    recorder.version = "step-1"
+    assert eng.generate([[1]], SamplingParams(max_new_tokens=2))[0][0].output_ids == [2, 3]
+
+
+@pytest.mark.parametrize("delete_by", ["url", "id"])
+def test_contract_unregister_by_url_or_by_listed_id(recorder, delete_by):
+    router = RouterDouble(delete_by=delete_by)
+    try:
+        cfg = SGLangConfig(launch=False, server_urls=[recorder.url], router_url=router.url, startup_timeout_s=5)
+        eng = SGLangEngine(cfg)
+        assert router.workers == [recorder.url]
+        eng._unregister(eng.servers[0])
+        assert router.workers == [] and not eng.servers[0].registered
+        deletes = [p for m, p, _ in router.requests if m == "DELETE"]
+        assert len(deletes) == (1 if delete_by == "url" else 2)  # by URL first, then by the listed id
+    finally:
+        router.close()
 
 
 def test_contract_generation_timeout_is_retried(recorder):

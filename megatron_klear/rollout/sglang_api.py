@@ -129,8 +129,10 @@ def weights_by_name_request(name: str, truncate: int = 100) -> dict:
 # ---------------------------------------------------------------------------- responses
 
 
-def parse_generate_response(body: Any, expected: int) -> list[Completion]:
-    """One ``Completion`` per request entry; anything malformed raises ``EngineError``."""
+def parse_generate_response(body: Any, expected: int, weight_version: Optional[str] = None) -> list[Completion]:
+    """One ``Completion`` per request entry; anything malformed raises ``EngineError``, and so
+    does a sample that reports weights other than ``weight_version`` (when given): a server the
+    router should no longer have used, such as one restarted with its initial weights."""
     if isinstance(body, dict):
         body = [body]
     if not isinstance(body, list) or len(body) != expected:
@@ -143,6 +145,9 @@ def parse_generate_response(body: Any, expected: int) -> list[Completion]:
         reason = fr.get("type") if isinstance(fr, dict) else str(fr)
         if reason not in ("stop", "length", "abort"):
             raise EngineError(f"/generate: unexpected finish_reason {fr!r}")
+        served = meta.get("weight_version")
+        if weight_version is not None and served is not None and served != weight_version:
+            raise EngineError(f"/generate: sampled with weight version {served!r}, expected {weight_version!r}")
         ids = [int(t) for t in item.get("output_ids", [])]
         lps = [float(e[0]) for e in meta.get("output_token_logprobs", [])]
         out.append(Completion(ids, lps, reason))

@@ -220,11 +220,35 @@ class SGLangEngine(RolloutEngine):
         s.registered = True
 
     def _unregister(self, s: _Server) -> None:
-        try:
-            api.call(f"{self.router_url}/workers/{urllib.parse.quote(s.url, safe='')}", method="DELETE", timeout=30)
-        except EngineError:
-            pass  # the router drops dead workers on its own as well
+        """Take ``s`` out of the router, by URL, or by the worker id the router lists for it
+        (routers that key workers by id). A restarted server must not be routed to before its
+        resync; should it still be, ``generate`` rejects the samples by their weight version."""
+        for key in (s.url, self._router_worker_id(s.url)):
+            if key is None:
+                continue
+            try:
+                api.call(f"{self.router_url}/workers/{urllib.parse.quote(key, safe='')}", method="DELETE", timeout=30)
+            except EngineError:
+                pass  # the router also drops dead workers on its own
+            if self._router_worker_id(s.url) is None:
+                break
+        else:
+            print(f"[sglang] the router still lists {s.url} after DELETE /workers", flush=True)
         s.registered = False
+
+    def _router_worker_id(self, url: str) -> Optional[str]:
+        """The router's id of the worker at ``url`` (its URL when it gives none); None when
+        it does not list it, or cannot be asked."""
+        try:
+            listed = api.call(self.router_url + "/workers", method="GET", timeout=30)
+        except EngineError:
+            return None
+        workers = listed.get("workers", []) if isinstance(listed, dict) else listed if isinstance(listed, list) else []
+        for w in workers:
+            w_url = w.get("url") if isinstance(w, dict) else w
+            if isinstance(w_url, str) and w_url.rstrip("/") == url.rstrip("/"):
+                return str(w.get("id") or w_url) if isinstance(w, dict) else w_url
+        return None
 
     def _recover(self) -> None:
         """Restart a dead router (re-registering the in-sync servers) and dead servers; a
@@ -270,9 +294,12 @@ class SGLangEngine(RolloutEngine):
         self.check_fresh()
         params.validate()
 
+        # Before the first sync the servers hold the checkpoint they loaded, under SGLang's own name.
+        version = None if self.version == "initial" else self.version
+
         def one(prompt: list[int]) -> list[Completion]:
             body = api.generate_request([prompt], params)
-            return self._request("/generate", body, lambda r: api.parse_generate_response(r, params.n))
+            return self._request("/generate", body, lambda r: api.parse_generate_response(r, params.n, version))
 
         with ThreadPoolExecutor(max(1, min(self.cfg.concurrency, len(prompts)))) as pool:
             return list(pool.map(one, prompts))
