@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import threading
 import time
 import urllib.parse
@@ -303,19 +302,11 @@ class RouterDouble(_Double):
 
 def free_port_block(n: int) -> int:
     """The first of ``n`` consecutive ports that are free on 127.0.0.1 right now."""
+    from megatron_klear.distributed import free_port
+
     for base in random.Random().sample(range(20000, 60000, 7), 50):
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
+        if all(free_port(p) == p for p in range(base, base + n)):
             return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
     raise RuntimeError("no block of free ports")
 
 

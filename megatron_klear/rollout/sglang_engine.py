@@ -177,6 +177,7 @@ class SGLangEngine(RolloutEngine):
         self._group_generation = 0
         self._sync_open = False  # a sync began and has not finished
         log_dir = Path(cfg.log_dir)
+        self._router_log = log_dir / "router.log"
         if cfg.launch:
             log_dir.mkdir(parents=True, exist_ok=True)
             self.router_url = f"http://{cfg.host}:{cfg.router_port}"
@@ -188,7 +189,7 @@ class SGLangEngine(RolloutEngine):
                 )
                 for i in range(cfg.replicas)
             ]
-            self._router_proc = spawn_logged(router_command(cfg), log_dir / "router.log")
+            self._router_proc = spawn_logged(router_command(cfg), self._router_log)
             for i, s in enumerate(self.servers):
                 s.proc = spawn_logged(server_command(cfg, i), s.log)
         else:
@@ -256,7 +257,7 @@ class SGLangEngine(RolloutEngine):
         with self._lock:
             router = self._router_proc
             if router is not None and router.poll() is not None:
-                log = Path(self.cfg.log_dir) / "router.log"
+                log = self._router_log
                 print(f"[sglang] router died (exit {router.returncode}); restarting, log {log}", flush=True)
                 self._router_proc = spawn_logged(router_command(self.cfg), log)
                 api.wait_healthy(self.router_url, self.cfg.startup_timeout_s, alive=self._router_alive, path="/health")
@@ -407,8 +408,6 @@ class SGLangEngine(RolloutEngine):
 
     def _leave_group(self) -> None:
         """Tear the weight-update group down on every live member and on our side."""
-        import torch.distributed as dist
-
         for s in self.servers:
             if s.in_group and s.alive():
                 try:
@@ -417,8 +416,15 @@ class SGLangEngine(RolloutEngine):
                     print(f"[sglang] {s.url} could not leave {self._group_name}: {e}", flush=True)
             s.in_group = False
         print(f"[sglang] weight-update group {self._group_name} torn down", flush=True)
-        dist.destroy_process_group(self._group)
-        self._group = None
+        self._close_group()
+
+    def _close_group(self) -> None:
+        """Destroy our side of the weight-update group, if there is one."""
+        if self._group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group(self._group)
+            self._group = None
 
     def finish_update(self) -> None:
         for s in self.servers:
@@ -459,11 +465,7 @@ class SGLangEngine(RolloutEngine):
             return False
 
     def shutdown(self) -> None:
-        if self._group is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group(self._group)
-            self._group = None
+        self._close_group()
         procs = [s.proc for s in self.servers if s.proc is not None] + [self._router_proc]
         for p in procs:
             if p is not None and p.poll() is None:
