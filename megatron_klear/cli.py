@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 from megatron_klear.config import load_config
-from megatron_klear.errors import ConfigError
+from megatron_klear.errors import ConfigError, KlearError
 
 
 def _exit_on_signal(signum: int, frame) -> None:
@@ -20,11 +20,10 @@ def run_config_entry(
     train: Callable,
     doc: str,
     argv: Optional[list[str]] = None,
-    user_errors: Sequence[type[BaseException]] = (),
 ) -> int:
     """``--config FILE [key=value ...]`` -> ``train(load_config(cls, ...))``.
 
-    Config errors and ``user_errors`` (bad data, checkpoints, engines) print one line and exit
+    User errors (``KlearError``: bad config, data, checkpoints, engines) print one line and exit
     2 instead of a traceback; the process groups are torn down however the run ends.
     """
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +38,7 @@ def run_config_entry(
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except tuple(user_errors) as e:
+    except KlearError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

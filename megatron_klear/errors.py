@@ -1,9 +1,41 @@
-"""Exceptions that carry what the user must fix."""
+"""Every exception that carries what the user must fix.
+
+All of them derive from ``KlearError``: the command line catches that one type, prints its
+message as one line and exits 2. Anything else is a bug and keeps its traceback.
+"""
 
 
-class ConfigError(ValueError):
+class KlearError(Exception):
+    """Base of every user-facing error; the message names the field, file or component."""
+
+
+class ConfigError(KlearError, ValueError):
     """A configuration value is invalid. The message names the field."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(KlearError, RuntimeError):
     """A checkpoint or model directory is missing, partial or of another shape."""
+
+
+class DataError(KlearError, ValueError):
+    """A data file or row is unusable; the message names the file (and row)."""
+
+
+class EngineError(KlearError, RuntimeError):
+    """The inference engine failed (died, timed out, rejected a request) after its retries."""
+
+
+class EngineWeightError(EngineError):
+    """The inference engine rejected or did not apply a weight (unknown name, wrong shape)."""
+
+
+class StaleEngineError(EngineError):
+    """Generation was asked of an inference engine whose last weight sync did not complete."""
+
+
+class SyncError(KlearError, RuntimeError):
+    """A weight sync failed; the inference engine is stale and must not generate."""
+
+
+class LaunchError(KlearError, RuntimeError):
+    """The job cannot be launched as configured; the message says what to change."""

@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_klear.config import to_dict
-from megatron_klear.data.io import DataError
-from megatron_klear.errors import CheckpointError, ConfigError
+from megatron_klear.errors import ConfigError
 from megatron_klear.training.engine import OptimConfig
 
 if TYPE_CHECKING:
@@ -434,7 +433,7 @@ def train(cfg: SFTConfig) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_klear.cli import run_config_entry
 
-    return run_config_entry(SFTConfig, train, __doc__, argv, (CheckpointError, DataError))
+    return run_config_entry(SFTConfig, train, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -39,17 +39,13 @@ from typing import Optional
 
 from megatron_klear.config import load_config
 from megatron_klear.distributed import free_port
-from megatron_klear.errors import ConfigError
+from megatron_klear.errors import ConfigError, LaunchError
 
 # entry -> (trainer module, "module:ConfigClass")
 ENTRIES = {
     "sft": ("megatron_klear.sft", "megatron_klear.sft:SFTConfig"),
     "rl": ("megatron_klear.rl", "megatron_klear.rl.config:RLConfig"),
 }
-
-
-class LaunchError(RuntimeError):
-    """The job cannot be launched as configured; the message says what to change."""
 
 
 @dataclass
@@ -298,7 +294,7 @@ def engines_command(plan: LaunchPlan) -> list[str]:
 
 def wait_for_engines(plan: LaunchPlan, proc: subprocess.Popen) -> None:
     """Every server and the router answer ``/health``, or LaunchError naming the log."""
-    from megatron_klear.rollout.base import EngineError
+    from megatron_klear.errors import EngineError
     from megatron_klear.rollout.sglang_api import wait_healthy
 
     e = plan.engines

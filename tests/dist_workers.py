@@ -86,10 +86,11 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
     from megatron_klear.checkpoint.convert import load_hf_weights
     from megatron_klear.checkpoint.hf_io import HFReader
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.errors import SyncError
     from megatron_klear.models.qwen3 import ModelOptions, load_hf_config
     from megatron_klear.rollout.hf_engine import HFEngine
     from megatron_klear.sync.gather import gather_hf_buckets
-    from megatron_klear.sync.weights import SyncError, probe_logprob_diff, sync_weights
+    from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
     from megatron_klear.training.engine import OptimConfig, build_engine, forward_backward, optimizer_step
 
     init_distributed(ParallelConfig(tp=tp, pp=pp), seed=7)

@@ -10,10 +10,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from megatron_klear.data.chat import render_chat
-from megatron_klear.data.io import DataError
 from megatron_klear.data.rl import CurationConfig, load_rl_prompts, to_row, write_parquet
 from megatron_klear.data.sft import SFTDataConfig, SFTDataset
 from megatron_klear.data.synthetic import make_code_rows, make_dataset, make_math_rows
+from megatron_klear.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "examples" / "data"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_klear.errors import ConfigError
-from megatron_klear.slurm_launch import LaunchError, SlurmJob, free_port, plan_launch, trainer_command
+from megatron_klear.errors import ConfigError, LaunchError
+from megatron_klear.slurm_launch import SlurmJob, free_port, plan_launch, trainer_command
 from tests.jobs import ROOT, run_job
 
 TINY_MODEL = "{layers: 2, hidden: 64, heads: 4, kv_heads: 2, head_dim: 16, ffn: 128, vocab: 512}"

@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from megatron_klear.errors import DataError
+
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A data file or row is unusable; the message names the file (and row)."""
 
 
 @dataclass

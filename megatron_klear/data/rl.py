@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from megatron_klear.data.chat import validate_messages
-from megatron_klear.data.io import DataError, SkipCounter, read_rows
+from megatron_klear.data.io import SkipCounter, read_rows
+from megatron_klear.errors import DataError
 from megatron_klear.rewards.code import normalize_tests
 
 _WORD = re.compile(r"\w+")

@@ -29,7 +29,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from megatron_klear.data.chat import render_chat
-from megatron_klear.data.io import DataError, SkipCounter, read_rows
+from megatron_klear.data.io import SkipCounter, read_rows
+from megatron_klear.errors import DataError
 
 CACHE_VERSION = 1
 

@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_klear.config import load_config, to_dict
-from megatron_klear.data.io import DataError
-from megatron_klear.errors import CheckpointError, ConfigError
+from megatron_klear.errors import ConfigError, EngineError, StaleEngineError
 from megatron_klear.rl.config import RLConfig
-from megatron_klear.rollout.base import EngineError, RolloutEngine, StaleEngineError
+from megatron_klear.rollout.base import RolloutEngine
 
 
 def build_rollout_engine(cfg: RLConfig, model_dir: str) -> RolloutEngine:
@@ -344,4 +343,4 @@ def train(cfg: RLConfig) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_klear.cli import run_config_entry
 
-    return run_config_entry(RLConfig, train, __doc__, argv, (CheckpointError, DataError, EngineError))
+    return run_config_entry(RLConfig, train, __doc__, argv)

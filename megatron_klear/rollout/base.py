@@ -16,19 +16,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from megatron_klear.errors import EngineError, StaleEngineError
+
 FINISH_REASONS = ("stop", "length", "abort")
-
-
-class EngineError(RuntimeError):
-    """The engine failed (died, timed out, rejected a request) after its retries."""
-
-
-class EngineWeightError(EngineError):
-    """The engine rejected or did not apply a weight (unknown name, wrong shape, mismatch)."""
-
-
-class StaleEngineError(EngineError):
-    """Generation was asked of an engine whose last weight sync did not complete."""
 
 
 @dataclass

@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_klear.rollout.base import Bucket, Completion, EngineError, SamplingParams
+from megatron_klear.errors import EngineError
+from megatron_klear.rollout.base import Bucket, Completion, SamplingParams
 
 # ---------------------------------------------------------------------------- requests
 

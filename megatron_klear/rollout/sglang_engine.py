@@ -35,16 +35,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_klear.errors import EngineError, EngineWeightError, StaleEngineError
 from megatron_klear.rollout import sglang_api as api
-from megatron_klear.rollout.base import (
-    Bucket,
-    Completion,
-    EngineError,
-    EngineWeightError,
-    RolloutEngine,
-    SamplingParams,
-    StaleEngineError,
-)
+from megatron_klear.rollout.base import Bucket, Completion, RolloutEngine, SamplingParams
 
 _GROUP = "megatron_klear_sync"  # generation n of the weight-update group is named f"{_GROUP}_{n}"
 # Replicated (never TP-sharded, never fused) tensors whose first rows we read back after a sync.

@@ -19,13 +19,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_klear.distributed import broadcast_object
+from megatron_klear.errors import EngineError, SyncError
 from megatron_klear.models.qwen3 import Qwen3Config
-from megatron_klear.rollout.base import EngineError, RolloutEngine
+from megatron_klear.rollout.base import RolloutEngine
 from megatron_klear.sync.gather import DEFAULT_BUCKET_BYTES, gather_hf_buckets
-
-
-class SyncError(RuntimeError):
-    """A weight sync failed; the engine is stale and must not generate."""
 
 
 @dataclass
