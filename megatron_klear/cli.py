@@ -8,6 +8,7 @@ import sys
 from typing import Callable, Optional
 
 from megatron_klear.config import load_config
+from megatron_klear.distributed import destroy_distributed
 from megatron_klear.errors import ConfigError, KlearError
 
 
@@ -42,7 +43,5 @@ def run_config_entry(
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        from megatron_klear.distributed import destroy_distributed
-
         destroy_distributed()
     return 0

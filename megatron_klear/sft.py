@@ -21,32 +21,32 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_klear.cli import run_config_entry
 from megatron_klear.config import to_dict
+from megatron_klear.data.sft import SFTDataConfig, SFTDataset
+from megatron_klear.distributed import ParallelConfig, init_distributed, is_main
 from megatron_klear.errors import ConfigError
-from megatron_klear.training.engine import OptimConfig
+from megatron_klear.models.config import validate_parallel
+from megatron_klear.ops.logprobs import model_output_logprobs
+from megatron_klear.training.batches import micro_batch
+from megatron_klear.training.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_klear.training.guards import maybe_crash, stop_on_nonfinite
+from megatron_klear.training.metrics import MetricsLogger, model_flops_per_token
+from megatron_klear.training.run import (
+    CheckpointSection,
+    LogSection,
+    ModelSection,
+    ParallelSection,
+    model_options,
+    model_source,
+    prepare_assets,
+    tokenizer_dir,
+)
+from megatron_klear.training.state import OptimConfig, build_train_state
+from megatron_klear.training.step import forward_backward, optimizer_step, reduce_reports
 
 if TYPE_CHECKING:
-    from megatron_klear.models.qwen3 import ModelOptions
-
-
-@dataclass
-class ModelSection:
-    hf: Optional[str] = None  # HF model directory to start from
-    load: Optional[str] = None  # or a Megatron checkpoint (tools/convert_hf_to_megatron.py output)
-    create_tiny: Optional[dict] = None  # TinyModelArgs fields: create model.hf first if it is missing
-    params_dtype: Optional[str] = None  # default: the checkpoint's dtype
-    use_te: Optional[bool] = None  # default: when Transformer Engine is installed
-    fp8: Optional[str] = None  # "hybrid" (Transformer Engine only)
-    recompute: Optional[str] = None  # null, "full" or "selective"
-    logprob_impl: str = "torch"  # "torch" or "triton"
-
-
-@dataclass
-class ParallelSection:
-    tp: int = 1
-    pp: int = 1
-    sequence_parallel: bool = False  # Transformer Engine only; needs tp > 1
-    context_parallel: int = 1  # Transformer Engine only; splits every packed sequence over cp ranks
+    pass
 
 
 @dataclass
@@ -61,24 +61,6 @@ class DataSection:
     cache_dir: str = "~/.cache/megatron_klear/sft"
     workers: int = 1
     seed: int = 1234
-
-
-@dataclass
-class CheckpointSection:
-    save_interval: int = 500
-    keep_last: int = 3
-    resume: bool = True
-    export_hf: bool = True
-
-
-@dataclass
-class LogSection:
-    interval: int = 1
-    eval_interval: int = 0  # 0: no validation
-    eval_batches: int = 8
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
-    peak_tflops: Optional[float] = None  # per device, for MFU (989 for H100 SXM bf16 dense)
 
 
 @dataclass
@@ -139,59 +121,8 @@ class SFTConfig:
         return seqs, seqs // (d.micro_batch_size * dp)
 
 
-def prepare_assets(cfg: SFTConfig) -> None:
-    """Create the tiny model and the synthetic data a config asks for, once (rank 0)."""
-    from megatron_klear.distributed import is_main
-
-    if is_main():
-        if cfg.model.create_tiny is not None and not (Path(cfg.model.hf) / "config.json").is_file():
-            from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
-
-            make_tiny_model(cfg.model.hf, TinyModelArgs(**cfg.model.create_tiny))
-        if cfg.data.generate is not None and not all(Path(p).is_file() for p in cfg.data.train):
-            from megatron_klear.data.synthetic import make_dataset
-
-            make_dataset(cfg.data.generate)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def model_source(cfg: SFTConfig):
-    """(HF config, weight loader for ``build_engine``) from model.hf or model.load."""
-    from megatron_klear.checkpoint.convert import load_hf_weights
-    from megatron_klear.checkpoint.hf_io import HFReader
-    from megatron_klear.checkpoint.megatron_ckpt import load_model, read_marker
-    from megatron_klear.models.qwen3 import Qwen3Config, load_hf_config
-
-    if cfg.model.hf is not None:
-        hf_cfg = load_hf_config(cfg.model.hf)
-        return hf_cfg, lambda gpt: load_hf_weights(gpt, hf_cfg, HFReader(cfg.model.hf).get)
-    read_marker(cfg.model.load)
-    hf_cfg = Qwen3Config.from_dict(json.loads((Path(cfg.model.load) / "config.json").read_text()))
-    return hf_cfg, lambda gpt: load_model(gpt, cfg.model.load)
-
-
-def model_options(cfg) -> "ModelOptions":
-    """Megatron model options from a run config's ``model`` and ``parallel`` sections (SFT, RL)."""
-    from megatron_klear.models.qwen3 import ModelOptions, have_transformer_engine
-
-    return ModelOptions(
-        params_dtype=cfg.model.params_dtype,
-        use_te=have_transformer_engine() if cfg.model.use_te is None else cfg.model.use_te,
-        fp8=cfg.model.fp8,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        recompute=cfg.model.recompute,
-        init_weights=False,  # weights come from the HF model or a checkpoint
-    )
-
-
-def tokenizer_dir(cfg: SFTConfig) -> str:
-    return cfg.model.hf or cfg.model.load
-
-
 def nll_loss(vocab_size: int, impl: str):
     """Per micro-batch: (sum of -log p over assistant tokens, their count, report)."""
-    from megatron_klear.ops.logprobs import model_output_logprobs
 
     def loss(logits: torch.Tensor, mb: dict):
         logp, _ = model_output_logprobs(logits, mb["labels"], vocab_size, impl=impl)
@@ -201,15 +132,6 @@ def nll_loss(vocab_size: int, impl: str):
         return total, count, {"loss_sum": total.detach(), "tokens": count.detach()}
 
     return loss
-
-
-def model_flops_per_token(hf, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), dense matmuls + attention."""
-    h, L, hd = hf.hidden_size, hf.num_hidden_layers, hf.head_dim
-    q, kv = hf.num_attention_heads * hd, hf.num_key_value_heads * hd
-    per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * hf.intermediate_size
-    attn = 2 * 2 * q * seq_len / 2  # QK^T and PV, causal: half the square on average
-    return 3 * (L * (per_layer + attn) + 2 * h * hf.vocab_size)
 
 
 class BatchStream:
@@ -237,7 +159,6 @@ class BatchStream:
 
     def global_batch(self, epoch: int, pack: int):
         """Micro-batches of the global batch starting at (epoch, pack), and the next position."""
-        from megatron_klear.training.batches import micro_batch
 
         positions = []
         e, k = epoch, pack
@@ -258,7 +179,6 @@ class BatchStream:
 
 
 def evaluate(engine, dataset, stream_args: dict, cfg: SFTConfig, loss_fn) -> float:
-    from megatron_klear.training.engine import forward_backward, reduce_reports
 
     stream = BatchStream(dataset, **stream_args)
     total = {"loss_sum": 0.0, "tokens": 0.0}
@@ -277,20 +197,6 @@ def evaluate(engine, dataset, stream_args: dict, cfg: SFTConfig, loss_fn) -> flo
 def train(cfg: SFTConfig) -> dict:
     """Run (or resume) SFT; returns the last step's metrics."""
     from megatron.core import parallel_state as ps
-
-    from megatron_klear.data.sft import SFTDataConfig, SFTDataset
-    from megatron_klear.distributed import ParallelConfig, init_distributed, is_main
-    from megatron_klear.models.qwen3 import validate_parallel
-    from megatron_klear.training.checkpoint import (
-        export_hf,
-        latest_checkpoint,
-        load_checkpoint,
-        maybe_crash,
-        save_checkpoint,
-        stop_on_nonfinite,
-    )
-    from megatron_klear.training.engine import build_engine, forward_backward, optimizer_step, reduce_reports
-    from megatron_klear.training.metrics import MetricsLogger
 
     par = cfg.parallel
     init_distributed(ParallelConfig(par.tp, par.pp, par.sequence_parallel, par.context_parallel), seed=cfg.seed)
@@ -333,7 +239,7 @@ def train(cfg: SFTConfig) -> dict:
     opts = model_options(cfg)
     use_te = opts.use_te
     resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
-    engine = build_engine(hf_cfg, opts, cfg.optim, total_steps, init_weights=None if resume_from else init_weights)
+    engine = build_train_state(hf_cfg, opts, cfg.optim, total_steps, init_weights=None if resume_from else init_weights)
     state = {"step": 0, "data_epoch": 0, "data_pack": 0, "tokens": 0}
     if resume_from is not None:
         state.update(load_checkpoint(engine, resume_from))
@@ -431,7 +337,6 @@ def train(cfg: SFTConfig) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from megatron_klear.cli import run_config_entry
 
     return run_config_entry(SFTConfig, train, __doc__, argv)
 

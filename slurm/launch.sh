@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one launcher every job script uses (see megatron_klear/slurm_launch.py):
+# The one launcher every job script uses (see megatron_klear/launch/slurm.py):
 #   bash slurm/launch.sh sft|rl --config CONFIG [key=value ...]
 # Run inside an allocation (sbatch). Sets the environment defaults of slurm/env.sh, then
 # derives the hosts, master address and port from Slurm, validates the config against the
@@ -8,4 +8,4 @@
 set -euo pipefail
 # shellcheck disable=SC1091
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/env.sh"
-exec python -m megatron_klear.slurm_launch "$@"
+exec python -m megatron_klear.launch.slurm "$@"

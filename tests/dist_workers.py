@@ -12,8 +12,9 @@ def logits_worker(tp: int, pp: int, ckpts: list[str], ids_path: str, out_dir: st
     """For each checkpoint: load at tp x pp, forward, and save the logits from rank 0."""
     from megatron_klear.checkpoint.megatron_ckpt import load_model
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.config import Qwen3Config
     from megatron_klear.models.forward import forward_logits, send_to_rank0
-    from megatron_klear.models.qwen3 import ModelOptions, Qwen3Config, build_model
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
 
     init_distributed(ParallelConfig(tp=tp, pp=pp))
     try:
@@ -64,7 +65,8 @@ def gather_worker(tp: int, pp: int, ckpt: str, bucket_bytes: int, out: str) -> N
     """Load a checkpoint at tp x pp, gather HF buckets, save them from rank 0."""
     from megatron_klear.checkpoint.megatron_ckpt import load_model
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
-    from megatron_klear.models.qwen3 import ModelOptions, Qwen3Config, build_model
+    from megatron_klear.models.config import Qwen3Config
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
     from megatron_klear.sync.gather import gather_hf_buckets
 
     init_distributed(ParallelConfig(tp=tp, pp=pp))
@@ -83,20 +85,22 @@ def gather_worker(tp: int, pp: int, ckpt: str, bucket_bytes: int, out: str) -> N
 
 def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> None:
     """Train a few steps at tp x pp, sync into an HF engine on rank 0, check it, save results."""
-    from megatron_klear.checkpoint.convert import load_hf_weights
     from megatron_klear.checkpoint.hf_io import HFReader
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
     from megatron_klear.errors import SyncError
-    from megatron_klear.models.qwen3 import ModelOptions, load_hf_config
-    from megatron_klear.rollout.hf_engine import HFEngine
+    from megatron_klear.inference.hf import HFEngine
+    from megatron_klear.models.config import load_hf_config
+    from megatron_klear.models.qwen3 import ModelOptions
+    from megatron_klear.models.weights import load_hf_weights
     from megatron_klear.sync.gather import gather_hf_buckets
     from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
-    from megatron_klear.training.engine import OptimConfig, build_engine, forward_backward, optimizer_step
+    from megatron_klear.training.state import OptimConfig, build_train_state
+    from megatron_klear.training.step import forward_backward, optimizer_step
 
     init_distributed(ParallelConfig(tp=tp, pp=pp), seed=7)
     try:
         cfg = load_hf_config(hf_dir)
-        eng = build_engine(
+        eng = build_train_state(
             cfg,
             ModelOptions(init_weights=False),
             OptimConfig(lr=1e-2, min_lr=1e-2, decay_style="constant"),

@@ -206,7 +206,7 @@ class ServerDouble(_Double):
         return 404, {"error": path}
 
     def _join(self, body: dict) -> tuple[int, object]:
-        from megatron_klear.rollout.sglang_engine import init_custom_group
+        from megatron_klear.inference.sglang import init_custom_group
 
         url = f"tcp://{body['master_address']}:{body['master_port']}"
         pg = init_custom_group(url, body["world_size"], body["rank_offset"], body["group_name"], body["backend"], 120)
@@ -267,7 +267,7 @@ class RouterDouble(_Double):
         super().__init__(host, port, log)
 
     def answer(self, method: str, path: str, body: dict) -> tuple[int, object]:
-        from megatron_klear.rollout import sglang_api as api
+        from megatron_klear.inference import sglang_api as api
 
         if path == "/health":
             return 200, {}
@@ -326,7 +326,7 @@ def main(role: str) -> None:
     args, _ = p.parse_known_args()  # the rest (--model-path, --tp-size, ...) means nothing here
     log_dir = Path(os.environ["SGLANG_DOUBLE_LOG_DIR"])
     log = log_dir / f"{role}_{args.port}.jsonl"
-    from megatron_klear.rollout.sglang_engine import server_env
+    from megatron_klear.inference.sglang import server_env
 
     leaked = sorted(set(os.environ) - set(server_env()))  # distributed-launcher variables we inherited
     with open(log, "a") as f:

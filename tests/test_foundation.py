@@ -14,13 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_klear.checkpoint import mapping
 from megatron_klear.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from megatron_klear.checkpoint.megatron_ckpt import is_valid_checkpoint
-from megatron_klear.distributed import ParallelConfig
+from megatron_klear.distributed import ParallelConfig, spawn
 from megatron_klear.errors import CheckpointError, ConfigError
-from megatron_klear.launch import spawn
-from megatron_klear.models.qwen3 import Qwen3Config, load_hf_config, padded_vocab_size
+from megatron_klear.models import hf_mapping
+from megatron_klear.models.config import Qwen3Config, load_hf_config, padded_vocab_size
 from tests.dist_workers import logits_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,29 +134,29 @@ def test_dump_logits_cli(converted, hf_models, input_ids, tmp_path):
 @pytest.mark.parametrize("te", [False, True])
 def test_mapping_shard_unshard_inverse(te):
     cfg = load_cfg(heads=8, kv=2, hd=8)
-    specs = mapping.param_specs(cfg, te=te)
+    specs = hf_mapping.param_specs(cfg, te=te)
     assert ("decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in specs) == te
     g = torch.Generator().manual_seed(0)
-    shapes = mapping.hf_tensor_shapes(cfg)
+    shapes = hf_mapping.hf_tensor_shapes(cfg)
     for spec in specs.values():
         hf = {n: torch.randn(shapes[n], generator=g) for n in spec.hf}
-        full = mapping.to_megatron(spec, hf, cfg, padded_vocab_size(cfg.vocab_size, 2))
-        shards = [mapping.shard(spec, full, r, 2) for r in range(2)]
-        assert torch.equal(mapping.unshard(spec, shards), full)
-        back = mapping.to_hf(spec, full, cfg)
+        full = hf_mapping.to_megatron(spec, hf, cfg, padded_vocab_size(cfg.vocab_size, 2))
+        shards = [hf_mapping.shard(spec, full, r, 2) for r in range(2)]
+        assert torch.equal(hf_mapping.unshard(spec, shards), full)
+        back = hf_mapping.to_hf(spec, full, cfg)
         assert all(torch.equal(back[n], hf[n]) for n in spec.hf)
 
 
 def test_qkv_layout_is_grouped_per_kv_head():
     """Megatron's fused QKV puts each group's queries, then its key, then its value."""
     cfg = load_cfg(heads=4, kv=2, hd=1, hidden=1)
-    spec = mapping.param_specs(cfg)["decoder.layers.0.self_attention.linear_qkv.weight"]
+    spec = hf_mapping.param_specs(cfg)["decoder.layers.0.self_attention.linear_qkv.weight"]
     hf = {
         spec.hf[0]: torch.tensor([[0.0], [1], [2], [3]]),
         spec.hf[1]: torch.tensor([[10.0], [11]]),
         spec.hf[2]: torch.tensor([[20.0], [21]]),
     }
-    full = mapping.to_megatron(spec, hf, cfg, 512)
+    full = hf_mapping.to_megatron(spec, hf, cfg, 512)
     assert full.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
 
 

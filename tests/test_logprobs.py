@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_klear.launch import spawn
+from megatron_klear.distributed import spawn
 from megatron_klear.ops.logprobs import vocab_parallel_logprobs
 from megatron_klear.ops.loss import policy_loss
 from tests.dist_workers import logprobs_tp_worker

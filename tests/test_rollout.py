@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from megatron_klear.errors import EngineError, EngineWeightError, StaleEngineError
-from megatron_klear.rollout import sglang_api as api
-from megatron_klear.rollout.base import SamplingParams
-from megatron_klear.rollout.hf_engine import HFEngine, filter_logits
-from megatron_klear.rollout.sglang_engine import SGLangConfig, SGLangEngine, router_command, server_command
+from megatron_klear.inference import sglang_api as api
+from megatron_klear.inference.base import SamplingParams
+from megatron_klear.inference.hf import HFEngine, filter_logits
+from megatron_klear.inference.sglang import SGLangConfig, SGLangEngine, router_command, server_command
 from tests.sglang_double import RouterDouble, ServerDouble, check_contract, free_port_block, process_env
 
 # ----------------------------------------------------------------------------- HF engine

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megatron_klear.errors import ConfigError, LaunchError
-from megatron_klear.slurm_launch import SlurmJob, free_port, plan_launch, trainer_command
+from megatron_klear.launch.slurm import SlurmJob, free_port, plan_launch, trainer_command
 from tests.jobs import ROOT, run_job
 
 TINY_MODEL = "{layers: 2, hidden: 64, heads: 4, kv_heads: 2, head_dim: 16, ffn: 128, vocab: 512}"
@@ -257,7 +257,7 @@ def test_engine_agent_that_cannot_start_sglang_exits_naming_its_log(tmp_path):
         pass
     ov = [f"output_dir={tmp_path}", "rollout.sglang.mode=distributed", "rollout.sglang.nodes=1"]
     ov += ["rollout.sglang.model_path=/nonexistent", "rollout.sglang.port=0", "rollout.sglang.router_port=0"]
-    cmd = [sys.executable, "-m", "megatron_klear.slurm_launch", "engines", "--config", "examples/qwen3_8b/rl_math.yaml"]
+    cmd = [sys.executable, "-m", "megatron_klear.launch.slurm", "engines", "--config", "examples/qwen3_8b/rl_math.yaml"]
     r = run_job(cmd + ov, dict(os.environ, SLURM_NODEID="0"), timeout=120)
     assert r.returncode == 1
     m = re.search(r"exited with \d+; log: (\S+)", r.stdout)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_klear.checkpoint.convert import hf_to_megatron
-from megatron_klear.launch import spawn
+from megatron_klear.distributed import spawn
 from tests.dist_workers import gather_worker, sync_worker
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from megatron_klear.data.synthetic import make_code_dataset
 
 ALGO_ARMS = {"gppo": [], "clip": ["algo.loss=clip"], "cispo": ["algo.loss=cispo"]}
 OFF_POLICY = ["data.mini_batch_prompts=1", "optim.lr=1e-4", "optim.min_lr=1e-4", "train_steps=20"]
@@ -53,8 +54,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
 def prepare_code_model(out: Path, demo: Path) -> Path:
     """The code suite's starting point: our code problems (held-out statements for eval) and a
     tiny Qwen3 SFT'd on them from the demo's random init (examples/demo/sft_code.yaml)."""
-    from megatron_klear.data.synthetic import make_code_dataset
-    from megatron_klear.experiments import run_stage
+    from experiments import run_stage
 
     data, sft = out / "code" / "data", out / "code" / "sft"
     if not (data / "sft.jsonl").is_file():
@@ -90,7 +90,7 @@ def stage_overrides(suite: str, out: Path, demo: Path) -> tuple[str, list[str]]:
 
 
 def run_arm(out: Path, demo: Path, suite: str, arm: str, seed: int, steps: int | None) -> Path:
-    from megatron_klear.experiments import run_stage
+    from experiments import run_stage
 
     task = "code" if suite == "code_reward" else "math"
     arm_key = "-".join(o.replace("=", "_") for o in SUITES[suite][arm]) or "base"
@@ -115,7 +115,7 @@ def run_arm(out: Path, demo: Path, suite: str, arm: str, seed: int, steps: int |
 def train_points(run: Path) -> list[tuple[int, float, float, float]]:
     """(step, training reward mean, training reward std, fraction of tokens clipped) for every
     RL step of a run (steps that made no update count as 0 clipped)."""
-    from megatron_klear.experiments import read_metrics
+    from experiments import read_metrics
 
     return [
         (
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suites", default=",".join(SUITES), help="comma-separated; default: all")
     a = p.parse_args(argv)
 
-    from megatron_klear.experiments import eval_points
+    from experiments import eval_points
 
     demo, out = Path(a.demo).resolve(), Path(a.out).resolve()
     if not (demo / "sft" / "hf" / "config.json").is_file():

@@ -23,11 +23,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_klear.checkpoint import mapping  # noqa: E402
-from megatron_klear.checkpoint.convert import hf_to_megatron, megatron_to_hf  # noqa: E402
-from megatron_klear.checkpoint.hf_io import HFWriter  # noqa: E402
-from megatron_klear.models.qwen3 import Qwen3Config  # noqa: E402
-from megatron_klear.models.shapes import qwen3_config_dict  # noqa: E402
+from megatron_klear.checkpoint.convert import hf_to_megatron, megatron_to_hf
+from megatron_klear.checkpoint.hf_io import HFWriter
+from megatron_klear.models import hf_mapping
+from megatron_klear.models.config import Qwen3Config
+from megatron_klear.models.shapes import qwen3_config_dict
 
 # About 1.1B parameters: Qwen3-1.7B's vocabulary and head layout, 16 layers instead of 28.
 SYNTHETIC_1B = qwen3_config_dict("1.7b", num_hidden_layers=16)
@@ -73,7 +73,7 @@ def write_synthetic(out: Path, cfg_dict: dict) -> int:
     (out / "config.json").write_text(json.dumps(cfg_dict))
     w = HFWriter(out)
     g = torch.Generator().manual_seed(0)
-    for name, shape in mapping.hf_tensor_shapes(cfg).items():
+    for name, shape in hf_mapping.hf_tensor_shapes(cfg).items():
         w.add(name, (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16))
     w.close()
     return w.total_bytes
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     peak_uss_gb=round(rss.peak / 1e9, 2),
                 )
             )
-        params = Qwen3Config.from_dict(cfg).num_params
+        params = hf_mapping.num_params(Qwen3Config.from_dict(cfg))
         result = dict(params=params, model_gb=round(nbytes / 1e9, 2), cpu_count=psutil.cpu_count(), rows=rows)
         print(f"synthetic Qwen3: {params / 1e9:.2f}B params, {nbytes / 1e9:.2f} GB bf16")
         print("| direction | seconds | MB/s | peak private memory (GB) |\n|---|---:|---:|---:|")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_klear.data.sft import SFTDataConfig, SFTDataset  # noqa: E402
-from megatron_klear.data.synthetic import make_math_rows, sft_conversations  # noqa: E402
-from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model  # noqa: E402
+from megatron_klear.data.sft import SFTDataConfig, SFTDataset
+from megatron_klear.data.synthetic import make_math_rows, sft_conversations
+from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
 
 
 def long_rows(n: int, seed: int) -> list[dict]:

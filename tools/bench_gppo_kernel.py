@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_klear.ops.logprobs import vocab_parallel_logprobs  # noqa: E402
-from megatron_klear.ops.loss import policy_loss  # noqa: E402
+from megatron_klear.ops.logprobs import vocab_parallel_logprobs
+from megatron_klear.ops.loss import policy_loss
 
 
 def make_step(impl: str):

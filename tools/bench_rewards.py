@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_klear.rewards.batch import RewardItem, score_batch  # noqa: E402
-from megatron_klear.rewards.math import score_math  # noqa: E402
-from megatron_klear.rewards.sandbox import available_backends, run_program  # noqa: E402
+from megatron_klear.rewards.batch import RewardItem, score_batch
+from megatron_klear.rewards.math import score_math
+from megatron_klear.rewards.sandbox import available_backends, run_program
 
 MATH_MIX = [
     ("\\frac{1}{2}", "0.5"),

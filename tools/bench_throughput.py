@@ -25,8 +25,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict  # noqa: E402
+from megatron_klear.config import load_config
+from megatron_klear.data.sft import PackedSample
+from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed, is_main
+from megatron_klear.models.config import Qwen3Config
+from megatron_klear.models.hf_mapping import num_params
+from megatron_klear.models.qwen3 import ModelOptions, have_transformer_engine
+from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict
+from megatron_klear.rl.config import RLConfig
+from megatron_klear.rl.trainer import train
+from megatron_klear.sft import nll_loss
+from megatron_klear.training.batches import micro_batch
+from megatron_klear.training.metrics import model_flops_per_token
+from megatron_klear.training.state import OptimConfig, build_train_state
+from megatron_klear.training.step import forward_backward, optimizer_step
 
 RL_PHASES = ("time/generate_s", "time/reward_wait_s", "time/old_logprobs_s", "time/train_s", "time/sync_s")
 
@@ -36,11 +48,6 @@ def bench_rl(a) -> int:
     import os
 
     import torch.distributed as dist
-
-    from megatron_klear.config import load_config
-    from megatron_klear.distributed import is_main
-    from megatron_klear.rl.config import RLConfig
-    from megatron_klear.rl.trainer import train
 
     # one directory for all ranks: torchrun gives every rank of a launch the same run id
     out = Path("runs/bench_rl") / os.environ.get("TORCHELASTIC_RUN_ID", "run")
@@ -58,7 +65,6 @@ def bench_rl(a) -> int:
             print(f"| {r['step']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
         result = dict(mode="rl", config=a.config, overrides=a.overrides, world=dist.get_world_size(), steps=rows)
         Path(a.json).write_text(json.dumps(result, indent=2))
-    from megatron_klear.distributed import destroy_distributed
 
     destroy_distributed()
     return 0
@@ -88,18 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_klear.data.sft import PackedSample
-    from megatron_klear.distributed import ParallelConfig, init_distributed, is_main
-    from megatron_klear.models.qwen3 import ModelOptions, Qwen3Config, have_transformer_engine
-    from megatron_klear.sft import model_flops_per_token, nll_loss
-    from megatron_klear.training.batches import micro_batch
-    from megatron_klear.training.engine import OptimConfig, build_engine, forward_backward, optimizer_step
-
     init_distributed(ParallelConfig(a.tp, a.pp))
     dtype = a.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     hf = Qwen3Config.from_dict(qwen3_config_dict(a.shape, dtype, max(40960, a.seq_len)))
     use_te = have_transformer_engine()
-    engine = build_engine(hf, ModelOptions(use_te=use_te), OptimConfig(lr=1e-5, min_lr=1e-5), a.steps)
+    engine = build_train_state(hf, ModelOptions(use_te=use_te), OptimConfig(lr=1e-5, min_lr=1e-5), a.steps)
     rng = np.random.default_rng(0)
     L = a.seq_len
     docs = [0, L // 3, L // 2, L]  # three packed documents per sequence
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(
         mode=a.mode,
         shape=a.shape,
-        params=hf.num_params,
+        params=num_params(hf),
         seq_len=L,
         micro_batches=a.micro_batches,
         tp=a.tp,
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if is_main():
         print(
-            f"{a.shape} ({hf.num_params / 1e6:.2f}M params) seq {L} x {a.micro_batches} micro-batches, "
+            f"{a.shape} ({num_params(hf) / 1e6:.2f}M params) seq {L} x {a.micro_batches} micro-batches, "
             f"tp={a.tp} pp={a.pp} dp={dp} on {result['device']}, {dtype}, TE={use_te}"
         )
         print("| step s | fwd+bwd s | optimizer s | tokens/s/device | model TFLOP/s/device | MFU |")
@@ -165,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['model_tflops_per_device']:.3f} | {mfu} |"
         )
         Path(a.json).write_text(json.dumps(result, indent=2))
-    from megatron_klear.distributed import destroy_distributed
 
     destroy_distributed()
     return 0

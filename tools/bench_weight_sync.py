@@ -19,8 +19,12 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict  # noqa: E402
+from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+from megatron_klear.models.config import Qwen3Config
+from megatron_klear.models.hf_mapping import num_params
+from megatron_klear.models.qwen3 import ModelOptions, build_model
+from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict
+from megatron_klear.sync.gather import gather_hf_buckets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +39,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import torch.distributed as dist
-
-    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
-    from megatron_klear.models.qwen3 import ModelOptions, Qwen3Config, build_model
-    from megatron_klear.sync.gather import gather_hf_buckets
 
     init_distributed(ParallelConfig(a.tp, a.pp))
     extra = {"num_hidden_layers": a.layers} if a.layers else {}
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if dist.get_rank() == 0:
         res = dict(
             shape=a.shape,
-            params=cfg.num_params,
+            params=num_params(cfg),
             tp=a.tp,
             pp=a.pp,
             bucket_mb=a.bucket_mb,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             peak_extra_mb_per_rank=gathered,
         )
         print(
-            f"{a.shape} ({cfg.num_params / 1e9:.2f}B, {nbytes / 1e9:.2f} GB bf16) tp={a.tp} pp={a.pp} "
+            f"{a.shape} ({num_params(cfg) / 1e9:.2f}B, {nbytes / 1e9:.2f} GB bf16) tp={a.tp} pp={a.pp} "
             f"bucket {a.bucket_mb} MB on {res['device']}"
         )
         print("| seconds | GB/s | buckets | peak extra MB per rank |\n|---:|---:|---:|---|")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_klear.checkpoint.convert import hf_to_megatron  # noqa: E402
-from megatron_klear.errors import CheckpointError, ConfigError  # noqa: E402
+from megatron_klear.checkpoint.convert import hf_to_megatron
+from megatron_klear.errors import CheckpointError, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

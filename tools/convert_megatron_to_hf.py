@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_klear.checkpoint.convert import megatron_to_hf  # noqa: E402
-from megatron_klear.errors import CheckpointError, ConfigError  # noqa: E402
+from megatron_klear.checkpoint.convert import megatron_to_hf
+from megatron_klear.errors import CheckpointError, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

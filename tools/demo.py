@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from megatron_klear.data.synthetic import make_dataset
 
 DEMO_DATA = dict(n_math=6000, n_code=6, n_test=200, levels=(0,))
 
@@ -29,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234, help="RL seed (sampling, prompt order)")
     a = p.parse_args(argv)
 
-    from megatron_klear.data.synthetic import make_dataset
-    from megatron_klear.experiments import eval_points, plot_run, read_metrics, run_stage
+    from experiments import eval_points, plot_run, read_metrics, run_stage
 
     out = Path(a.out).resolve()
     data, sft, rl = out / "data", out / "sft", out / "rl"

@@ -16,6 +16,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_klear.checkpoint.megatron_ckpt import load_model, read_marker
+from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+from megatron_klear.models.config import Qwen3Config, validate_parallel
+from megatron_klear.models.forward import forward_logits, send_to_rank0
+from megatron_klear.models.qwen3 import ModelOptions, build_model
 
 
 def read_input_ids(path: str, vocab_size: int):
@@ -47,11 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     import torch
-
-    from megatron_klear.checkpoint.megatron_ckpt import load_model, read_marker
-    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
-    from megatron_klear.models.forward import forward_logits, send_to_rank0
-    from megatron_klear.models.qwen3 import ModelOptions, Qwen3Config, build_model, validate_parallel
 
     read_marker(a.load)
     cfg = Qwen3Config.from_dict(json.loads((Path(a.load) / "config.json").read_text()))

@@ -16,6 +16,15 @@ import os
 import sys
 from pathlib import Path
 
+from megatron_klear.config import apply_overrides, from_dict
+from megatron_klear.data.rl import CurationConfig, load_rl_prompts
+from megatron_klear.inference.hf import HFEngine
+from megatron_klear.inference.sglang import SGLangConfig, SGLangEngine
+from megatron_klear.rewards.code import CodeRewardConfig
+from megatron_klear.rewards.math import MathRewardConfig
+from megatron_klear.rl.evaluate import evaluate
+from megatron_klear.rl.rollout import RewardConfigs
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -39,12 +48,6 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from megatron_klear.data.rl import CurationConfig, load_rl_prompts
-    from megatron_klear.rewards.code import CodeRewardConfig
-    from megatron_klear.rewards.math import MathRewardConfig
-    from megatron_klear.rl.evaluate import evaluate
-    from megatron_klear.rl.rollout import RewardConfigs
-
     if not (Path(a.model) / "config.json").is_file():
         print(f"error: {a.model} is not an HF model directory (no config.json)", file=sys.stderr)
         return 2
@@ -53,13 +56,8 @@ def main(argv=None) -> int:
         prompts = prompts[: a.max_prompts]
     tok = AutoTokenizer.from_pretrained(a.model)
     if a.engine == "hf":
-        from megatron_klear.rollout.hf_engine import HFEngine
-
         engine = HFEngine(a.model, device=a.device)
     else:
-        from megatron_klear.config import apply_overrides, from_dict
-        from megatron_klear.rollout.sglang_engine import SGLangConfig, SGLangEngine
-
         engine = SGLangEngine(from_dict(SGLangConfig, apply_overrides({"model_path": a.model}, a.sglang)))
     rewards = RewardConfigs(MathRewardConfig(wrong_score=a.math_wrong_score), CodeRewardConfig(), a.reward_workers)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_klear.data.synthetic import make_dataset  # noqa: E402
+from megatron_klear.data.synthetic import make_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model  # noqa: E402
+from megatron_klear.models.config import load_hf_config
+from megatron_klear.models.hf_mapping import num_params
+from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{out}: output directory exists and is not empty; pass --force to replace it")
     args = TinyModelArgs(**{f.name: getattr(a, f.name) for f in fields(TinyModelArgs)})
     make_tiny_model(out, args)
-    from megatron_klear.models.qwen3 import load_hf_config
 
-    print(f"wrote {out}: Qwen3 with {load_hf_config(out).num_params:,} parameters")
+    print(f"wrote {out}: Qwen3 with {num_params(load_hf_config(out)):,} parameters")
     return 0
 
 

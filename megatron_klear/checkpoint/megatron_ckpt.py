@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_klear.distributed import broadcast_object
 from megatron_klear.errors import CheckpointError
-from megatron_klear.models.qwen3 import Qwen3Config
+from megatron_klear.models.config import Qwen3Config
 
 MARKER = "megatron_klear.json"
 FORMAT_VERSION = 1

@@ -65,3 +65,17 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     for start, end in enc["offset_mapping"]:
         mask.append(int(any(s <= start < e for s, e in spans)))
     return Rendered(list(enc["input_ids"]), mask, text)
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a prompt conversation, ending with the assistant header (ready to generate)."""
+    return render_chat(tokenizer, messages, add_generation_prompt=True).input_ids
+
+
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """Response text for the reward functions (special tokens kept, the final end token cut)."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    for end in (tokenizer.eos_token, tokenizer.pad_token):
+        if end and text.endswith(end):
+            text = text[: -len(end)]
+    return text

@@ -19,6 +19,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+from megatron_klear.data.rl import write_parquet
+
 MATH_INSTRUCTION = "Solve the problem step by step. Put the final answer in \\boxed{}."
 CODE_INSTRUCTION = (
     "Write a Python program that reads the input from standard input and prints the answer. "
@@ -209,7 +211,6 @@ def make_code_dataset(out: str | Path, n_train: int = 2000, n_test: int = 48, se
     them (the model must carry a constant it has seen elsewhere into a new family). Files:
     ``code_train.parquet``, ``code_test.parquet`` and ``sft.jsonl`` (from the train split).
     """
-    from megatron_klear.data.rl import write_parquet
 
     def statement(row: dict) -> str:
         return row["prompt"][0]["content"]
@@ -246,7 +247,6 @@ def make_dataset(
     Files: ``math_train.parquet``, ``math_test.parquet``, ``code_train.parquet``,
     ``code_test.parquet`` (RL schema) and ``sft.jsonl`` (conversations from the train splits).
     """
-    from megatron_klear.data.rl import write_parquet
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

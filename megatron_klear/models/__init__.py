@@ -1,10 +1,1 @@
-"""Qwen3 family on Megatron-Core."""
-
-from megatron_klear.models.qwen3 import (  # noqa: F401
-    ModelOptions,
-    Qwen3Config,
-    build_model,
-    load_hf_config,
-    padded_vocab_size,
-    validate_parallel,
-)
+"""Qwen3 on Megatron-Core: the network's config, the one HF <-> Megatron mapping, stage weight I/O."""

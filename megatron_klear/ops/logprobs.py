@@ -122,6 +122,7 @@ def vocab_parallel_logprobs(
     targets = targets.long()
     n_valid = max(0, min(v_local, limit - rank * v_local))  # this rank's real (unpadded) columns
     if impl == "triton":
+        # Imported here: the kernel module imports triton, an optional dependency.
         from megatron_klear.ops.triton_logprobs import triton_vocab_parallel_logprobs
 
         return triton_vocab_parallel_logprobs(logits, targets, tp_group, temperature, with_entropy, n_valid)

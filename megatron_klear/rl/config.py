@@ -7,8 +7,8 @@ from typing import Optional
 
 from megatron_klear.errors import ConfigError
 from megatron_klear.ops.loss import AGGS, ALGOS
-from megatron_klear.sft import CheckpointSection, LogSection, ModelSection, ParallelSection
-from megatron_klear.training.engine import OptimConfig
+from megatron_klear.training.run import CheckpointSection, LogSection, ModelSection, ParallelSection
+from megatron_klear.training.state import OptimConfig
 
 
 @dataclass

@@ -10,9 +10,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_klear.data.chat import decode_response, render_prompt
 from megatron_klear.data.rl import RLPrompt
-from megatron_klear.rl.rollout import RewardConfigs, decode_response, render_prompt
-from megatron_klear.rollout.base import RolloutEngine, SamplingParams
+from megatron_klear.inference.base import RolloutEngine, SamplingParams
+from megatron_klear.rl.rollout import RewardConfigs
 
 
 def evaluate(
@@ -31,7 +32,7 @@ def evaluate(
 ) -> dict:
     """Generate ``k`` samples per prompt, score them; returns ``eval/...`` metrics."""
     t0 = time.time()
-    ids = [render_prompt(tokenizer, p) for p in prompts]
+    ids = [render_prompt(tokenizer, p.messages) for p in prompts]
     params = SamplingParams(
         temperature=temperature,
         top_p=top_p,

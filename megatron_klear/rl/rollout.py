@@ -19,12 +19,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_klear.data.chat import render_chat
+from megatron_klear.data.chat import decode_response, render_prompt
 from megatron_klear.data.rl import RLPrompt
+from megatron_klear.inference.base import Completion, RolloutEngine, SamplingParams
 from megatron_klear.rewards.batch import RewardItem, score_batch
 from megatron_klear.rewards.code import CodeRewardConfig
 from megatron_klear.rewards.math import MathRewardConfig
-from megatron_klear.rollout.base import Completion, RolloutEngine, SamplingParams
 
 
 @dataclass
@@ -49,19 +49,6 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]
     """(r - mean) / (population std + eps) within one group."""
     r = np.asarray(rewards, dtype=np.float64)
     return ((r - r.mean()) / (r.std() + eps)).tolist()
-
-
-def render_prompt(tokenizer, prompt: RLPrompt) -> list[int]:
-    return render_chat(tokenizer, prompt.messages, add_generation_prompt=True).input_ids
-
-
-def decode_response(tokenizer, ids: list[int]) -> str:
-    """Response text for the reward functions (special tokens kept, the final end token cut)."""
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    for end in (tokenizer.eos_token, tokenizer.pad_token):
-        if end and text.endswith(end):
-            text = text[: -len(end)]
-    return text
 
 
 @dataclass
@@ -121,7 +108,7 @@ class PromptStream:
             if scanned > 2 * len(self.prompts) + n and not out:
                 raise RuntimeError(f"every prompt is longer than rollout.max_prompt_len={self.max_len}")
             if i not in self._ids:
-                self._ids[i] = render_prompt(self.tok, self.prompts[i])
+                self._ids[i] = render_prompt(self.tok, self.prompts[i].messages)
             if len(self._ids[i]) > self.max_len:
                 stats["prompts_skipped_long"] += 1
                 continue

@@ -23,26 +23,44 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_klear.cli import run_config_entry
 from megatron_klear.config import load_config, to_dict
+from megatron_klear.data.chat import render_prompt
+from megatron_klear.data.rl import CurationConfig, load_rl_prompts
+from megatron_klear.distributed import ParallelConfig, broadcast_object, destroy_distributed, init_distributed, is_main
 from megatron_klear.errors import ConfigError, EngineError, StaleEngineError
+from megatron_klear.inference.base import RolloutEngine
+from megatron_klear.inference.hf import HFEngine
+from megatron_klear.inference.sglang import SGLangConfig, SGLangEngine
+from megatron_klear.models.config import validate_parallel
+from megatron_klear.rewards.code import CodeRewardConfig
+from megatron_klear.rewards.math import MathRewardConfig
+from megatron_klear.rl.batch import minibatches
 from megatron_klear.rl.config import RLConfig
-from megatron_klear.rollout.base import RolloutEngine
+from megatron_klear.rl.evaluate import evaluate
+from megatron_klear.rl.loss import REPORT_KEYS, old_logprob_fn, rl_loss_fn
+from megatron_klear.rl.rollout import Collector, PromptStream, RewardConfigs, groups_from_json, groups_to_json
+from megatron_klear.sft import SFTConfig
+from megatron_klear.sft import train as sft_train
+from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
+from megatron_klear.training.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_klear.training.guards import maybe_crash, stop_on_nonfinite, weights_finite
+from megatron_klear.training.metrics import MetricsLogger
+from megatron_klear.training.run import model_options, model_source, prepare_assets, tokenizer_dir
+from megatron_klear.training.state import build_train_state
+from megatron_klear.training.step import forward_backward, optimizer_step, reduce_reports
 
 
 def build_rollout_engine(cfg: RLConfig, model_dir: str) -> RolloutEngine:
     r = cfg.rollout
     if r.engine == "hf":
-        from megatron_klear.rollout.hf_engine import HFEngine
-
         return HFEngine(model_dir, device=r.hf_device, dtype=r.hf_dtype, max_batch=r.hf_max_batch)
-    from megatron_klear.rollout.sglang_engine import SGLangEngine
 
     return SGLangEngine(sglang_config(cfg, model_dir))
 
 
 def sglang_config(cfg: RLConfig, model_dir: str, **fields):
     """``rollout.sglang`` as an SGLangConfig (the trainer's and the Slurm launcher's view)."""
-    from megatron_klear.rollout.sglang_engine import SGLangConfig
 
     values = {"model_path": model_dir, "log_dir": str(Path(cfg.output_dir) / "sglang_logs"), **cfg.rollout.sglang}
     try:
@@ -54,9 +72,6 @@ def sglang_config(cfg: RLConfig, model_dir: str, **fields):
 
 
 def reward_configs(cfg: RLConfig):
-    from megatron_klear.rewards.code import CodeRewardConfig
-    from megatron_klear.rewards.math import MathRewardConfig
-    from megatron_klear.rl.rollout import RewardConfigs
 
     try:
         return RewardConfigs(
@@ -68,7 +83,6 @@ def reward_configs(cfg: RLConfig):
 
 def load_prompts(cfg: RLConfig):
     """(train prompts, eval prompts, curation stats); eval prompts are excluded from training."""
-    from megatron_klear.data.rl import CurationConfig, load_rl_prompts
 
     evals: list = []
     if cfg.data.eval:
@@ -87,55 +101,21 @@ def bootstrap(cfg: RLConfig) -> None:
         return
     import yaml
 
-    from megatron_klear.distributed import destroy_distributed, is_main
-
     raw = yaml.safe_load(Path(cfg.bootstrap).read_text()) or {}
     if is_main():
         print(f"{cfg.model.hf} is missing: running {cfg.bootstrap} first", flush=True)
     if "rollout" in raw or "algo" in raw:
         train(load_config(RLConfig, cfg.bootstrap, []))
     else:
-        from megatron_klear.sft import SFTConfig
-        from megatron_klear.sft import train as sft_train
-
         sft_train(load_config(SFTConfig, cfg.bootstrap, []))
     destroy_distributed()
     if not (Path(cfg.model.hf) / "config.json").is_file():
         raise ConfigError(f"bootstrap {cfg.bootstrap} ran but model.hf={cfg.model.hf} still does not exist")
 
 
-def weights_finite(model: torch.nn.Module) -> bool:
-    """Collective: True when every rank's parameters are finite."""
-    from megatron_klear.distributed import comm_device
-
-    ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in model.parameters()))], device=comm_device())
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
 def train(cfg: RLConfig) -> dict:
     """Run (or resume) RL; returns the last step's metrics."""
     from megatron.core import parallel_state as ps
-
-    from megatron_klear.distributed import ParallelConfig, broadcast_object, init_distributed, is_main
-    from megatron_klear.models.qwen3 import validate_parallel
-    from megatron_klear.rl.batch import minibatches
-    from megatron_klear.rl.evaluate import evaluate
-    from megatron_klear.rl.loss import REPORT_KEYS, old_logprob_fn, rl_loss_fn
-    from megatron_klear.rl.rollout import Collector, PromptStream, groups_from_json, groups_to_json, render_prompt
-    from megatron_klear.sft import model_options, model_source, prepare_assets, tokenizer_dir
-    from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
-    from megatron_klear.training.checkpoint import (
-        export_hf,
-        latest_checkpoint,
-        load_checkpoint,
-        maybe_crash,
-        save_checkpoint,
-        stop_on_nonfinite,
-    )
-    from megatron_klear.training.engine import build_engine, forward_backward, optimizer_step, reduce_reports
-    from megatron_klear.training.metrics import MetricsLogger
 
     bootstrap(cfg)
     init_distributed(ParallelConfig(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel), seed=cfg.seed)
@@ -159,7 +139,9 @@ def train(cfg: RLConfig) -> dict:
     opts = model_options(cfg)
     resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     steps_of_updates = cfg.train_steps * (cfg.data.prompts_per_step // cfg.data.mini_batch_prompts)
-    engine = build_engine(hf_cfg, opts, cfg.optim, steps_of_updates, init_weights=None if resume_from else init_weights)
+    engine = build_train_state(
+        hf_cfg, opts, cfg.optim, steps_of_updates, init_weights=None if resume_from else init_weights
+    )
     state: dict = {"step": 0, "prompt_epoch": 0, "prompt_index": 0, "buffer": []}
     if resume_from is not None:
         state.update(load_checkpoint(engine, resume_from))
@@ -180,7 +162,7 @@ def train(cfg: RLConfig) -> dict:
     rollout = build_rollout_engine(cfg, tokenizer_dir(cfg)) if rank0 else None
     stream = PromptStream(train_prompts, tokenizer, cfg.data.seed, r.max_prompt_len)
     collector = Collector(rollout, tokenizer, stream, rewards, cfg) if rank0 else None
-    probe = render_prompt(tokenizer, (eval_prompts or train_prompts)[0])[: min(128, r.max_prompt_len)]
+    probe = render_prompt(tokenizer, (eval_prompts or train_prompts)[0].messages)[: min(128, r.max_prompt_len)]
     bucket = r.bucket_mb * 2**20
 
     def sync(version: str) -> dict:
@@ -341,6 +323,5 @@ def train(cfg: RLConfig) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from megatron_klear.cli import run_config_entry
 
     return run_config_entry(RLConfig, train, __doc__, argv)

@@ -14,9 +14,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_klear.checkpoint.convert import iter_hf_weights
 from megatron_klear.distributed import comm_device
-from megatron_klear.models.qwen3 import Qwen3Config
+from megatron_klear.models.config import Qwen3Config
+from megatron_klear.models.weights import iter_hf_weights
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 

@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 from megatron_klear.distributed import broadcast_object
 from megatron_klear.errors import EngineError, SyncError
-from megatron_klear.models.qwen3 import Qwen3Config
-from megatron_klear.rollout.base import RolloutEngine
+from megatron_klear.inference.base import RolloutEngine
+from megatron_klear.models.config import Qwen3Config
+from megatron_klear.models.forward import forward_logits, send_to_rank0
 from megatron_klear.sync.gather import DEFAULT_BUCKET_BYTES, gather_hf_buckets
 
 
@@ -77,7 +78,6 @@ def sync_weights(
 
 def trainer_logprobs(model: torch.nn.Module, cfg: Qwen3Config, ids: list[int], temperature: float = 1.0):
     """Collective: log p(ids[t] | ids[<t]) for t >= 1 under the trainer, on global rank 0."""
-    from megatron_klear.models.forward import forward_logits, send_to_rank0
 
     logits = send_to_rank0(forward_logits(model, torch.tensor([ids]), cfg.vocab_size))
     model.train()

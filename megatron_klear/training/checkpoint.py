@@ -18,7 +18,6 @@ The model tensors of ``iter_N/`` are keyed as in a converted checkpoint, so
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -28,6 +27,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_klear.checkpoint.convert import megatron_to_hf
+from megatron_klear.checkpoint.hf_io import copy_side_files
 from megatron_klear.checkpoint.megatron_ckpt import (
     MARKER,
     barrier,
@@ -39,27 +40,9 @@ from megatron_klear.checkpoint.megatron_ckpt import (
     write_marker,
 )
 from megatron_klear.errors import CheckpointError
+from megatron_klear.training.guards import maybe_crash
 
 _ITER = re.compile(r"^iter_(\d{7})$")
-
-
-def maybe_crash(point: str, step: int) -> None:
-    """Fault injection for tests: ``MEGATRON_KLEAR_CRASH_AT=save:12`` (or ``step:12``) kills the
-    process hard at that point, as a node failure would."""
-    if os.environ.get("MEGATRON_KLEAR_CRASH_AT") == f"{point}:{step}":
-        os._exit(42)
-
-
-def stop_on_nonfinite(out: Path, step: int, **info) -> None:
-    """Write ``nan_diagnostics.json`` and raise, before any checkpoint or weight sync sees the
-    poisoned weights."""
-    if rank() == 0:
-        diag = dict(step=step, **info, note="non-finite loss or gradient; nothing was saved or synced")
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "nan_diagnostics.json").write_text(json.dumps(diag, indent=1, default=str))
-    raise FloatingPointError(
-        f"non-finite loss or gradient at step {step} ({info}); see {Path(out) / 'nan_diagnostics.json'}"
-    )
 
 
 def rng_state() -> dict:
@@ -196,8 +179,6 @@ def load_checkpoint(engine, path: Path) -> dict:
 
 def export_hf(tokenizer_src: str, root: Path, out: Path) -> Path:
     """Export the newest checkpoint under ``root`` to an HF directory (tokenizer included)."""
-    from megatron_klear.checkpoint.convert import megatron_to_hf
-    from megatron_klear.checkpoint.hf_io import copy_side_files
 
     last = latest_checkpoint(root)
     if last is None:

@@ -106,3 +106,12 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def model_flops_per_token(hf, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), dense matmuls + attention."""
+    h, L, hd = hf.hidden_size, hf.num_hidden_layers, hf.head_dim
+    q, kv = hf.num_attention_heads * hd, hf.num_key_value_heads * hd
+    per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * hf.intermediate_size
+    attn = 2 * 2 * q * seq_len / 2  # QK^T and PV, causal: half the square on average
+    return 3 * (L * (per_layer + attn) + 2 * h * hf.vocab_size)

@@ -17,13 +17,14 @@ Megatron layouts that differ from HF:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
 
-from megatron_klear.models.qwen3 import Qwen3Config
+from megatron_klear.models.config import Qwen3Config
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -195,3 +196,8 @@ def hf_tensor_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
         suffix = ".".join(name.split(".")[-2:])
         shapes[name] = by_suffix.get(suffix, (h,))  # the remaining ones are RMSNorm weights
     return shapes
+
+
+def num_params(cfg: Qwen3Config) -> int:
+    """Parameter count of the HF model (unpadded vocabulary)."""
+    return sum(math.prod(shape) for shape in hf_tensor_shapes(cfg).values())

@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from megatron_klear.errors import EngineError, StaleEngineError
+from megatron_klear.errors import ConfigError, EngineError, StaleEngineError
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -36,7 +36,6 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def validate(self) -> None:
-        from megatron_klear.errors import ConfigError
 
         if not self.temperature >= 0:
             raise ConfigError(f"sampling temperature must be >= 0, got {self.temperature}")

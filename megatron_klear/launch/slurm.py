@@ -1,6 +1,6 @@
 """The one Slurm launcher behind every job script in ``slurm/`` (via ``slurm/launch.sh``).
 
-Inside an allocation (``sbatch``), ``python -m megatron_klear.slurm_launch sft|rl --config C
+Inside an allocation (``sbatch``), ``python -m megatron_klear.launch.slurm sft|rl --config C
 [key=value ...]``:
 
 1. reads Slurm's environment: the hosts (``scontrol show hostnames $SLURM_JOB_NODELIST``), the
@@ -39,7 +39,10 @@ from typing import Optional
 
 from megatron_klear.config import load_config
 from megatron_klear.distributed import free_port
-from megatron_klear.errors import ConfigError, LaunchError
+from megatron_klear.errors import ConfigError, EngineError, LaunchError
+from megatron_klear.inference.sglang import router_command, server_command, spawn_logged
+from megatron_klear.inference.sglang_api import wait_healthy
+from megatron_klear.rl.trainer import sglang_config
 
 # entry -> (trainer module, "module:ConfigClass")
 ENTRIES = {
@@ -230,7 +233,6 @@ def plan_launch(entry: str, config: str, overrides: list[str], job: SlurmJob, th
 
 
 def _sglang_config(cfg, **extra):
-    from megatron_klear.rl.trainer import sglang_config
 
     return sglang_config(cfg, cfg.model.hf or "", **extra)
 
@@ -284,7 +286,7 @@ def engines_command(plan: LaunchPlan) -> list[str]:
         "--open-mode=append",
         sys.executable,
         "-m",
-        "megatron_klear.slurm_launch",
+        "megatron_klear.launch.slurm",
         "engines",
         "--config",
         plan.config,
@@ -294,8 +296,6 @@ def engines_command(plan: LaunchPlan) -> list[str]:
 
 def wait_for_engines(plan: LaunchPlan, proc: subprocess.Popen) -> None:
     """Every server and the router answer ``/health``, or LaunchError naming the log."""
-    from megatron_klear.errors import EngineError
-    from megatron_klear.rollout.sglang_api import wait_healthy
 
     e = plan.engines
     logs = plan.output_dir / "logs"
@@ -323,8 +323,6 @@ class _Children:
         if log is None:
             p = subprocess.Popen(cmd, start_new_session=True)
         else:
-            from megatron_klear.rollout.sglang_engine import spawn_logged
-
             p = spawn_logged(cmd, log)
         self.procs.append(p)
         return p
@@ -387,7 +385,6 @@ def run_engines(config: str, overrides: list[str]) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     # Bind on all interfaces: trainers on other nodes connect to us.
     sg = _sglang_config(cfg, host="0.0.0.0", launch=True, log_dir=str(log_dir))
-    from megatron_klear.rollout.sglang_engine import router_command, server_command
 
     per_node = sg.replicas // max(sg.nodes, 1)
     children = _Children()

@@ -35,9 +35,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_klear.errors import EngineError, EngineWeightError, StaleEngineError
-from megatron_klear.rollout import sglang_api as api
-from megatron_klear.rollout.base import Bucket, Completion, RolloutEngine, SamplingParams
+from megatron_klear.errors import ConfigError, EngineError, EngineWeightError, StaleEngineError
+from megatron_klear.inference import sglang_api as api
+from megatron_klear.inference.base import Bucket, Completion, RolloutEngine, SamplingParams
 
 _GROUP = "megatron_klear_sync"  # generation n of the weight-update group is named f"{_GROUP}_{n}"
 # Replicated (never TP-sharded, never fused) tensors whose first rows we read back after a sync.
@@ -77,7 +77,6 @@ class SGLangConfig:
     nodes: int = 0
 
     def validate(self) -> None:
-        from megatron_klear.errors import ConfigError
 
         if self.mode not in ("colocated", "distributed"):
             raise ConfigError(f"rollout.sglang.mode must be 'colocated' or 'distributed', got {self.mode!r}")

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megatron_klear.errors import EngineError
-from megatron_klear.rollout.base import Bucket, Completion, SamplingParams
+from megatron_klear.inference.base import Bucket, Completion, SamplingParams
 
 # ---------------------------------------------------------------------------- requests
 

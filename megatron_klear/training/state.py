@@ -9,12 +9,13 @@ the whole global batch, whatever the split into micro-batches and DP ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
-from megatron_klear.models.qwen3 import ModelOptions, Qwen3Config, build_model
+from megatron_klear.errors import ConfigError
+from megatron_klear.models.config import Qwen3Config
+from megatron_klear.models.qwen3 import ModelOptions, build_model
 
 
 @dataclass
@@ -33,7 +34,6 @@ class OptimConfig:
     decay_steps: Optional[int] = None  # default: the run's total steps
 
     def validate(self, where: str = "optim") -> None:
-        from megatron_klear.errors import ConfigError
 
         if not self.lr > 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
@@ -46,7 +46,7 @@ class OptimConfig:
 
 
 @dataclass
-class TrainEngine:
+class TrainState:
     model: Any  # Megatron DDP wrapper around this rank's GPTModel stage
     optimizer: Any
     scheduler: Any
@@ -58,13 +58,13 @@ class TrainEngine:
         return self.model.module
 
 
-def build_engine(
+def build_train_state(
     hf_cfg: Qwen3Config,
     opts: ModelOptions,
     optim: OptimConfig,
     total_steps: int,
     init_weights: Optional[Callable[[torch.nn.Module], None]] = None,
-) -> TrainEngine:
+) -> TrainState:
     """Model stage of this rank wrapped in Megatron DDP, with its distributed optimizer.
 
     ``init_weights(gpt_model)`` loads the starting weights; it runs before the optimizer
@@ -117,76 +117,4 @@ def build_engine(
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
     )
-    return TrainEngine(model, optimizer, scheduler, hf_cfg)
-
-
-# A micro-batch loss: (logits of this micro-batch [b, s, V/TP], the micro-batch) ->
-# (sum of per-token losses, number of tokens, dict of float tensors to report).
-LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
-
-
-def forward_backward(
-    engine: TrainEngine, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool = False
-) -> list[dict]:
-    """Run Megatron's pipeline schedule over ``micro_batches``; returns the loss dicts.
-
-    Each micro-batch holds ``input_ids``, ``position_ids`` and ``attention_mask`` tensors
-    (plus whatever ``loss_fn`` needs); all micro-batches have the same shape.
-    """
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    b, s = micro_batches[0]["input_ids"].shape  # s: this context-parallel rank's share
-    dev = next(engine.model.parameters()).device
-
-    def step(data_iter, model):
-        mb = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in next(data_iter).items()}
-        extra = {"packed_seq_params": mb["packed_seq_params"]} if mb.get("packed_seq_params") is not None else {}
-        logits = model(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), **extra)
-
-        def loss(output):
-            total, count, report = loss_fn(output, mb)
-            return total, count, report
-
-        return logits, loss
-
-    if not forward_only:
-        engine.model.zero_grad_buffer()
-        engine.optimizer.zero_grad()
-    return get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iter(micro_batches),
-        model=[engine.model],
-        num_microbatches=len(micro_batches),
-        seq_length=s * ps.get_context_parallel_world_size(),  # the schedule divides by cp itself
-        micro_batch_size=b,
-        forward_only=forward_only,
-    )
-
-
-def optimizer_step(engine: TrainEngine) -> tuple[bool, float]:
-    """Apply the optimizer and advance the schedule; returns (applied, grad norm)."""
-    ok, grad_norm, _ = engine.optimizer.step()
-    if ok:
-        engine.scheduler.step(increment=1)
-    return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
-
-
-def reduce_reports(reports: Iterable[dict], keys: Iterable[str]) -> dict[str, float]:
-    """Sum report entries over micro-batches (last stage) and over DP x CP; same on every rank."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_klear.distributed import comm_device
-
-    keys = list(keys)
-    local = torch.zeros(len(keys), dtype=torch.float64, device=comm_device())
-    for r in reports:
-        for i, k in enumerate(keys):
-            local[i] += float(r[k])
-    if dist.is_initialized():
-        dist.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
-        # only the last pipeline stage computed losses: take its numbers everywhere
-        dist.broadcast(
-            local, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
-        )
-    return {k: float(v) for k, v in zip(keys, local.tolist())}
+    return TrainState(model, optimizer, scheduler, hf_cfg)

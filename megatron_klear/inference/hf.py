@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_klear.errors import EngineWeightError
-from megatron_klear.rollout.base import Bucket, Completion, RolloutEngine, SamplingParams
+from megatron_klear.inference.base import Bucket, Completion, RolloutEngine, SamplingParams
 
 
 def filter_logits(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Process launchers above the training loops: Slurm (srun + torchrun, engine nodes)."""

@@ -1,0 +1,86 @@
+"""One training step on the train state: Megatron's pipeline schedule and the optimizer.
+
+The loss is a token sum per micro-batch with Megatron's ``calculate_per_token_loss``: the
+schedule sums the token counts, DDP sums gradients across data- and context-parallel ranks,
+and ``finalize_model_grads`` divides by the global count. So the gradient is the token mean over
+the whole global batch, whatever the split into micro-batches and DP ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from megatron_klear.distributed import comm_device
+from megatron_klear.training.state import TrainState
+
+# A micro-batch loss: (logits of this micro-batch [b, s, V/TP], the micro-batch) ->
+# (sum of per-token losses, number of tokens, dict of float tensors to report).
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def forward_backward(
+    engine: TrainState, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool = False
+) -> list[dict]:
+    """Run Megatron's pipeline schedule over ``micro_batches``; returns the loss dicts.
+
+    Each micro-batch holds ``input_ids``, ``position_ids`` and ``attention_mask`` tensors
+    (plus whatever ``loss_fn`` needs); all micro-batches have the same shape.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    b, s = micro_batches[0]["input_ids"].shape  # s: this context-parallel rank's share
+    dev = next(engine.model.parameters()).device
+
+    def step(data_iter, model):
+        mb = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in next(data_iter).items()}
+        extra = {"packed_seq_params": mb["packed_seq_params"]} if mb.get("packed_seq_params") is not None else {}
+        logits = model(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), **extra)
+
+        def loss(output):
+            total, count, report = loss_fn(output, mb)
+            return total, count, report
+
+        return logits, loss
+
+    if not forward_only:
+        engine.model.zero_grad_buffer()
+        engine.optimizer.zero_grad()
+    return get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter(micro_batches),
+        model=[engine.model],
+        num_microbatches=len(micro_batches),
+        seq_length=s * ps.get_context_parallel_world_size(),  # the schedule divides by cp itself
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
+
+
+def optimizer_step(engine: TrainState) -> tuple[bool, float]:
+    """Apply the optimizer and advance the schedule; returns (applied, grad norm)."""
+    ok, grad_norm, _ = engine.optimizer.step()
+    if ok:
+        engine.scheduler.step(increment=1)
+    return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def reduce_reports(reports: Iterable[dict], keys: Iterable[str]) -> dict[str, float]:
+    """Sum report entries over micro-batches (last stage) and over DP x CP; same on every rank."""
+    from megatron.core import parallel_state as ps
+
+    keys = list(keys)
+    local = torch.zeros(len(keys), dtype=torch.float64, device=comm_device())
+    for r in reports:
+        for i, k in enumerate(keys):
+            local[i] += float(r[k])
+    if dist.is_initialized():
+        dist.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
+        # only the last pipeline stage computed losses: take its numbers everywhere
+        dist.broadcast(
+            local, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
+    return {k: float(v) for k, v in zip(keys, local.tolist())}
