@@ -32,7 +32,7 @@ def run_config_entry(
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
     a = p.parse_args(argv)
     # SIGTERM (torchrun stopping its workers, scancel) unwinds like an exception, so the
-    # ``finally`` blocks run: rollout engine servers are stopped rather than orphaned on their GPUs.
+    # ``finally`` blocks run: inference engine servers are stopped rather than orphaned on their GPUs.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         train(load_config(cls, a.config, a.overrides))

@@ -2,6 +2,8 @@
 
 Every error names the offending field by its dotted path (``optim.lr``) and, for files, the
 file. Unknown keys are errors, not silently ignored: a typo must not train with a default.
+A section class may define ``validate(where)``: it runs as soon as the section is built, with
+``where`` its dotted path, so every value is checked at load, before anything starts.
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
             kwargs[f.name] = _convert(data[f.name], hints[f.name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {key}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if where and hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

@@ -18,25 +18,29 @@ from megatron_klear.errors import ConfigError
 
 @dataclass
 class ParallelConfig:
-    """Model-parallel layout. Data parallel size is whatever is left of the world."""
+    """The ``parallel`` section: model-parallel layout. Data parallel is what is left of the world."""
 
     tp: int = 1
     pp: int = 1
-    sequence_parallel: bool = False
-    cp: int = 1  # context parallel: each sequence split over cp ranks (Transformer Engine attention)
+    sequence_parallel: bool = False  # Transformer Engine only; needs tp > 1
+    context_parallel: int = 1  # Transformer Engine only; splits every packed sequence over cp ranks
 
-    def validate(self, world_size: int) -> int:
-        """Check the sizes against the world; returns the data-parallel size."""
-        for name in ("tp", "pp", "cp"):
+    def validate(self, where: str = "parallel") -> None:
+        for name in ("tp", "pp", "context_parallel"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        mp = self.tp * self.pp * self.cp
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError(f"{where}.sequence_parallel needs {where}.tp > 1")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size in a world of ``world_size`` ranks; errors name the sizes."""
+        self.validate()
+        mp = self.tp * self.pp * self.context_parallel
         if world_size % mp != 0:
             raise ConfigError(
-                f"world size {world_size} is not divisible by tp x pp x cp = {self.tp} x {self.pp} x {self.cp} = {mp}"
+                f"world size {world_size} is not divisible by tp x pp x cp = "
+                f"{self.tp} x {self.pp} x {self.context_parallel} = {mp}"
             )
-        if self.sequence_parallel and self.tp == 1:
-            raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
         return world_size // mp
 
 
@@ -86,7 +90,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_min:
     layout is validated before any collective is created.
     """
     env = DistEnv.from_environ()
-    parallel.validate(env.world_size)
+    parallel.data_parallel_size(env.world_size)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "nccl"
@@ -109,7 +113,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_min:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
-            context_parallel_size=parallel.cp,
+            context_parallel_size=parallel.context_parallel,
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

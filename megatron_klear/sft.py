@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,76 +27,37 @@ from megatron_klear.data.sft import SFTDataConfig, SFTDataset
 from megatron_klear.distributed import ParallelConfig, init_distributed, is_main
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import validate_parallel
+from megatron_klear.models.qwen3 import uses_transformer_engine
 from megatron_klear.ops.logprobs import model_output_logprobs
 from megatron_klear.training.batches import micro_batch
 from megatron_klear.training.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_klear.training.guards import maybe_crash, stop_on_nonfinite
 from megatron_klear.training.metrics import MetricsLogger, model_flops_per_token
-from megatron_klear.training.run import (
-    CheckpointSection,
-    LogSection,
-    ModelSection,
-    ParallelSection,
-    model_options,
-    model_source,
-    prepare_assets,
-    tokenizer_dir,
-)
+from megatron_klear.training.run import CheckpointConfig, LogConfig, ModelConfig, model_source, prepare_assets
 from megatron_klear.training.state import OptimConfig, build_train_state
 from megatron_klear.training.step import forward_backward, optimizer_step, reduce_reports
-
-if TYPE_CHECKING:
-    pass
-
-
-@dataclass
-class DataSection:
-    train: list[str] = field(default_factory=list)
-    valid: list[str] = field(default_factory=list)
-    generate: Optional[str] = None  # write our synthetic data here first if it is missing
-    seq_len: int = 32768
-    global_batch_tokens: int = 32768 * 128
-    micro_batch_size: int = 1  # packed sequences per micro-batch
-    overlong: str = "truncate"
-    cache_dir: str = "~/.cache/megatron_klear/sft"
-    workers: int = 1
-    seed: int = 1234
 
 
 @dataclass
 class SFTConfig:
+    """An SFT run: the YAML file's top level (every section typed and checked at load)."""
+
     output_dir: str
-    model: ModelSection = field(default_factory=ModelSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataSection = field(default_factory=DataSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    log: LogSection = field(default_factory=LogSection)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     train_steps: Optional[int] = None
     epochs: Optional[float] = None  # alternative to train_steps
     seed: int = 1234
 
     def validate(self) -> None:
-        m, d = self.model, self.data
-        if (m.hf is None) == (m.load is None):
-            raise ConfigError("set exactly one of model.hf (HF directory) and model.load (Megatron checkpoint)")
-        if m.create_tiny is not None and m.hf is None:
-            raise ConfigError("model.create_tiny needs model.hf (where to create it)")
-        if m.logprob_impl not in ("torch", "triton"):
-            raise ConfigError(f"model.logprob_impl must be 'torch' or 'triton', got {m.logprob_impl!r}")
-        if not d.train:
-            raise ConfigError("data.train is empty")
-        if d.seq_len < 2 or d.micro_batch_size < 1:
-            raise ConfigError("data.seq_len must be >= 2 and data.micro_batch_size >= 1")
-        if d.global_batch_tokens % d.seq_len:
-            raise ConfigError(
-                f"data.global_batch_tokens={d.global_batch_tokens} is not a multiple of data.seq_len={d.seq_len}"
-            )
+        """Checks across sections (each section checked itself when it loaded)."""
+        d, par = self.data, self.parallel
         if (self.train_steps is None) == (self.epochs is None):
             raise ConfigError("set exactly one of train_steps and epochs")
-        par = self.parallel
-        if par.context_parallel < 1:
-            raise ConfigError(f"parallel.context_parallel must be >= 1, got {par.context_parallel}")
         if par.context_parallel > 1 and d.seq_len % (2 * par.context_parallel):
             raise ConfigError(
                 f"data.seq_len={d.seq_len} must be a multiple of 2 x parallel.context_parallel = "
@@ -107,7 +68,6 @@ class SFTConfig:
                 f"data.seq_len / parallel.context_parallel = {d.seq_len // par.context_parallel} must be a multiple "
                 f"of parallel.tp={par.tp} with parallel.sequence_parallel"
             )
-        self.optim.validate()
 
     def batch_layout(self, dp: int) -> tuple[int, int]:
         """(sequences per global batch, micro-batches per rank); errors name the numbers."""
@@ -178,19 +138,18 @@ class BatchStream:
         return micro, (e, k)
 
 
-def evaluate(engine, dataset, stream_args: dict, cfg: SFTConfig, loss_fn) -> float:
-
+def evaluate(train_state, dataset, stream_args: dict, cfg: SFTConfig, loss_fn) -> float:
     stream = BatchStream(dataset, **stream_args)
     total = {"loss_sum": 0.0, "tokens": 0.0}
     pos = (0, 0)
     for _ in range(cfg.log.eval_batches):
         micro, pos = stream.global_batch(*pos)
-        rep = reduce_reports(forward_backward(engine, micro, loss_fn, forward_only=True), total)
+        rep = reduce_reports(forward_backward(train_state, micro, loss_fn, forward_only=True), total)
         for k in total:
             total[k] += rep[k]
         if pos[0] > 0:  # one pass over the validation set is enough
             break
-    engine.model.train()
+    train_state.model.train()
     return total["loss_sum"] / max(total["tokens"], 1.0)
 
 
@@ -199,11 +158,11 @@ def train(cfg: SFTConfig) -> dict:
     from megatron.core import parallel_state as ps
 
     par = cfg.parallel
-    init_distributed(ParallelConfig(par.tp, par.pp, par.sequence_parallel, par.context_parallel), seed=cfg.seed)
+    init_distributed(par, seed=cfg.seed)
     dp = ps.get_data_parallel_world_size()
     seqs, n_micro = cfg.batch_layout(dp)
-    prepare_assets(cfg)
-    hf_cfg, init_weights = model_source(cfg)
+    prepare_assets(cfg.model, cfg.data.generate, cfg.data.train)
+    hf_cfg, init_weights = model_source(cfg.model)
     validate_parallel(hf_cfg, cfg.parallel.tp, cfg.parallel.pp)
     if cfg.data.seq_len > hf_cfg.max_position_embeddings:
         raise ConfigError(
@@ -214,19 +173,10 @@ def train(cfg: SFTConfig) -> dict:
     ckpt_root = out / "checkpoints"
 
     def dataset(paths):
-        dcfg = SFTDataConfig(
-            paths,
-            tokenizer_dir(cfg),
-            cfg.data.seq_len,
-            cfg.data.cache_dir,
-            cfg.data.overlong,
-            cfg.data.seed,
-            workers=cfg.data.workers,
-            align=2 * par.context_parallel if par.context_parallel > 1 else 1,
-        )
+        align = 2 * par.context_parallel if par.context_parallel > 1 else 1
         if not is_main():  # rank 0 builds the token cache, the others then map it
             dist.barrier()
-        ds = SFTDataset(dcfg)
+        ds = SFTDataset(cfg.data, cfg.model.tokenizer_dir, paths, align)
         if is_main():
             dist.barrier()
         return ds
@@ -236,13 +186,19 @@ def train(cfg: SFTConfig) -> dict:
     steps_per_epoch = max(1, train_ds.packs_per_epoch() // seqs)
     total_steps = cfg.train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    opts = model_options(cfg)
-    use_te = opts.use_te
+    use_te = uses_transformer_engine(cfg.model)
     resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
-    engine = build_train_state(hf_cfg, opts, cfg.optim, total_steps, init_weights=None if resume_from else init_weights)
+    train_state = build_train_state(
+        hf_cfg,
+        cfg.model,
+        cfg.optim,
+        total_steps,
+        init_weights=None if resume_from else init_weights,
+        sequence_parallel=par.sequence_parallel,
+    )
     state = {"step": 0, "data_epoch": 0, "data_pack": 0, "tokens": 0}
     if resume_from is not None:
-        state.update(load_checkpoint(engine, resume_from))
+        state.update(load_checkpoint(train_state, resume_from))
         if is_main():
             print(f"resumed from {resume_from} at step {state['step']}", flush=True)
     if is_main():
@@ -282,8 +238,8 @@ def train(cfg: SFTConfig) -> dict:
         while step < total_steps:
             t0 = time.time()
             micro, next_pos = stream.global_batch(state["data_epoch"], state["data_pack"])
-            reports = forward_backward(engine, micro, loss_fn)
-            applied, grad_norm = optimizer_step(engine)
+            reports = forward_backward(train_state, micro, loss_fn)
+            applied, grad_norm = optimizer_step(train_state)
             rep = reduce_reports(reports, ("loss_sum", "tokens"))
             loss = rep["loss_sum"] / max(rep["tokens"], 1.0)
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
@@ -307,7 +263,7 @@ def train(cfg: SFTConfig) -> dict:
             tok_s = seqs * cfg.data.seq_len / dt
             metrics = {
                 "loss": loss,
-                "lr": engine.optimizer.param_groups[0]["lr"],
+                "lr": train_state.optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm,
                 "tokens_per_s": tok_s,
                 "tokens_per_s_per_device": tok_s / world,
@@ -321,23 +277,22 @@ def train(cfg: SFTConfig) -> dict:
             if torch.cuda.is_available():
                 metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if valid_ds is not None and cfg.log.eval_interval and step % cfg.log.eval_interval == 0:
-                metrics["val_loss"] = evaluate(engine, valid_ds, stream_args, cfg, loss_fn)
+                metrics["val_loss"] = evaluate(train_state, valid_ds, stream_args, cfg, loss_fn)
             logger.log(step, metrics, console=step % cfg.log.interval == 0 or step == total_steps)
             logger.advance()
             maybe_crash("step", step)
             if step % cfg.checkpoint.save_interval == 0 or step == total_steps:
-                save_checkpoint(engine, ckpt_root, step, state, cfg.checkpoint.keep_last)
+                save_checkpoint(train_state, ckpt_root, step, state, cfg.checkpoint.keep_last)
     finally:
         logger.close()
     if cfg.checkpoint.export_hf and is_main():
-        export_hf(tokenizer_dir(cfg), ckpt_root, out / "hf")
+        export_hf(cfg.model.tokenizer_dir, ckpt_root, out / "hf")
     if dist.is_initialized():
         dist.barrier()
     return metrics
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-
     return run_config_entry(SFTConfig, train, __doc__, argv)
 
 

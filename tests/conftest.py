@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from megatron_klear.checkpoint.convert import hf_to_megatron  # noqa: E402
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model  # noqa: E402
 
 # name -> shape; covers GQA ratios 1 and 4, tied and untied embeddings.
@@ -28,3 +31,37 @@ TINY_MODELS = {
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     return {name: make_tiny_model(root / name, args) for name, args in TINY_MODELS.items()}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "unit: one process or spawned gloo ranks (tests/unit)")
+    config.addinivalue_line("markers", "e2e: torchrun jobs, Slurm jobs, real servers (tests/e2e)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark every test by its folder, so ``-m unit`` / ``-m e2e`` select a tier."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in ("unit", "e2e"):
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def converted(hf_models, tmp_path_factory) -> dict[str, Path]:
+    """Every tiny model converted at TP=2 x PP=2 (the hardest layout to write)."""
+    root = tmp_path_factory.mktemp("mg")
+    out = {}
+    for name, d in hf_models.items():
+        out[name] = root / name
+        hf_to_megatron(str(d), str(out[name]), tp=2, pp=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def input_ids(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 500, (2, 24), generator=g)
+    p = tmp_path_factory.mktemp("ids") / "ids.json"
+    p.write_text(json.dumps(ids.tolist()))
+    return p, ids

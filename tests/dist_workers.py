@@ -21,7 +21,7 @@ def logits_worker(tp: int, pp: int, ckpts: list[str], ids_path: str, out_dir: st
         ids = torch.tensor(json.loads(Path(ids_path).read_text()))
         for ck in ckpts:
             cfg = Qwen3Config.from_dict(json.loads((Path(ck) / "config.json").read_text()))
-            model = build_model(cfg, ModelOptions(init_weights=False))
+            model = build_model(cfg, ModelOptions(), init_weights=False)
             load_model(model, ck)
             out = send_to_rank0(forward_logits(model, ids, cfg.vocab_size))
             if torch.distributed.get_rank() == 0:
@@ -72,7 +72,7 @@ def gather_worker(tp: int, pp: int, ckpt: str, bucket_bytes: int, out: str) -> N
     init_distributed(ParallelConfig(tp=tp, pp=pp))
     try:
         cfg = Qwen3Config.from_dict(json.loads((Path(ckpt) / "config.json").read_text()))
-        model = build_model(cfg, ModelOptions(init_weights=False))
+        model = build_model(cfg, ModelOptions(), init_weights=False)
         load_model(model, ckpt)
         buckets = [[(n, t.clone()) for n, t in b] for b in gather_hf_buckets(model, cfg, bucket_bytes)]
         if torch.distributed.get_rank() == 0:
@@ -102,7 +102,7 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         cfg = load_hf_config(hf_dir)
         eng = build_train_state(
             cfg,
-            ModelOptions(init_weights=False),
+            ModelOptions(),
             OptimConfig(lr=1e-2, min_lr=1e-2, decay_style="constant"),
             10,
             init_weights=lambda m: load_hf_weights(m, cfg, HFReader(hf_dir).get),

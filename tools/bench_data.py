@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         data.write_text("".join(json.dumps(r) + "\n" for r in long_rows(a.samples, 0)))
         rows = []
         for w in a.workers:
-            cfg = SFTDataConfig([str(data)], tok, seq_len=a.seq_len, cache_dir=str(scratch / f"cache{w}"), workers=w)
+            cfg = SFTDataConfig([str(data)], seq_len=a.seq_len, cache_dir=str(scratch / f"cache{w}"), workers=w)
             t = time.perf_counter()
-            ds = SFTDataset(cfg)
+            ds = SFTDataset(cfg, tok)
             t_tok = time.perf_counter() - t
             t = time.perf_counter()
             n_packs = 0

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"num_hidden_layers": a.layers} if a.layers else {}
     dtype = "bfloat16"
     cfg = Qwen3Config.from_dict(qwen3_config_dict(a.shape, dtype, **extra))
-    model = build_model(cfg, ModelOptions(init_weights=False))
+    model = build_model(cfg, ModelOptions(), init_weights=False)
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.synchronize()

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = read_input_ids(a.input_ids, cfg.vocab_size)
     init_distributed(ParallelConfig(tp=a.tp, pp=a.pp))
     try:
-        model = build_model(cfg, ModelOptions(init_weights=False))
+        model = build_model(cfg, ModelOptions(), init_weights=False)
         load_model(model, a.load)
         logits = send_to_rank0(forward_logits(model, ids, cfg.vocab_size))
         if torch.distributed.get_rank() == 0:

@@ -22,8 +22,8 @@ from megatron_klear.inference.hf import HFEngine
 from megatron_klear.inference.sglang import SGLangConfig, SGLangEngine
 from megatron_klear.rewards.code import CodeRewardConfig
 from megatron_klear.rewards.math import MathRewardConfig
+from megatron_klear.rl.config import RewardConfig
 from megatron_klear.rl.evaluate import evaluate
-from megatron_klear.rl.rollout import RewardConfigs
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -58,14 +58,15 @@ def main(argv=None) -> int:
     if a.engine == "hf":
         engine = HFEngine(a.model, device=a.device)
     else:
-        engine = SGLangEngine(from_dict(SGLangConfig, apply_overrides({"model_path": a.model}, a.sglang)))
-    rewards = RewardConfigs(MathRewardConfig(wrong_score=a.math_wrong_score), CodeRewardConfig(), a.reward_workers)
+        engine = SGLangEngine(from_dict(SGLangConfig, apply_overrides({"model_path": a.model}, a.sglang), "--sglang"))
+    rewards = RewardConfig(MathRewardConfig(wrong_score=a.math_wrong_score), CodeRewardConfig())
     try:
         res = evaluate(
             engine,
             tok,
             prompts,
             rewards,
+            workers=a.reward_workers,
             k=a.k,
             temperature=a.temperature,
             top_p=a.top_p,

@@ -12,7 +12,7 @@ source tools/setup_env.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 # Without a GPU the Triton kernels run (slowly, for correctness) under the interpreter.
 [ -e /dev/nvidia0 ] || export TRITON_INTERPRET=1
-# A real one-node Slurm for tests/test_slurm.py (installs slurmctld/slurmd/munge when root on
+# A real one-node Slurm for tests/e2e/test_slurm.py (installs slurmctld/slurmd/munge when root on
 # Debian); if it cannot start, those tests skip and print why.
 STARTED_SLURM=0
 if bash tools/local_slurm.sh start; then STARTED_SLURM=1; fi

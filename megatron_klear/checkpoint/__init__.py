@@ -1,1 +1,1 @@
-"""HF <-> Megatron mapping, HF safetensors I/O and Megatron distributed checkpoints."""
+"""Storage only: HF safetensors I/O, Megatron-Core distributed checkpoints, offline conversion."""

@@ -1,4 +1,9 @@
-"""Move weights between HF tensors and this rank's Megatron model stage, via ``mapping``."""
+"""Offline conversion: HF safetensors <-> Megatron-Core distributed checkpoint.
+
+Everything that can be checked is checked before any worker starts; the output is written under
+a temporary name and appears only when complete. The tensors move through ``models.weights``
+(the one HF <-> Megatron mapping); the tools in ``tools/`` are thin wrappers around these.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ def _hf_to_megatron_worker(hf_dir: str, tmp: str, tp: int, pp: int) -> None:
         cfg = load_hf_config(hf_dir)
         reader = HFReader(hf_dir)
         _log_rss("start")
-        model = build_model(cfg, ModelOptions(init_weights=False, use_te=False))
+        model = build_model(cfg, ModelOptions(use_te=False), init_weights=False)
         _log_rss("built model")
         n = sum(1 for _ in model.parameters())
         with _progress(n, f"load HF (rank 0 of {tp * pp})", is_main()) as bar:
@@ -86,7 +91,7 @@ def _megatron_to_hf_worker(load: str, tmp: str, max_shard_bytes: int) -> None:
     try:
         raw = json.loads((Path(load) / "config.json").read_text())
         cfg = Qwen3Config.from_dict(raw, source=str(Path(load) / "config.json"))
-        model = build_model(cfg, ModelOptions(init_weights=False, use_te=False))
+        model = build_model(cfg, ModelOptions(use_te=False), init_weights=False)
         load_model(model, load)
         writer = HFWriter(tmp, max_shard_bytes=max_shard_bytes)
         n = len(hf_mapping.hf_tensor_names(cfg))

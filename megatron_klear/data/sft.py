@@ -22,35 +22,47 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from megatron_klear.data.chat import render_chat
 from megatron_klear.data.io import SkipCounter, read_rows
-from megatron_klear.errors import DataError
+from megatron_klear.errors import ConfigError, DataError
 
 CACHE_VERSION = 1
 
 
 @dataclass
 class SFTDataConfig:
-    """Where the data is and how to pack it."""
+    """The ``data`` section of an SFT run: where the data is and how to pack it."""
 
-    paths: list[str]
-    tokenizer: str  # tokenizer directory (an HF model directory works)
+    train: list[str] = field(default_factory=list)  # conversation files (.jsonl / .parquet)
+    valid: list[str] = field(default_factory=list)
+    generate: Optional[str] = None  # write our synthetic data here first if it is missing
     seq_len: int = 32768
-    cache_dir: str = "~/.cache/megatron_klear/sft"
+    global_batch_tokens: int = 32768 * 128
+    micro_batch_size: int = 1  # packed sequences per micro-batch
     overlong: str = "truncate"  # "truncate" or "drop" samples longer than seq_len
-    seed: int = 1234
-    strict: bool = False
+    cache_dir: str = "~/.cache/megatron_klear/sft"
     workers: int = 1
-    # Every document's slot in a pack is rounded up to a multiple of this (the extra positions
-    # are padding with no loss). Context parallel needs 2 x cp: Transformer Engine splits each
-    # document into 2 x cp equal chunks.
-    align: int = 1
+    seed: int = 1234
+    strict: bool = False  # a malformed row is an error instead of being skipped
+
+    def validate(self, where: str = "data") -> None:
+        if not self.train:
+            raise ConfigError(f"{where}.train is empty")
+        if self.overlong not in ("truncate", "drop"):
+            raise ConfigError(f"{where}.overlong must be 'truncate' or 'drop', got {self.overlong!r}")
+        if self.seq_len < 2 or self.micro_batch_size < 1:
+            raise ConfigError(f"{where}.seq_len must be >= 2 and {where}.micro_batch_size >= 1")
+        if self.global_batch_tokens % self.seq_len:
+            raise ConfigError(
+                f"{where}.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
+                f"{where}.seq_len={self.seq_len}"
+            )
 
 
 @dataclass
@@ -91,9 +103,9 @@ def _encode(item: tuple[int, object]) -> tuple[int, Optional[list[int]], Optiona
     return row_no, r.input_ids, r.loss_mask, ""
 
 
-def _cache_key(path: Path, cfg: SFTDataConfig) -> str:
+def _cache_key(path: Path, tokenizer: str) -> str:
     st = path.stat()
-    tok_files = sorted(Path(cfg.tokenizer).glob("tokenizer*.json"))
+    tok_files = sorted(Path(tokenizer).glob("tokenizer*.json"))
     h = hashlib.sha256()
     h.update(f"{CACHE_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     for f in tok_files:
@@ -101,13 +113,13 @@ def _cache_key(path: Path, cfg: SFTDataConfig) -> str:
     return h.hexdigest()[:20]
 
 
-def build_cache(path: str | Path, cfg: SFTDataConfig) -> Path:
+def build_cache(path: str | Path, cfg: SFTDataConfig, tokenizer: str) -> Path:
     """Tokenise ``path`` into the cache (once; later calls reuse it). Returns the directory."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file does not exist")
     root = Path(os.path.expanduser(cfg.cache_dir))
-    out = root / f"{path.stem}-{_cache_key(path, cfg)}"
+    out = root / f"{path.stem}-{_cache_key(path, tokenizer)}"
     if (out / "meta.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
@@ -120,11 +132,11 @@ def build_cache(path: str | Path, cfg: SFTDataConfig) -> Path:
     try:
         with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm:
             if cfg.workers > 1:
-                pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, (cfg.tokenizer,))
+                pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, (tokenizer,))
                 results = pool.imap(_encode, rows, chunksize=64)
             else:
                 pool = None
-                _init_worker(cfg.tokenizer)
+                _init_worker(tokenizer)
                 results = map(_encode, rows)
             try:
                 for row_no, ids, mask, why in results:
@@ -181,20 +193,27 @@ class TokenCache:
 class SFTDataset:
     """Packed SFT sequences over one or more cached files, in a resumable order."""
 
-    def __init__(self, cfg: SFTDataConfig):
+    def __init__(self, cfg: SFTDataConfig, tokenizer: str, paths: Optional[Sequence[str]] = None, align: int = 1):
+        """``paths``: the files to pack (default ``cfg.train``); ``tokenizer``: its directory.
+
+        Every document's slot in a pack is rounded up to a multiple of ``align`` (the extra
+        positions are padding with no loss). Context parallel needs 2 x cp: Transformer Engine
+        splits each document into 2 x cp equal chunks.
+        """
+        paths = list(cfg.train if paths is None else paths)
         if cfg.overlong not in ("truncate", "drop"):
             raise DataError(f"data.overlong must be 'truncate' or 'drop', got {cfg.overlong!r}")
         if cfg.seq_len < 2:
             raise DataError(f"data.seq_len must be >= 2, got {cfg.seq_len}")
-        if not cfg.paths:
-            raise DataError("data.paths is empty")
-        if cfg.align < 1 or cfg.seq_len % cfg.align:
-            raise DataError(f"data.seq_len={cfg.seq_len} is not a multiple of the document alignment {cfg.align}")
-        self.cfg = cfg
-        self.caches = [TokenCache(build_cache(p, cfg)) for p in cfg.paths]
+        if not paths:
+            raise DataError("data.train is empty")
+        if align < 1 or cfg.seq_len % align:
+            raise DataError(f"data.seq_len={cfg.seq_len} is not a multiple of the document alignment {align}")
+        self.cfg, self.paths, self.align = cfg, paths, align
+        self.caches = [TokenCache(build_cache(p, cfg, tokenizer)) for p in paths]
         self.refs = [(c, i) for c, cache in enumerate(self.caches) for i in range(len(cache))]
         if not self.refs:
-            raise DataError(f"no usable samples in {', '.join(cfg.paths)} (every row was malformed or empty)")
+            raise DataError(f"no usable samples in {', '.join(paths)} (every row was malformed or empty)")
         lengths = np.array([self.caches[c].index[i + 1] - self.caches[c].index[i] for c, i in self.refs])
         self.too_long = int((lengths > cfg.seq_len).sum())
         if cfg.overlong == "drop":
@@ -204,7 +223,7 @@ class SFTDataset:
             if not self.refs:
                 raise DataError(f"every sample is longer than data.seq_len={cfg.seq_len} and overlong='drop'")
         self.lengths = np.minimum(lengths, cfg.seq_len)
-        self.slots = -(-self.lengths // cfg.align) * cfg.align  # positions each sample takes in a pack
+        self.slots = -(-self.lengths // align) * align  # positions each sample takes in a pack
         self._plans: dict[int, list[list[int]]] = {}
 
     @property

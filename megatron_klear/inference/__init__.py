@@ -1,1 +1,1 @@
-"""Rollout engines (HF transformers in process, SGLang servers) behind one interface."""
+"""Inference engines (HF transformers in process, SGLang servers + router) behind one interface."""

@@ -1,4 +1,4 @@
-"""The rollout-engine interface the RL loop programs against.
+"""The inference-engine interface the RL loop programs against.
 
 An engine generates completions for token-id prompts, scores fixed sequences (for the
 train/inference consistency check) and takes weight updates as ``(hf_name, tensor)``
@@ -36,7 +36,6 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def validate(self) -> None:
-
         if not self.temperature >= 0:
             raise ConfigError(f"sampling temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -65,7 +64,7 @@ class Completion:
 Bucket = list[tuple[str, torch.Tensor]]
 
 
-class RolloutEngine(ABC):
+class InferenceEngine(ABC):
     """What the RL loop needs from an inference engine."""
 
     version: Optional[str] = None  # weight version of the last complete sync

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_klear.errors import EngineWeightError
-from megatron_klear.inference.base import Bucket, Completion, RolloutEngine, SamplingParams
+from megatron_klear.inference.base import Bucket, Completion, InferenceEngine, SamplingParams
 
 
 def filter_logits(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -29,8 +29,8 @@ def filter_logits(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logp
 
 
-class HFEngine(RolloutEngine):
-    """A transformers causal LM as a rollout engine."""
+class HFEngine(InferenceEngine):
+    """A transformers causal LM as an inference engine."""
 
     def __init__(
         self,

@@ -37,7 +37,7 @@ import torch
 
 from megatron_klear.errors import ConfigError, EngineError, EngineWeightError, StaleEngineError
 from megatron_klear.inference import sglang_api as api
-from megatron_klear.inference.base import Bucket, Completion, RolloutEngine, SamplingParams
+from megatron_klear.inference.base import Bucket, Completion, InferenceEngine, SamplingParams
 
 _GROUP = "megatron_klear_sync"  # generation n of the weight-update group is named f"{_GROUP}_{n}"
 # Replicated (never TP-sharded, never fused) tensors whose first rows we read back after a sync.
@@ -65,7 +65,7 @@ class SGLangConfig:
     request_timeout_s: float = 3600.0
     max_retries: int = 3
     concurrency: int = 64
-    log_dir: str = "sglang_logs"
+    log_dir: str = ""  # default: <output_dir>/sglang_logs
     nccl_master_address: Optional[str] = None  # distributed mode; default this host's name
     nccl_master_port: int = 29650  # group generation n uses nccl_master_port + n - 1
     # distributed mode: "nccl", or "gloo" (CPU tensors; slow, for debugging and the CPU tests)
@@ -76,22 +76,22 @@ class SGLangConfig:
     # 0: the engines share the trainer's first node.
     nodes: int = 0
 
-    def validate(self) -> None:
-
+    def validate(self, where: str = "rollout.sglang") -> None:
         if self.mode not in ("colocated", "distributed"):
-            raise ConfigError(f"rollout.sglang.mode must be 'colocated' or 'distributed', got {self.mode!r}")
-        if self.launch and not self.model_path:
-            raise ConfigError("rollout.sglang.model_path is required when launch is true")
+            raise ConfigError(f"{where}.mode must be 'colocated' or 'distributed', got {self.mode!r}")
         if not self.launch and (not self.server_urls or not self.router_url):
-            raise ConfigError("rollout.sglang.server_urls and router_url are required when launch is false")
+            raise ConfigError(f"{where}.server_urls and {where}.router_url are required when launch is false")
         if self.weight_sync_backend not in ("nccl", "gloo"):
-            raise ConfigError(
-                f"rollout.sglang.weight_sync_backend must be 'nccl' or 'gloo', got {self.weight_sync_backend!r}"
-            )
+            raise ConfigError(f"{where}.weight_sync_backend must be 'nccl' or 'gloo', got {self.weight_sync_backend!r}")
         if self.replicas < 1 or self.tp_size < 1:
-            raise ConfigError("rollout.sglang.replicas and tp_size must be >= 1")
+            raise ConfigError(f"{where}.replicas and {where}.tp_size must be >= 1")
         if self.nodes < 0:
-            raise ConfigError(f"rollout.sglang.nodes must be >= 0, got {self.nodes}")
+            raise ConfigError(f"{where}.nodes must be >= 0, got {self.nodes}")
+
+    def check_launchable(self, where: str = "rollout.sglang") -> None:
+        """What only the final config (model path filled in by the run) must satisfy."""
+        if self.launch and not self.model_path:
+            raise ConfigError(f"{where}.model_path is required when launch is true")
 
 
 def server_command(cfg: SGLangConfig, i: int) -> list[str]:
@@ -154,11 +154,12 @@ class _Server:
         return self.proc is None or self.proc.poll() is None
 
 
-class SGLangEngine(RolloutEngine):
-    """SGLang rollout engine; see the module docstring."""
+class SGLangEngine(InferenceEngine):
+    """SGLang inference engine; see the module docstring."""
 
     def __init__(self, cfg: SGLangConfig):
         cfg.validate()
+        cfg.check_launchable()
         self.cfg = cfg
         self.version = "initial"
         self.stale = False
@@ -168,7 +169,7 @@ class SGLangEngine(RolloutEngine):
         self._group_name = ""
         self._group_generation = 0
         self._sync_open = False  # a sync began and has not finished
-        log_dir = Path(cfg.log_dir)
+        log_dir = Path(cfg.log_dir or "sglang_logs")
         self._router_log = log_dir / "router.log"
         if cfg.launch:
             log_dir.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,6 @@ from megatron_klear.distributed import free_port
 from megatron_klear.errors import ConfigError, EngineError, LaunchError
 from megatron_klear.inference.sglang import router_command, server_command, spawn_logged
 from megatron_klear.inference.sglang_api import wait_healthy
-from megatron_klear.rl.trainer import sglang_config
 
 # entry -> (trainer module, "module:ConfigClass")
 ENTRIES = {
@@ -184,7 +183,7 @@ def plan_launch(entry: str, config: str, overrides: list[str], job: SlurmJob, th
     engines: Optional[EnginePlan] = None
     notes: list[str] = []
     if entry == "rl" and cfg.rollout.engine == "sglang":
-        sg = _sglang_config(cfg)
+        sg = cfg.sglang_config()
         n_engine_nodes = sg.nodes
         if sg.mode == "distributed" and n_engine_nodes > 0:
             if n_engine_nodes >= len(hosts):
@@ -230,11 +229,6 @@ def plan_launch(entry: str, config: str, overrides: list[str], job: SlurmJob, th
         engines=engines,
         notes=notes,
     )
-
-
-def _sglang_config(cfg, **extra):
-
-    return sglang_config(cfg, cfg.model.hf or "", **extra)
 
 
 def trainer_command(plan: LaunchPlan, job: SlurmJob) -> list[str]:
@@ -384,7 +378,7 @@ def run_engines(config: str, overrides: list[str]) -> int:
     log_dir = Path(cfg.output_dir) / "logs" / "sglang"
     log_dir.mkdir(parents=True, exist_ok=True)
     # Bind on all interfaces: trainers on other nodes connect to us.
-    sg = _sglang_config(cfg, host="0.0.0.0", launch=True, log_dir=str(log_dir))
+    sg = cfg.sglang_config(host="0.0.0.0", launch=True, log_dir=str(log_dir))
 
     per_node = sg.replicas // max(sg.nodes, 1)
     children = _Children()

@@ -12,7 +12,7 @@ Megatron layouts that differ from HF:
 * ``linear_qkv``: rows grouped per KV group: for each group ``g``, its ``heads/groups`` query
   heads, then its key head, then its value head (each ``head_dim`` rows). TP splits by groups.
 * ``linear_fc1``: ``[gate; up]``; each TP rank holds ``[gate_r; up_r]``.
-* embeddings / output layer: vocabulary padded (see ``models.qwen3.padded_vocab_size``).
+* embeddings / output layer: vocabulary padded (see ``models.config.padded_vocab_size``).
 """
 
 from __future__ import annotations

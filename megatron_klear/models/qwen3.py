@@ -15,17 +15,27 @@ import torch.nn.functional as F
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import DTYPES, Qwen3Config, padded_vocab_size, validate_parallel
 
+FP8_RECIPES = ("hybrid", "e4m3")
+RECOMPUTE = ("full", "selective")
+
 
 @dataclass
 class ModelOptions:
-    """How to build the Megatron model (as opposed to what the network is)."""
+    """How to build the Megatron model (as opposed to what the network is). The run configs'
+    ``model`` section extends this class, so its fields are ``model.<field>`` keys."""
 
     params_dtype: Optional[str] = None  # default: the HF config's dtype
     use_te: Optional[bool] = None  # default: when Transformer Engine is importable
     fp8: Optional[str] = None  # "hybrid" or "e4m3"; Transformer Engine only
-    sequence_parallel: bool = False
     recompute: Optional[str] = None  # None, "full" or "selective"
-    init_weights: bool = True  # False when every weight is loaded right after
+
+    def validate(self, where: str = "model") -> None:
+        if self.params_dtype is not None and self.params_dtype not in DTYPES:
+            raise ConfigError(f"{where}.params_dtype must be one of {sorted(DTYPES)}, got {self.params_dtype!r}")
+        if self.fp8 is not None and self.fp8 not in FP8_RECIPES:
+            raise ConfigError(f"{where}.fp8 must be null or one of {FP8_RECIPES}, got {self.fp8!r}")
+        if self.recompute is not None and self.recompute not in RECOMPUTE:
+            raise ConfigError(f"{where}.recompute must be null, 'full' or 'selective', got {self.recompute!r}")
 
 
 def have_transformer_engine() -> bool:
@@ -37,15 +47,32 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def transformer_config(cfg: Qwen3Config, tp: int, pp: int, opts: ModelOptions, cp: int = 1):
-    """Megatron ``TransformerConfig`` for a Qwen3 model at the given parallel sizes."""
+def uses_transformer_engine(opts: ModelOptions) -> bool:
+    """Whether a model built with ``opts`` has Transformer Engine layers (``use_te`` resolved)."""
+    return have_transformer_engine() if opts.use_te is None else opts.use_te
+
+
+def transformer_config(
+    cfg: Qwen3Config,
+    tp: int,
+    pp: int,
+    opts: ModelOptions,
+    cp: int = 1,
+    *,
+    sequence_parallel: bool = False,
+    init_weights: bool = True,
+):
+    """Megatron ``TransformerConfig`` for a Qwen3 model at the given parallel sizes.
+
+    ``init_weights=False`` skips the random initialisation when every weight is loaded next.
+    """
     from megatron.core.transformer import TransformerConfig
 
     validate_parallel(cfg, tp, pp)
-    use_te = have_transformer_engine() if opts.use_te is None else opts.use_te
+    use_te = uses_transformer_engine(opts)
     if opts.fp8 and not use_te:
         raise ConfigError("model.fp8 needs Transformer Engine, which is not installed")
-    if opts.sequence_parallel and not use_te:
+    if sequence_parallel and not use_te:
         raise ConfigError("parallel.sequence_parallel needs Transformer Engine layers")
     if cp > 1 and not use_te:  # Megatron's torch-native attention has no context-parallel path
         raise ConfigError(f"parallel.context_parallel={cp} needs Transformer Engine attention, which is not in use")
@@ -82,13 +109,13 @@ def transformer_config(cfg: Qwen3Config, tp: int, pp: int, opts: ModelOptions, c
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
-        sequence_parallel=opts.sequence_parallel,
+        sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
-        perform_initialization=opts.init_weights,
+        perform_initialization=init_weights,
         fp8=opts.fp8,
         **recompute,
     )
@@ -103,8 +130,17 @@ def layer_spec(use_te: bool):
     return specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
 
 
-def build_model(cfg: Qwen3Config, opts: Optional[ModelOptions] = None):
-    """The ``GPTModel`` stage of this rank (Megatron's parallel state must be initialised)."""
+def build_model(
+    cfg: Qwen3Config,
+    opts: Optional[ModelOptions] = None,
+    *,
+    sequence_parallel: bool = False,
+    init_weights: bool = True,
+):
+    """The ``GPTModel`` stage of this rank (Megatron's parallel state must be initialised).
+
+    ``init_weights=False`` when every weight is loaded right after (saves the random init).
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -112,8 +148,8 @@ def build_model(cfg: Qwen3Config, opts: Optional[ModelOptions] = None):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
-    tcfg = transformer_config(cfg, tp, pp, opts, cp)
-    use_te = have_transformer_engine() if opts.use_te is None else opts.use_te
+    tcfg = transformer_config(cfg, tp, pp, opts, cp, sequence_parallel=sequence_parallel, init_weights=init_weights)
+    use_te = uses_transformer_engine(opts)
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=layer_spec(use_te),

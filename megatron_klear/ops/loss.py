@@ -59,6 +59,34 @@ def _aggregate(
     return (per_seq * has_tokens).sum() / denom.clamp_min(1)
 
 
+def check_policy_args(
+    *,
+    algo: str,
+    agg: str,
+    eps_low: float,
+    eps_high: float,
+    clip_ratio_c: float,
+    beta1: float,
+    beta2: float,
+    error: type[Exception] = ValueError,
+    where: str = "",
+) -> None:
+    """Raise ``error`` naming the argument (``where`` + name) when a policy-loss setting is out of
+    range. ``policy_loss`` and the RL config's ``algo`` section both call this, so a config that
+    loads is a config the loss accepts."""
+    if algo not in ALGOS:
+        raise error(f"{where}algo must be one of {ALGOS}, got {algo!r}")
+    if agg not in AGGS:
+        raise error(f"{where}agg must be one of {AGGS}, got {agg!r}")
+    for name, v in (("eps_low", eps_low), ("eps_high", eps_high), ("beta1", beta1), ("beta2", beta2)):
+        if not v >= 0:
+            raise error(f"{where}{name} must be >= 0, got {v}")
+    if eps_low >= 1:
+        raise error(f"{where}eps_low must be < 1, got {eps_low}")
+    if not clip_ratio_c > 1:
+        raise error(f"{where}clip_ratio_c must be > 1, got {clip_ratio_c}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -94,17 +122,9 @@ def policy_loss(
         ``(loss, metrics)``; metrics are Python floats over this call's response tokens:
         ``clipfrac_high``, ``clipfrac_low``, ``dual_clipfrac``, ``ppo_kl``, ``ratio_mean``.
     """
-    if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
-    if agg not in AGGS:
-        raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
-    for name, v in (("eps_low", eps_low), ("eps_high", eps_high), ("beta1", beta1), ("beta2", beta2)):
-        if not v >= 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-    if eps_low >= 1:
-        raise ValueError(f"eps_low must be < 1, got {eps_low}")
-    if not clip_ratio_c > 1:
-        raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
+    check_policy_args(
+        algo=algo, agg=agg, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c, beta1=beta1, beta2=beta2
+    )
     if nan_policy not in ("raise", "report"):
         raise ValueError(f"nan_policy must be 'raise' or 'report', got {nan_policy!r}")
     if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:

@@ -1,18 +1,32 @@
-"""Typed configuration of an RL run (YAML + dotted overrides, see ``megatron_klear.config``)."""
+"""Typed configuration of an RL run (YAML + dotted overrides, see ``megatron_klear.config``).
+
+Every section checks itself when it loads, and ``RLConfig.validate`` checks across sections, so
+a bad value stops the run before any process group, model or server starts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
 
+from megatron_klear.distributed import ParallelConfig
 from megatron_klear.errors import ConfigError
-from megatron_klear.ops.loss import AGGS, ALGOS
-from megatron_klear.training.run import CheckpointSection, LogSection, ModelSection, ParallelSection
+from megatron_klear.inference.sglang import SGLangConfig
+from megatron_klear.ops.loss import AGGS, ALGOS, check_policy_args
+from megatron_klear.rewards.code import CodeRewardConfig
+from megatron_klear.rewards.math import MathRewardConfig
+from megatron_klear.training.run import CheckpointConfig, LogConfig, ModelConfig
 from megatron_klear.training.state import OptimConfig
+
+ENGINES = ("hf", "sglang")
+OLD_LOGPROBS = ("trainer", "engine")
 
 
 @dataclass
-class RLDataSection:
+class RLDataConfig:
+    """The ``data`` section: prompt files and how many prompts make a step and an update."""
+
     train: list[str] = field(default_factory=list)  # RL prompt files (.parquet / .jsonl)
     eval: list[str] = field(default_factory=list)  # held-out prompts for avg@k
     generate: Optional[str] = None  # write our synthetic data here first if it is missing
@@ -23,14 +37,28 @@ class RLDataSection:
     micro_batch_size: int = 1  # sequences per micro-batch
     seed: int = 1234
 
+    def validate(self, where: str = "data") -> None:
+        if not self.train:
+            raise ConfigError(f"{where}.train is empty")
+        for name in ("prompts_per_step", "mini_batch_prompts", "max_gen_batches", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prompts_per_step % self.mini_batch_prompts:
+            raise ConfigError(
+                f"{where}.prompts_per_step={self.prompts_per_step} is not a multiple of "
+                f"{where}.mini_batch_prompts={self.mini_batch_prompts}"
+            )
+
 
 @dataclass
-class RolloutSection:
+class RolloutConfig:
+    """The ``rollout`` section: the inference engine and how it samples."""
+
     engine: str = "hf"  # "hf" (in-process transformers) or "sglang"
     hf_device: str = "cpu"
     hf_dtype: Optional[str] = None
     hf_max_batch: int = 64
-    sglang: dict = field(default_factory=dict)  # SGLangConfig fields
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
     n_samples: int = 8  # G, responses per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -44,9 +72,27 @@ class RolloutSection:
     reward_workers: int = 4
     dump: bool = False  # write every generated group to output_dir/rollouts/step_NNNNNN.jsonl
 
+    def validate(self, where: str = "rollout") -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"{where}.engine must be 'hf' or 'sglang', got {self.engine!r}")
+        if self.n_samples < 2:
+            raise ConfigError(f"{where}.n_samples must be >= 2 (group-relative advantages need a group)")
+        if self.max_prompt_len < 1 or self.max_response_len < 1:
+            raise ConfigError(f"{where}.max_prompt_len and {where}.max_response_len must be >= 1")
+        if not self.temperature > 0:
+            # Greedy sampling makes every response of a group the same: all groups are filtered.
+            raise ConfigError(f"{where}.temperature must be > 0 for RL (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{where}.top_p must lie in (0, 1], got {self.top_p}")
+        for name in ("hf_max_batch", "gen_chunks", "bucket_mb", "reward_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass
-class AlgoSection:
+class AlgoConfig:
+    """The ``algo`` section: the policy loss and what it is computed against."""
+
     loss: str = "gppo"  # "gppo", "clip" (clip-higher PPO/GRPO) or "cispo"
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -61,15 +107,44 @@ class AlgoSection:
     old_logprobs: str = "trainer"  # "trainer" (recompute) or "engine"
     tis_cap: Optional[float] = None  # truncated importance sampling engine -> trainer, e.g. 2.0
 
+    def validate(self, where: str = "algo") -> None:
+        if self.loss not in ALGOS:
+            raise ConfigError(f"{where}.loss must be one of {ALGOS}, got {self.loss!r}")
+        if self.agg not in AGGS:
+            raise ConfigError(f"{where}.agg must be one of {AGGS}, got {self.agg!r}")
+        check_policy_args(
+            algo=self.loss,
+            agg=self.agg,
+            eps_low=self.eps_low,
+            eps_high=self.eps_high,
+            clip_ratio_c=self.clip_ratio_c,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            error=ConfigError,
+            where=f"{where}.",
+        )
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ConfigError(f"{where}.old_logprobs must be 'trainer' or 'engine', got {self.old_logprobs!r}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ConfigError(f"{where}.tis_cap must be > 0, got {self.tis_cap}")
+        if self.sft_alpha < 0 or self.entropy_coef < 0:
+            raise ConfigError(f"{where}.sft_alpha and {where}.entropy_coef must be >= 0")
+        if not self.adv_eps > 0:
+            raise ConfigError(f"{where}.adv_eps must be > 0, got {self.adv_eps}")
+
 
 @dataclass
-class RewardSection:
-    math: dict = field(default_factory=dict)  # MathRewardConfig fields
-    code: dict = field(default_factory=dict)  # CodeRewardConfig fields
+class RewardConfig:
+    """The ``reward`` section: math and code reward settings."""
+
+    math: MathRewardConfig = field(default_factory=MathRewardConfig)
+    code: CodeRewardConfig = field(default_factory=CodeRewardConfig)
 
 
 @dataclass
-class EvalSection:
+class EvalConfig:
+    """The ``eval`` section: avg@k / pass@k on held-out prompts."""
+
     interval: int = 0  # every N steps (0: only at start / end when enabled)
     at_start: bool = True
     at_end: bool = True
@@ -79,59 +154,53 @@ class EvalSection:
     max_new_tokens: Optional[int] = None  # default: rollout.max_response_len
     max_prompts: int = 0  # 0: all
 
+    def validate(self, where: str = "eval") -> None:
+        if self.k < 1:
+            raise ConfigError(f"{where}.k must be >= 1")
+        if self.interval < 0 or self.max_prompts < 0:
+            raise ConfigError(f"{where}.interval and {where}.max_prompts must be >= 0")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"{where}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def _rl_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-6, min_lr=1e-6, decay_style="constant", warmup_steps=10)
+
 
 @dataclass
 class RLConfig:
+    """An RL run: the YAML file's top level (every section typed and checked at load)."""
+
     output_dir: str
-    model: ModelSection = field(default_factory=ModelSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-6, min_lr=1e-6, decay_style="constant", warmup_steps=10)
-    )
-    data: RLDataSection = field(default_factory=RLDataSection)
-    rollout: RolloutSection = field(default_factory=RolloutSection)
-    algo: AlgoSection = field(default_factory=AlgoSection)
-    reward: RewardSection = field(default_factory=RewardSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    checkpoint: "CheckpointSection" = field(default_factory=lambda: CheckpointSection(save_interval=10))
-    log: LogSection = field(default_factory=LogSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=_rl_optim)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save_interval=10))
+    log: LogConfig = field(default_factory=LogConfig)
     train_steps: int = 100
     seed: int = 1234
     bootstrap: Optional[str] = None  # SFT / RL config to run first when model.hf does not exist yet
 
     def validate(self) -> None:
-        m, d, r, a = self.model, self.data, self.rollout, self.algo
-        if (m.hf is None) == (m.load is None):
-            raise ConfigError("set exactly one of model.hf (HF directory) and model.load (Megatron checkpoint)")
-        if not d.train:
-            raise ConfigError("data.train is empty")
-        if d.prompts_per_step < 1 or d.mini_batch_prompts < 1 or d.max_gen_batches < 1:
-            raise ConfigError("data.prompts_per_step, data.mini_batch_prompts and data.max_gen_batches must be >= 1")
-        if d.prompts_per_step % d.mini_batch_prompts:
-            raise ConfigError(
-                f"data.prompts_per_step={d.prompts_per_step} is not a multiple of "
-                f"data.mini_batch_prompts={d.mini_batch_prompts}"
-            )
-        if r.engine not in ("hf", "sglang"):
-            raise ConfigError(f"rollout.engine must be 'hf' or 'sglang', got {r.engine!r}")
-        if r.n_samples < 2:
-            raise ConfigError("rollout.n_samples must be >= 2 (group-relative advantages need a group)")
-        if r.max_prompt_len < 1 or r.max_response_len < 1:
-            raise ConfigError("rollout.max_prompt_len and rollout.max_response_len must be >= 1")
-        if a.loss not in ALGOS:
-            raise ConfigError(f"algo.loss must be one of {ALGOS}, got {a.loss!r}")
-        if a.agg not in AGGS:
-            raise ConfigError(f"algo.agg must be one of {AGGS}, got {a.agg!r}")
-        if a.old_logprobs not in ("trainer", "engine"):
-            raise ConfigError(f"algo.old_logprobs must be 'trainer' or 'engine', got {a.old_logprobs!r}")
-        if a.tis_cap is not None and not a.tis_cap > 0:
-            raise ConfigError(f"algo.tis_cap must be > 0, got {a.tis_cap}")
-        if a.sft_alpha < 0 or a.entropy_coef < 0:
-            raise ConfigError("algo.sft_alpha and algo.entropy_coef must be >= 0")
+        """Checks across sections (each section checked itself when it loaded)."""
         if self.train_steps < 1:
             raise ConfigError("train_steps must be >= 1")
-        if self.eval.k < 1:
-            raise ConfigError("eval.k must be >= 1")
         if self.parallel.context_parallel != 1:
-            raise ConfigError("parallel.context_parallel > 1 is not supported yet")
-        self.optim.validate()
+            raise ConfigError("parallel.context_parallel > 1 is not supported in RL yet")
+
+    def sglang_config(self, **fields: Any) -> SGLangConfig:
+        """``rollout.sglang`` with the run's model and log directory filled in (and ``fields``)."""
+        sg = self.rollout.sglang
+        values = dict(
+            model_path=sg.model_path or self.model.tokenizer_dir or "",
+            log_dir=sg.log_dir or str(Path(self.output_dir) / "sglang_logs"),
+        )
+        sg = replace(sg, **{**values, **fields})
+        sg.validate()
+        sg.check_launchable()
+        return sg

@@ -12,16 +12,18 @@ import numpy as np
 
 from megatron_klear.data.chat import decode_response, render_prompt
 from megatron_klear.data.rl import RLPrompt
-from megatron_klear.inference.base import RolloutEngine, SamplingParams
-from megatron_klear.rl.rollout import RewardConfigs
+from megatron_klear.inference.base import InferenceEngine, SamplingParams
+from megatron_klear.rl.config import RewardConfig
+from megatron_klear.rl.rollout import score_groups
 
 
 def evaluate(
-    engine: RolloutEngine,
+    engine: InferenceEngine,
     tokenizer,
     prompts: Sequence[RLPrompt],
-    rewards: RewardConfigs,
+    rewards: RewardConfig,
     *,
+    workers: int = 4,
     k: int = 4,
     temperature: float = 0.6,
     top_p: float = 0.95,
@@ -42,7 +44,7 @@ def evaluate(
         seed=seed,
     )
     completions = engine.generate(ids, params)
-    results = rewards.score(tokenizer, prompts, completions)
+    results = score_groups(tokenizer, prompts, completions, rewards, workers)
     per_prompt = [[r.correct for r in rs] for rs in results]
     metrics = {
         f"eval/avg@{k}": float(np.mean([np.mean(c) for c in per_prompt])),

@@ -1,5 +1,5 @@
 """The RL micro-batch losses for Megatron's schedule (token sums; Megatron divides by the
-global count, see ``training.engine``).
+global count, see ``training.step``).
 
 Per micro-batch the loss returns ``(sum, count, report)`` with ``count`` = this micro-batch's
 share of the aggregation's normaliser (response tokens for token-mean, sequences otherwise),
@@ -14,7 +14,7 @@ import torch
 from megatron_klear.ops.logprobs import model_output_logprobs
 from megatron_klear.ops.loss import policy_loss
 from megatron_klear.rl.batch import MiniBatch
-from megatron_klear.rl.config import AlgoSection
+from megatron_klear.rl.config import AlgoConfig
 
 REPORT_KEYS = (
     "pg_sum",
@@ -44,7 +44,7 @@ def old_logprob_fn(vocab_size: int, temperature: float, impl: str):
     return fn
 
 
-def rl_loss_fn(vocab_size: int, algo: AlgoSection, mini: MiniBatch, temperature: float, impl: str):
+def rl_loss_fn(vocab_size: int, algo: AlgoConfig, mini: MiniBatch, temperature: float, impl: str):
     """GPPO (or clip / CISPO) + alpha x SFT-on-correct - entropy bonus, for one mini-batch."""
     token_mean = algo.agg == "token-mean"
     norm = mini.num_tokens if token_mean else mini.num_seqs

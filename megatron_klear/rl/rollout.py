@@ -21,10 +21,10 @@ import numpy as np
 
 from megatron_klear.data.chat import decode_response, render_prompt
 from megatron_klear.data.rl import RLPrompt
-from megatron_klear.inference.base import Completion, RolloutEngine, SamplingParams
+from megatron_klear.inference.base import Completion, InferenceEngine, SamplingParams
 from megatron_klear.rewards.batch import RewardItem, score_batch
-from megatron_klear.rewards.code import CodeRewardConfig
-from megatron_klear.rewards.math import MathRewardConfig
+from megatron_klear.rewards.types import RewardResult
+from megatron_klear.rl.config import RewardConfig, RLConfig
 
 
 @dataclass
@@ -51,31 +51,28 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]
     return ((r - r.mean()) / (r.std() + eps)).tolist()
 
 
-@dataclass
-class RewardConfigs:
-    math: MathRewardConfig
-    code: CodeRewardConfig
-    workers: int = 4
-
-    def score(self, tokenizer, prompts: Sequence[RLPrompt], completions: Sequence[list[Completion]]):
-        """Rewards of every completion, grouped like ``completions``."""
-        items = [
-            RewardItem(
-                p.ability,
-                decode_response(tokenizer, c.output_ids),
-                p.ground_truth,
-                c.finish_reason != "stop",
-                p.fn_name,
-            )
-            for p, group in zip(prompts, completions)
-            for c in group
-        ]
-        flat = score_batch(items, self.workers, math_config=self.math, code_config=self.code)
-        out, i = [], 0
-        for group in completions:
-            out.append(flat[i : i + len(group)])
-            i += len(group)
-        return out
+def score_groups(
+    tokenizer,
+    prompts: Sequence[RLPrompt],
+    completions: Sequence[list[Completion]],
+    rewards: RewardConfig,
+    workers: int = 4,
+) -> list[list[RewardResult]]:
+    """Rewards of every completion, grouped like ``completions`` (math or code by the prompt's
+    ability; ``workers`` score in parallel)."""
+    items = [
+        RewardItem(
+            p.ability, decode_response(tokenizer, c.output_ids), p.ground_truth, c.finish_reason != "stop", p.fn_name
+        )
+        for p, group in zip(prompts, completions)
+        for c in group
+    ]
+    flat = score_batch(items, workers, math_config=rewards.math, code_config=rewards.code)
+    out, i = [], 0
+    for group in completions:
+        out.append(flat[i : i + len(group)])
+        i += len(group)
+    return out
 
 
 class PromptStream:
@@ -123,8 +120,8 @@ def sampling_seed(seed: int, step: int, batch: int) -> int:
 class Collector:
     """Generates, scores and filters groups for one RL step (global rank 0 only)."""
 
-    def __init__(self, engine: RolloutEngine, tokenizer, stream: PromptStream, rewards: RewardConfigs, cfg):
-        self.engine, self.tok, self.stream, self.rewards, self.cfg = engine, tokenizer, stream, rewards, cfg
+    def __init__(self, engine: InferenceEngine, tokenizer, stream: PromptStream, cfg: RLConfig):
+        self.engine, self.tok, self.stream, self.cfg = engine, tokenizer, stream, cfg
 
     def params(self, step: int, batch: int) -> SamplingParams:
         r = self.cfg.rollout
@@ -137,6 +134,9 @@ class Collector:
             stop_token_ids=[self.tok.eos_token_id],
             seed=sampling_seed(self.cfg.seed, step, batch),
         )
+
+    def _score(self, prompts: Sequence[RLPrompt], comps: Sequence[list[Completion]]) -> list[list[RewardResult]]:
+        return score_groups(self.tok, prompts, comps, self.cfg.reward, self.cfg.rollout.reward_workers)
 
     def collect(self, step: int, pos: tuple[int, int], buffer: list[Group], dump: Optional[Path] = None):
         """-> (groups for this step, metrics, next prompt position, new buffer); with ``dump``,
@@ -160,7 +160,7 @@ class Collector:
                     comps = self.engine.generate([ids for _, ids in chunk], params)
                     t_gen += time.time() - t0
                     prompts = [p for p, _ in chunk]
-                    pending.append((chunk, comps, scorer.submit(self.rewards.score, self.tok, prompts, comps)))
+                    pending.append((chunk, comps, scorer.submit(self._score, prompts, comps)))
                 t0 = time.time()
                 for chunk, comps, fut in pending:
                     for (prompt, ids), group, results in zip(chunk, comps, fut.result()):

@@ -2,96 +2,96 @@
 
     torchrun --nproc-per-node N -m megatron_klear.rl --config examples/tiny/rl_math.yaml [key=value ...]
 
-One step, top to bottom:
-  1. rollouts (global rank 0): prompts -> G samples each -> rewards -> group advantages ->
-     zero-advantage filtering / dynamic sampling; the result is broadcast to every rank;
-  2. old log-probs: the trainer scores every kept response before any update;
-  3. one optimizer step per mini-batch: GPPO (token-mean, global normaliser) + alpha x NLL on
-     correct responses (+ optional entropy bonus);
-  4. sync the weights into the engine and check engine vs trainer log-probs on a probe;
-  5. log, evaluate, checkpoint.
+One step, top to bottom (``train``):
+  1. collect (global rank 0): prompts -> G samples each -> rewards -> group advantages ->
+     zero-advantage filtering / dynamic sampling; the batch is broadcast to every rank;
+  2. update: the trainer recomputes old log-probs, then one optimizer step per mini-batch of
+     GPPO (token-mean, global normaliser) + alpha x NLL on correct responses;
+  3. sync the weights into the inference engine and check engine vs trainer log-probs on a probe;
+  4. log, evaluate, checkpoint.
+``RLRun`` holds what a run sets up once (train state, inference engine, prompts, logger) and
+names each of these phases.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
+import yaml
 
 from megatron_klear.cli import run_config_entry
 from megatron_klear.config import load_config, to_dict
 from megatron_klear.data.chat import render_prompt
-from megatron_klear.data.rl import CurationConfig, load_rl_prompts
-from megatron_klear.distributed import ParallelConfig, broadcast_object, destroy_distributed, init_distributed, is_main
+from megatron_klear.data.rl import CurationConfig, RLPrompt, load_rl_prompts
+from megatron_klear.distributed import broadcast_object, destroy_distributed, init_distributed, is_main
 from megatron_klear.errors import ConfigError, EngineError, StaleEngineError
-from megatron_klear.inference.base import RolloutEngine
+from megatron_klear.inference.base import InferenceEngine
 from megatron_klear.inference.hf import HFEngine
-from megatron_klear.inference.sglang import SGLangConfig, SGLangEngine
-from megatron_klear.models.config import validate_parallel
-from megatron_klear.rewards.code import CodeRewardConfig
-from megatron_klear.rewards.math import MathRewardConfig
+from megatron_klear.inference.sglang import SGLangEngine
+from megatron_klear.models.config import Qwen3Config, validate_parallel
 from megatron_klear.rl.batch import minibatches
 from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.evaluate import evaluate
-from megatron_klear.rl.loss import REPORT_KEYS, old_logprob_fn, rl_loss_fn
-from megatron_klear.rl.rollout import Collector, PromptStream, RewardConfigs, groups_from_json, groups_to_json
+from megatron_klear.rl.rollout import Collector, Group, PromptStream, groups_from_json, groups_to_json
+from megatron_klear.rl.update import update_policy
 from megatron_klear.sft import SFTConfig
 from megatron_klear.sft import train as sft_train
 from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
 from megatron_klear.training.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from megatron_klear.training.guards import maybe_crash, stop_on_nonfinite, weights_finite
+from megatron_klear.training.guards import maybe_crash
 from megatron_klear.training.metrics import MetricsLogger
-from megatron_klear.training.run import model_options, model_source, prepare_assets, tokenizer_dir
+from megatron_klear.training.run import model_source, prepare_assets
 from megatron_klear.training.state import build_train_state
-from megatron_klear.training.step import forward_backward, optimizer_step, reduce_reports
 
 
-def build_rollout_engine(cfg: RLConfig, model_dir: str) -> RolloutEngine:
+def train(cfg: RLConfig) -> dict:
+    """Run (or resume) RL; returns the last step's metrics."""
+    bootstrap(cfg)
+    run = RLRun(cfg)
+    metrics: dict = {}
+    try:
+        run.start()  # first sync (+ step-0 eval)
+        while run.step < cfg.train_steps:
+            t0 = time.time()
+            groups, metrics = run.collect()  # rank 0 generates, scores, filters; every rank gets the batch
+            maybe_crash("rollout", run.step + 1)
+            run.release_engine_memory()
+            metrics.update(run.update(groups, metrics))  # old log-probs, one optimizer step per mini-batch
+            run.advance()
+            metrics.update(run.sync(f"step-{run.step}"))  # push weights into the engine, check the probe
+            metrics.update(run.evaluate_on_interval())
+            run.log(metrics, time.time() - t0)
+            maybe_crash("step", run.step)
+            run.save_on_interval()
+        run.finish()  # final eval
+    finally:
+        run.close()
+    run.export()
+    return metrics
+
+
+def build_inference_engine(cfg: RLConfig) -> InferenceEngine:
+    """The engine ``rollout.engine`` names, on the run's model."""
     r = cfg.rollout
     if r.engine == "hf":
-        return HFEngine(model_dir, device=r.hf_device, dtype=r.hf_dtype, max_batch=r.hf_max_batch)
-
-    return SGLangEngine(sglang_config(cfg, model_dir))
-
-
-def sglang_config(cfg: RLConfig, model_dir: str, **fields):
-    """``rollout.sglang`` as an SGLangConfig (the trainer's and the Slurm launcher's view)."""
-
-    values = {"model_path": model_dir, "log_dir": str(Path(cfg.output_dir) / "sglang_logs"), **cfg.rollout.sglang}
-    try:
-        sg = SGLangConfig(**{**values, **fields})
-    except TypeError as e:
-        raise ConfigError(f"rollout.sglang: {e}") from None
-    sg.validate()
-    return sg
+        return HFEngine(cfg.model.tokenizer_dir, device=r.hf_device, dtype=r.hf_dtype, max_batch=r.hf_max_batch)
+    return SGLangEngine(cfg.sglang_config())
 
 
-def reward_configs(cfg: RLConfig):
-
-    try:
-        return RewardConfigs(
-            MathRewardConfig(**cfg.reward.math), CodeRewardConfig(**cfg.reward.code), cfg.rollout.reward_workers
-        )
-    except TypeError as e:
-        raise ConfigError(f"reward.math / reward.code: {e}") from None
-
-
-def load_prompts(cfg: RLConfig):
+def load_prompts(cfg: RLConfig) -> tuple[list[RLPrompt], list[RLPrompt], dict]:
     """(train prompts, eval prompts, curation stats); eval prompts are excluded from training."""
-
     evals: list = []
     if cfg.data.eval:
         evals, _ = load_rl_prompts(cfg.data.eval, CurationConfig(min_code_tests=0, dedup=False))
         if cfg.eval.max_prompts:
             evals = evals[: cfg.eval.max_prompts]
     cur = CurationConfig(min_code_tests=cfg.data.min_code_tests, eval_prompts=[p.prompt_text for p in evals])
-    train, stats = load_rl_prompts(cfg.data.train, cur)
-    return train, evals, stats
+    train_prompts, stats = load_rl_prompts(cfg.data.train, cur)
+    return train_prompts, evals, stats
 
 
 def bootstrap(cfg: RLConfig) -> None:
@@ -99,8 +99,6 @@ def bootstrap(cfg: RLConfig) -> None:
     ``model.hf`` does not exist yet: its run must export that directory."""
     if cfg.bootstrap is None or cfg.model.hf is None or (Path(cfg.model.hf) / "config.json").is_file():
         return
-    import yaml
-
     raw = yaml.safe_load(Path(cfg.bootstrap).read_text()) or {}
     if is_main():
         print(f"{cfg.model.hf} is missing: running {cfg.bootstrap} first", flush=True)
@@ -113,215 +111,220 @@ def bootstrap(cfg: RLConfig) -> None:
         raise ConfigError(f"bootstrap {cfg.bootstrap} ran but model.hf={cfg.model.hf} still does not exist")
 
 
-def train(cfg: RLConfig) -> dict:
-    """Run (or resume) RL; returns the last step's metrics."""
-    from megatron.core import parallel_state as ps
-
-    bootstrap(cfg)
-    init_distributed(ParallelConfig(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel), seed=cfg.seed)
-    prepare_assets(cfg)
-    hf_cfg, init_weights = model_source(cfg)
+def check_model_fits(cfg: RLConfig, hf_cfg: Qwen3Config) -> None:
+    """The parallel layout divides the model, and prompt + response fit its positions."""
     validate_parallel(hf_cfg, cfg.parallel.tp, cfg.parallel.pp)
-    r, a = cfg.rollout, cfg.algo
+    r = cfg.rollout
     if r.max_prompt_len + r.max_response_len > hf_cfg.max_position_embeddings:
         raise ConfigError(
             f"rollout.max_prompt_len + rollout.max_response_len = {r.max_prompt_len + r.max_response_len} exceeds "
             f"the model's max_position_embeddings={hf_cfg.max_position_embeddings}"
         )
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
-    train_prompts, eval_prompts, curation = load_prompts(cfg)
-    rewards = reward_configs(cfg)
-    out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    opts = model_options(cfg)
-    resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
-    steps_of_updates = cfg.train_steps * (cfg.data.prompts_per_step // cfg.data.mini_batch_prompts)
-    engine = build_train_state(
-        hf_cfg, opts, cfg.optim, steps_of_updates, init_weights=None if resume_from else init_weights
-    )
-    state: dict = {"step": 0, "prompt_epoch": 0, "prompt_index": 0, "buffer": []}
-    if resume_from is not None:
-        state.update(load_checkpoint(engine, resume_from))
-    rank0 = is_main()
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+class RLRun:
+    """One RL run's state between steps. Every method is collective (all ranks call it) unless
+    it says rank 0; the inference engine, collector and evaluation live on global rank 0."""
+
+    def __init__(self, cfg: RLConfig):
+        from megatron.core import parallel_state as ps
+        from transformers import AutoTokenizer
+
+        self.cfg, r = cfg, cfg.rollout
+        init_distributed(cfg.parallel, seed=cfg.seed)
+        prepare_assets(cfg.model, cfg.data.generate, cfg.data.train)
+        self.hf_cfg, init_weights = model_source(cfg.model)
+        check_model_fits(cfg, self.hf_cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir)
+        train_prompts, self.eval_prompts, curation = load_prompts(cfg)
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        resume_from = latest_checkpoint(self.ckpt_root) if cfg.checkpoint.resume else None
+        updates = cfg.train_steps * (cfg.data.prompts_per_step // cfg.data.mini_batch_prompts)
+        self.train_state = build_train_state(
+            self.hf_cfg,
+            cfg.model,
+            cfg.optim,
+            updates,
+            init_weights=None if resume_from else init_weights,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )
+        self.state: dict = {"step": 0, "prompt_epoch": 0, "prompt_index": 0, "buffer": []}
         if resume_from is not None:
-            print(f"resumed from {resume_from} at step {state['step']}", flush=True)
+            self.state.update(load_checkpoint(self.train_state, resume_from))
+        self.rank0 = is_main()
+        if self.rank0:
+            self._announce(resume_from, train_prompts, curation)
+        self.engine = build_inference_engine(cfg) if self.rank0 else None
+        stream = PromptStream(train_prompts, self.tokenizer, cfg.data.seed, r.max_prompt_len)
+        self.collector = Collector(self.engine, self.tokenizer, stream, cfg) if self.rank0 else None
+        probe_prompt = (self.eval_prompts or train_prompts)[0]
+        self.probe = render_prompt(self.tokenizer, probe_prompt.messages)[: min(128, r.max_prompt_len)]
+        self.logger = MetricsLogger(
+            self.out,
+            cfg.train_steps,
+            self.state["step"],
+            tensorboard=cfg.log.tensorboard,
+            wandb_project=cfg.log.wandb_project,
+            run_name=self.out.name,
+            config=to_dict(cfg),
+            desc="rl",
+        )
+        self.last_eval: tuple[int, dict] = (-1, {})
+
+    @property
+    def step(self) -> int:
+        """RL steps completed."""
+        return self.state["step"]
+
+    def _announce(self, resume_from: Optional[Path], train_prompts: list, curation: dict) -> None:
+        cfg, r, a = self.cfg, self.cfg.rollout, self.cfg.algo
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        if resume_from is not None:
+            print(f"resumed from {resume_from} at step {self.step}", flush=True)
         print(
-            f"RL: {len(train_prompts)} train prompts {curation}, {len(eval_prompts)} eval prompts | "
+            f"RL: {len(train_prompts)} train prompts {curation}, {len(self.eval_prompts)} eval prompts | "
             f"{cfg.data.prompts_per_step} prompts x {r.n_samples} samples per step, mini-batches of "
-            f"{cfg.data.mini_batch_prompts} | dp={dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp} | "
+            f"{cfg.data.mini_batch_prompts} | dp={self.dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp} | "
             f"algo={a.loss} alpha={a.sft_alpha} | engine={r.engine}",
             flush=True,
         )
 
-    rollout = build_rollout_engine(cfg, tokenizer_dir(cfg)) if rank0 else None
-    stream = PromptStream(train_prompts, tokenizer, cfg.data.seed, r.max_prompt_len)
-    collector = Collector(rollout, tokenizer, stream, rewards, cfg) if rank0 else None
-    probe = render_prompt(tokenizer, (eval_prompts or train_prompts)[0].messages)[: min(128, r.max_prompt_len)]
-    bucket = r.bucket_mb * 2**20
+    def start(self) -> None:
+        """The first weight sync (the engine then holds the trainer's weights) and the step-0 eval."""
+        first = self.sync(f"step-{self.step}")
+        if self.cfg.eval.at_start and self.step == 0:
+            first.update(self.evaluate())
+        if self.rank0:
+            print("initial sync: " + " ".join(f"{k}={v:.4g}" for k, v in first.items()), flush=True)
 
-    def sync(version: str) -> dict:
-        t0 = time.time()
-        if rank0 and r.release_memory:
-            rollout.resume_memory(("weights",))
-        st = sync_weights(rollout, engine.module, hf_cfg, version, bucket)
-        if rank0 and r.release_memory:
-            rollout.resume_memory(("kv_cache", "cuda_graph"))
-        m = {"time/sync_s": time.time() - t0, "sync/gb": st.bytes / 1e9, "sync/buckets": st.buckets}
-        if r.check_consistency:
-            m["rollout/logprob_diff"] = probe_logprob_diff(rollout, engine.module, hf_cfg, probe)
-        return m
-
-    def run_eval(step: int) -> dict:
-        res = None
-        if rank0 and eval_prompts:
-            ev = cfg.eval
-            res = evaluate(
-                rollout,
-                tokenizer,
-                eval_prompts,
-                rewards,
-                k=ev.k,
-                temperature=ev.temperature,
-                top_p=ev.top_p,
-                max_new_tokens=ev.max_new_tokens or r.max_response_len,
-                seed=cfg.seed,
-                out_jsonl=out / "eval.jsonl",
-                step=step,
-            )
-            print(f"eval @ step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
-        return broadcast_object(res) or {}
-
-    def collect(step: int):
-        """Rollouts on rank 0, shared with all; a stale engine gets one full sync and a retry."""
+    def collect(self) -> tuple[list[Group], dict]:
+        """Rollouts for the next step on rank 0, shared with all; a stale engine gets one full
+        sync and a retry. Advances the prompt position and the buffer in ``pending``."""
+        step = self.step + 1
         for attempt in range(2):
             res: Any = None
-            if rank0:
+            if self.rank0:
                 try:
-                    pos = (state["prompt_epoch"], state["prompt_index"])
-                    dump = out / "rollouts" / f"step_{step:06d}.jsonl" if r.dump else None
-                    res = ("ok", collector.collect(step, pos, groups_from_json(state["buffer"]), dump))
+                    pos = (self.state["prompt_epoch"], self.state["prompt_index"])
+                    dump = self.out / "rollouts" / f"step_{step:06d}.jsonl" if self.cfg.rollout.dump else None
+                    buffer = groups_from_json(self.state["buffer"])
+                    res = ("ok", self.collector.collect(step, pos, buffer, dump))
                 except StaleEngineError as e:
                     res = ("stale", str(e))
                 except EngineError as e:
                     res = ("error", str(e))
             res = broadcast_object(res)
             if res[0] == "ok":
-                return res[1]
+                groups, metrics, pos, rest = res[1]
+                self.pending = dict(prompt_epoch=pos[0], prompt_index=pos[1], buffer=groups_to_json(rest))
+                return groups, metrics
             if res[0] == "stale" and attempt == 0:
-                sync(f"step-{step - 1}-resync")
+                self.sync(f"step-{step - 1}-resync")
                 continue
             raise EngineError(f"rollout engine failed at step {step}: {res[1]} (last checkpoint is intact)")
+        raise AssertionError("unreachable")
 
-    logger = MetricsLogger(
-        out,
-        cfg.train_steps,
-        state["step"],
-        tensorboard=cfg.log.tensorboard,
-        wandb_project=cfg.log.wandb_project,
-        run_name=out.name,
-        config=to_dict(cfg),
-        desc="rl",
-    )
-    metrics: dict = {}
-    step = state["step"]
-    last_eval: tuple[int, dict] = (-1, {})
-    try:
-        first = sync(f"step-{step}")
-        if cfg.eval.at_start and step == 0:
-            first.update(run_eval(0))
-        if rank0:
-            print("initial sync: " + " ".join(f"{k}={v:.4g}" for k, v in first.items()), flush=True)
-        while step < cfg.train_steps:
-            t_step = time.time()
-            groups, metrics, pos, buffer = collect(step + 1)
-            maybe_crash("rollout", step + 1)
-            if rank0 and r.release_memory:
-                rollout.release_memory(("weights", "kv_cache", "cuda_graph"))
-            minis = minibatches(groups, cfg.data.mini_batch_prompts, dp, dp_rank, cfg.data.micro_batch_size)
+    def release_engine_memory(self) -> None:
+        """Rank 0: colocated engines free their GPU memory while the trainer trains."""
+        if self.rank0 and self.cfg.rollout.release_memory:
+            self.engine.release_memory(("weights", "kv_cache", "cuda_graph"))
 
-            t0 = time.time()  # old log-probs for every mini-batch before the first update
-            old_fn = old_logprob_fn(hf_cfg.vocab_size, r.temperature, cfg.model.logprob_impl)
-            for mini in minis:
-                reps = forward_backward(engine, mini.micro, old_fn, forward_only=True)
-                for i, mb in enumerate(mini.micro):
-                    mb["old_lp"] = reps[i]["logp"] if reps else torch.zeros_like(mb["engine_lp"])
-            engine.model.train()
-            metrics["time/old_logprobs_s"] = time.time() - t0
+    def update(self, groups: list[Group], rollout_metrics: dict) -> dict:
+        """Old log-probs and the mini-batch updates on this step's groups."""
+        d = self.cfg.data
+        minis = minibatches(groups, d.mini_batch_prompts, self.dp, self.dp_rank, d.micro_batch_size)
+        metrics = update_policy(
+            self.train_state, minis, self.cfg, self.hf_cfg.vocab_size, self.out, self.step + 1, rollout_metrics
+        )
+        if not minis and self.rank0:
+            print(f"step {self.step + 1}: every group was filtered; no update this step", flush=True)
+        return metrics
 
-            t0 = time.time()
-            sums = dict.fromkeys(REPORT_KEYS, 0.0)
-            grad_norms = []
-            norm_total = 0
-            for mini in minis:
-                loss_fn = rl_loss_fn(hf_cfg.vocab_size, a, mini, r.temperature, cfg.model.logprob_impl)
-                reps = forward_backward(engine, mini.micro, loss_fn)
-                applied, grad_norm = optimizer_step(engine)
-                rep = reduce_reports(reps, REPORT_KEYS)
-                if rep["nonfinite"] > 0 or not math.isfinite(rep["pg_sum"]) or not math.isfinite(grad_norm):
-                    stop_on_nonfinite(out, step + 1, grad_norm=grad_norm, report=rep, rollout=metrics)
-                grad_norms.append(grad_norm)
-                norm_total += mini.num_tokens if a.agg == "token-mean" else mini.num_seqs
-                for k in REPORT_KEYS:
-                    sums[k] += rep[k]
-            metrics["time/train_s"] = time.time() - t0
-            if minis and not weights_finite(engine.module):  # never push poisoned weights into the engine
-                stop_on_nonfinite(out, step + 1, problem="non-finite weights", grad_norms=grad_norms, rollout=metrics)
-            step += 1
-            state.update(step=step, prompt_epoch=pos[0], prompt_index=pos[1], buffer=groups_to_json(buffer))
-            metrics.update(sync(f"step-{step}"))
-            ntok = max(sums["tokens"], 1.0)
-            metrics.update(
-                {
-                    "loss/pg": sums["pg_sum"] / max(norm_total, 1),
-                    "loss/clipfrac_high": sums["clipfrac_high"] / ntok,
-                    "loss/clipfrac_low": sums["clipfrac_low"] / ntok,
-                    "loss/dual_clipfrac": sums["dual_clipfrac"] / ntok,
-                    "loss/ppo_kl": sums["ppo_kl"] / ntok,
-                    "loss/entropy": sums["entropy"] / ntok,
-                    "loss/sft_nll": sums["sft_nll"] / max(sums["correct_tokens"], 1.0),
-                    "loss/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
-                    "rollout/train_engine_diff": sums["engine_diff"] / ntok,
-                    "train/updates": len(minis),
-                    "train/tokens": sums["tokens"],
-                    "train/normaliser": norm_total,
-                    "train/lr": engine.optimizer.param_groups[0]["lr"],
-                }
+    def advance(self) -> None:
+        """The step is trained: count it and take the prompt position the rollouts reached."""
+        self.state.update(step=self.step + 1, **self.pending)
+
+    def sync(self, version: str) -> dict:
+        """Push the trainer's weights into the engine (resuming colocated memory around it) and
+        compare engine and trainer log-probs on the probe."""
+        r, t0 = self.cfg.rollout, time.time()
+        if self.rank0 and r.release_memory:
+            self.engine.resume_memory(("weights",))
+        st = sync_weights(self.engine, self.train_state.module, self.hf_cfg, version, r.bucket_mb * 2**20)
+        if self.rank0 and r.release_memory:
+            self.engine.resume_memory(("kv_cache", "cuda_graph"))
+        m = {"time/sync_s": time.time() - t0, "sync/gb": st.bytes / 1e9, "sync/buckets": st.buckets}
+        if r.check_consistency:
+            m["rollout/logprob_diff"] = probe_logprob_diff(
+                self.engine, self.train_state.module, self.hf_cfg, self.probe
             )
-            if not minis and rank0:
-                print(f"step {step}: every group was filtered; no update this step", flush=True)
-            if cfg.eval.interval and step % cfg.eval.interval == 0:
-                last_eval = (step, run_eval(step))
-                metrics.update(last_eval[1])
-            dt = time.time() - t_step
-            gen_tokens = metrics.get("response/length_mean", 0.0) * metrics.get("rollout/samples", 0)
-            metrics.update({"time/step_s": dt, "perf/tokens_per_s": gen_tokens / dt})
-            logger.log(step, metrics, console=step % cfg.log.interval == 0 or step == cfg.train_steps)
-            logger.advance()
-            maybe_crash("step", step)
-            if step % cfg.checkpoint.save_interval == 0 or step == cfg.train_steps:
-                save_checkpoint(engine, ckpt_root, step, state, cfg.checkpoint.keep_last)
-        if cfg.eval.at_end:
-            # The interval evaluation may just have run at this very step: reuse it.
-            final = last_eval[1] if last_eval[0] == step else run_eval(step)
-            if rank0 and final:
-                (out / "final_eval.json").write_text(json.dumps(dict(step=step, **final), indent=1))
-    finally:
-        logger.close()
-        if rollout is not None:
-            rollout.shutdown()
-    if cfg.checkpoint.export_hf and rank0:
-        export_hf(tokenizer_dir(cfg), ckpt_root, out / "hf")
-    if dist.is_initialized():
-        dist.barrier()
-    return metrics
+        return m
+
+    def evaluate(self) -> dict:
+        """avg@k / pass@k on the held-out prompts (rank 0 generates; every rank gets the numbers)."""
+        res = None
+        if self.rank0 and self.eval_prompts:
+            ev, r = self.cfg.eval, self.cfg.rollout
+            res = evaluate(
+                self.engine,
+                self.tokenizer,
+                self.eval_prompts,
+                self.cfg.reward,
+                workers=r.reward_workers,
+                k=ev.k,
+                temperature=ev.temperature,
+                top_p=ev.top_p,
+                max_new_tokens=ev.max_new_tokens or r.max_response_len,
+                seed=self.cfg.seed,
+                out_jsonl=self.out / "eval.jsonl",
+                step=self.step,
+            )
+            print(f"eval @ step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
+        return broadcast_object(res) or {}
+
+    def evaluate_on_interval(self) -> dict:
+        interval = self.cfg.eval.interval
+        if not interval or self.step % interval:
+            return {}
+        self.last_eval = (self.step, self.evaluate())
+        return self.last_eval[1]
+
+    def log(self, metrics: dict, step_seconds: float) -> None:
+        gen_tokens = metrics.get("response/length_mean", 0.0) * metrics.get("rollout/samples", 0)
+        metrics.update({"time/step_s": step_seconds, "perf/tokens_per_s": gen_tokens / step_seconds})
+        last = self.step == self.cfg.train_steps
+        self.logger.log(self.step, metrics, console=self.step % self.cfg.log.interval == 0 or last)
+        self.logger.advance()
+
+    def save_on_interval(self) -> None:
+        ck = self.cfg.checkpoint
+        if self.step % ck.save_interval == 0 or self.step == self.cfg.train_steps:
+            save_checkpoint(self.train_state, self.ckpt_root, self.step, self.state, ck.keep_last)
+
+    def finish(self) -> None:
+        """The final evaluation (reusing an interval evaluation of this very step)."""
+        if not self.cfg.eval.at_end:
+            return
+        final = self.last_eval[1] if self.last_eval[0] == self.step else self.evaluate()
+        if self.rank0 and final:
+            (self.out / "final_eval.json").write_text(json.dumps(dict(step=self.step, **final), indent=1))
+
+    def close(self) -> None:
+        """Flush the logs and stop the engine's servers, however the run ended."""
+        self.logger.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def export(self) -> None:
+        """The HF export of the last checkpoint (rank 0), then a barrier."""
+        if self.cfg.checkpoint.export_hf and self.rank0:
+            export_hf(self.cfg.model.tokenizer_dir, self.ckpt_root, self.out / "hf")
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-
     return run_config_entry(RLConfig, train, __doc__, argv)

@@ -1,1 +1,1 @@
-"""Trainer -> rollout-engine weight transfer."""
+"""Trainer shards -> HF-named buckets -> an inference engine, then a probe check."""

@@ -1,7 +1,7 @@
 """Full HF-named weights from a Megatron model at any TP x PP, in size-bounded buckets.
 
 Every rank of data-parallel replica 0 takes part; the buckets come out on global rank 0.
-Each pipeline stage gathers its tensors over TP (``checkpoint.convert.iter_hf_weights``, the
+Each pipeline stage gathers its tensors over TP (``models.weights.iter_hf_weights``, the
 same mapping as conversion: QKV and gate/up split, vocabulary padding removed, tied
 embeddings once) and sends them to rank 0 one at a time, so no rank ever holds more than one
 bucket beyond its own shard of the model.

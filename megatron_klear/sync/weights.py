@@ -1,4 +1,4 @@
-"""Push the trainer's weights into a rollout engine, and check that it took.
+"""Push the trainer's weights into an inference engine, and check that it took.
 
 ``sync_weights`` is collective over every trainer rank: data-parallel replica 0 gathers HF
 buckets (``gather_hf_buckets``), global rank 0 feeds them to the engine, and all ranks learn
@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_klear.distributed import broadcast_object
 from megatron_klear.errors import EngineError, SyncError
-from megatron_klear.inference.base import RolloutEngine
+from megatron_klear.inference.base import InferenceEngine
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.models.forward import forward_logits, send_to_rank0
 from megatron_klear.sync.gather import DEFAULT_BUCKET_BYTES, gather_hf_buckets
@@ -35,7 +35,7 @@ class SyncStats:
 
 
 def sync_weights(
-    engine: Optional[RolloutEngine],
+    engine: Optional[InferenceEngine],
     model: torch.nn.Module,
     cfg: Qwen3Config,
     version: str,
@@ -88,7 +88,7 @@ def trainer_logprobs(model: torch.nn.Module, cfg: Qwen3Config, ids: list[int], t
 
 
 def probe_logprob_diff(
-    engine: Optional[RolloutEngine], model: torch.nn.Module, cfg: Qwen3Config, probe: list[int]
+    engine: Optional[InferenceEngine], model: torch.nn.Module, cfg: Qwen3Config, probe: list[int]
 ) -> float:
     """Collective: mean |trainer - engine| log-prob over the probe's tokens, on every rank."""
     ours = trainer_logprobs(model, cfg, probe)

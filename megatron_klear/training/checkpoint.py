@@ -41,6 +41,7 @@ from megatron_klear.checkpoint.megatron_ckpt import (
 )
 from megatron_klear.errors import CheckpointError
 from megatron_klear.training.guards import maybe_crash
+from megatron_klear.training.state import TrainState
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 
@@ -86,24 +87,24 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
 OPTIMIZER_FORMAT = "dp_reshardable"
 
 
-def _optimizers(engine) -> list:
-    """The Megatron optimizers behind the engine's (possibly chained) optimizer."""
-    return getattr(engine.optimizer, "chained_optimizers", [engine.optimizer])
+def _optimizers(train_state: TrainState) -> list:
+    """The Megatron optimizers behind the train state's (possibly chained) optimizer."""
+    return getattr(train_state.optimizer, "chained_optimizers", [train_state.optimizer])
 
 
-def _sharded_state(engine, is_loading: bool) -> dict:
-    model_sd = engine.module.sharded_state_dict()
-    optim_sd = engine.optimizer.sharded_state_dict(
+def _sharded_state(train_state: TrainState, is_loading: bool) -> dict:
+    model_sd = train_state.module.sharded_state_dict()
+    optim_sd = train_state.optimizer.sharded_state_dict(
         model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_FORMAT}
     )
     return {"model": model_sd, "optimizer": optim_sd}
 
 
-def _ensure_optimizer_state(engine) -> None:
+def _ensure_optimizer_state(train_state: TrainState) -> None:
     """Give a never-stepped optimizer the state a fresh Adam would create on its first step
     (step 0, zero moments), so a checkpoint can be saved before any update (an RL run whose
     first steps were all filtered). Unlike Megatron's dummy step this leaves the weights alone."""
-    for opt in _optimizers(engine):
+    for opt in _optimizers(train_state):
         if opt.optimizer.state:
             continue
         for group in opt.optimizer.param_groups:
@@ -115,7 +116,7 @@ def _ensure_optimizer_state(engine) -> None:
                 }
 
 
-def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_last: int = 3) -> Path:
+def save_checkpoint(train_state: TrainState, root: Path, step: int, trainer_state: dict, keep_last: int = 3) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory."""
     name = f"iter_{step:07d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -126,15 +127,15 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
         (tmp / "model").mkdir(parents=True)
         (tmp / "rng").mkdir()
     barrier()
-    _ensure_optimizer_state(engine)
-    save_sharded(_sharded_state(engine, is_loading=False), tmp / "model")
+    _ensure_optimizer_state(train_state)
+    save_sharded(_sharded_state(train_state, is_loading=False), tmp / "model")
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank():05d}.pt")
     maybe_crash("save", step)
     barrier()
     if rank() == 0:
-        state = dict(trainer_state, step=step, scheduler=engine.scheduler.state_dict())
+        state = dict(trainer_state, step=step, scheduler=train_state.scheduler.state_dict())
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        write_marker(tmp, engine.hf_config, step=step)
+        write_marker(tmp, train_state.hf_config, step=step)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -146,31 +147,31 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
     return final
 
 
-def load_checkpoint(engine, path: Path) -> dict:
+def load_checkpoint(train_state: TrainState, path: Path) -> dict:
     """Load model, optimizer, schedule and this rank's RNG; returns the trainer state."""
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint")
     # Before its first step the optimizer has no state to describe (torch Adam creates it
     # lazily), so Megatron cannot build the sharded state dict to load into. Megatron's own
     # helper takes one zero-gradient step to create it; the load overwrites all of it.
-    for opt in _optimizers(engine):
+    for opt in _optimizers(train_state):
         if not opt.optimizer.state:
             opt._init_optimizer_states_with_dummy_values()
-    state = load_sharded(_sharded_state(engine, is_loading=True), path)
-    load_state_checked(engine.module, state["model"], path)
+    state = load_sharded(_sharded_state(train_state, is_loading=True), path)
+    load_state_checked(train_state.module, state["model"], path)
     with torch.no_grad():  # fp32 models: main params are views of the (grad-requiring) weights
-        engine.optimizer.load_state_dict(state["optimizer"])
+        train_state.optimizer.load_state_dict(state["optimizer"])
     # Megatron-Core 0.16 without apex/TE keeps the true Adam step count in the param groups but
     # leaves each parameter's torch-Adam "step" at the placeholder value (and shared between
     # parameters), so the bias correction would be wrong from the first resumed step.
-    for opt in _optimizers(engine):
+    for opt in _optimizers(train_state):
         for group in opt.optimizer.param_groups:
             if "step" in group:
                 for p in group["params"]:
                     if "step" in opt.optimizer.state.get(p, {}):
                         opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]))
     trainer_state = json.loads((path / "trainer_state.json").read_text())
-    engine.scheduler.load_state_dict(trainer_state["scheduler"])
+    train_state.scheduler.load_state_dict(trainer_state["scheduler"])
     rng_file = path / "rng" / f"rank_{rank():05d}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size
         set_rng_state(torch.load(rng_file, weights_only=False))

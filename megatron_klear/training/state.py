@@ -1,9 +1,6 @@
-"""Model + Megatron DDP + distributed optimizer + LR schedule, and one training step.
-
-The loss is a token sum per micro-batch with Megatron's ``calculate_per_token_loss``: the
-schedule sums the token counts, DDP sums gradients across data- and context-parallel ranks,
-and ``finalize_model_grads`` divides by the global count. So the gradient is the token mean over
-the whole global batch, whatever the split into micro-batches and DP ranks.
+"""The train state: this rank's model stage in Megatron DDP, its distributed optimizer and the
+LR schedule, built from the ``optim`` section (``OptimConfig``). ``training.step`` runs a step
+on it; ``training.checkpoint`` saves and restores it.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ class OptimConfig:
     decay_steps: Optional[int] = None  # default: the run's total steps
 
     def validate(self, where: str = "optim") -> None:
-
         if not self.lr > 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -64,6 +60,8 @@ def build_train_state(
     optim: OptimConfig,
     total_steps: int,
     init_weights: Optional[Callable[[torch.nn.Module], None]] = None,
+    *,
+    sequence_parallel: bool = False,
 ) -> TrainState:
     """Model stage of this rank wrapped in Megatron DDP, with its distributed optimizer.
 
@@ -74,7 +72,7 @@ def build_train_state(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    gpt = build_model(hf_cfg, opts)
+    gpt = build_model(hf_cfg, opts, sequence_parallel=sequence_parallel, init_weights=init_weights is None)
     if init_weights is not None:
         init_weights(gpt)
     cfg = gpt.config

@@ -22,7 +22,7 @@ LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 def forward_backward(
-    engine: TrainState, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool = False
+    train_state: TrainState, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool = False
 ) -> list[dict]:
     """Run Megatron's pipeline schedule over ``micro_batches``; returns the loss dicts.
 
@@ -33,7 +33,7 @@ def forward_backward(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, s = micro_batches[0]["input_ids"].shape  # s: this context-parallel rank's share
-    dev = next(engine.model.parameters()).device
+    dev = next(train_state.model.parameters()).device
 
     def step(data_iter, model):
         mb = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in next(data_iter).items()}
@@ -47,12 +47,12 @@ def forward_backward(
         return logits, loss
 
     if not forward_only:
-        engine.model.zero_grad_buffer()
-        engine.optimizer.zero_grad()
+        train_state.model.zero_grad_buffer()
+        train_state.optimizer.zero_grad()
     return get_forward_backward_func()(
         forward_step_func=step,
         data_iterator=iter(micro_batches),
-        model=[engine.model],
+        model=[train_state.model],
         num_microbatches=len(micro_batches),
         seq_length=s * ps.get_context_parallel_world_size(),  # the schedule divides by cp itself
         micro_batch_size=b,
@@ -60,11 +60,11 @@ def forward_backward(
     )
 
 
-def optimizer_step(engine: TrainState) -> tuple[bool, float]:
+def optimizer_step(train_state: TrainState) -> tuple[bool, float]:
     """Apply the optimizer and advance the schedule; returns (applied, grad norm)."""
-    ok, grad_norm, _ = engine.optimizer.step()
+    ok, grad_norm, _ = train_state.optimizer.step()
     if ok:
-        engine.scheduler.step(increment=1)
+        train_state.scheduler.step(increment=1)
     return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
 
 

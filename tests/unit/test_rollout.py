@@ -237,7 +237,7 @@ def test_launch_commands():
     assert cmd[cmd.index("--base-gpu-id") + 1] == "2" and cmd[cmd.index("--port") + 1] == "31001"
     assert "sglang_router.launch_router" in router_command(cfg)
     with pytest.raises(Exception, match="model_path"):
-        SGLangConfig().validate()
+        SGLangConfig().check_launchable()
 
 
 # ------------------------------------------------------- SGLang supervision (processes, contract)

@@ -21,37 +21,10 @@ from megatron_klear.errors import CheckpointError, ConfigError
 from megatron_klear.models import hf_mapping
 from megatron_klear.models.config import Qwen3Config, load_hf_config, padded_vocab_size
 from tests.dist_workers import logits_worker
+from tests.references import hf_logits
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
-
-
-def hf_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-@pytest.fixture(scope="module")
-def converted(hf_models, tmp_path_factory) -> dict[str, Path]:
-    """Every tiny model converted at TP=2 x PP=2 (the hardest layout to write)."""
-    root = tmp_path_factory.mktemp("mg")
-    out = {}
-    for name, d in hf_models.items():
-        out[name] = root / name
-        hf_to_megatron(str(d), str(out[name]), tp=2, pp=2)
-    return out
-
-
-@pytest.fixture(scope="module")
-def input_ids(tmp_path_factory) -> tuple[Path, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 500, (2, 24), generator=g)
-    p = tmp_path_factory.mktemp("ids") / "ids.json"
-    p.write_text(json.dumps(ids.tolist()))
-    return p, ids
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
@@ -100,32 +73,6 @@ def test_tp1_written_checkpoint_loads_at_tp2_pp2(hf_models, tmp_path, input_ids)
     ours = torch.load(tmp_path / "gqa4_untied_tp2_pp2.pt")
     ref = hf_logits(hf_models["gqa4_untied"], ids)
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-4
-
-
-def test_dump_logits_cli(converted, hf_models, input_ids, tmp_path):
-    ids_path, ids = input_ids
-    out = tmp_path / "l.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        str(ROOT / "tools/dump_logits.py"),
-        "--load",
-        str(converted["gqa1_untied"]),
-        "--tp",
-        "1",
-        "--pp",
-        "2",
-        "--input-ids",
-        str(ids_path),
-        "--out",
-        str(out),
-    ]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
-    ref = hf_logits(hf_models["gqa1_untied"], ids)
-    assert ((torch.load(out) - ref).norm() / ref.norm()).item() < 1e-4
 
 
 # --- the mapping, as pure functions -----------------------------------------------------------
@@ -200,10 +147,10 @@ def test_parallel_sizes_checked_before_any_work(hf_models, tmp_path):
         hf_to_megatron(str(hf_models["gqa1_untied"]), str(tmp_path / "o3"), pp=3)
     assert not any(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="world size 6 is not divisible by tp x pp x cp = 2 x 2 x 1 = 4"):
-        ParallelConfig(tp=2, pp=2).validate(6)
+        ParallelConfig(tp=2, pp=2).data_parallel_size(6)
     with pytest.raises(ConfigError, match="world size 4 is not divisible by tp x pp x cp = 1 x 1 x 3 = 3"):
-        ParallelConfig(cp=3).validate(4)
-    assert ParallelConfig(tp=2, cp=2).validate(8) == 2
+        ParallelConfig(context_parallel=3).data_parallel_size(4)
+    assert ParallelConfig(tp=2, context_parallel=2).data_parallel_size(8) == 2
     with pytest.raises(ConfigError, match="does not split over tp=3"):
         padded_vocab_size(500, 3)
     assert padded_vocab_size(500, 4) == 512 and padded_vocab_size(151936, 8) == 151936

@@ -15,7 +15,7 @@ from megatron_klear.data.sft import SFTDataConfig, SFTDataset
 from megatron_klear.data.synthetic import make_code_rows, make_dataset, make_math_rows
 from megatron_klear.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "examples" / "data"
 
 
@@ -78,9 +78,14 @@ def conv(i: int, n_words: int = 5) -> dict:
     }
 
 
+def dataset(paths: list[str], tok: str, align: int = 1, **data) -> SFTDataset:
+    """An SFT dataset over ``paths`` with ``data`` section fields."""
+    return SFTDataset(SFTDataConfig(train=paths, **data), tok, align=align)
+
+
 def test_packing_never_crosses_documents(tmp_path, tok_dir, tok):
     path = write_jsonl(tmp_path / "sft.jsonl", [conv(i, n_words=3 + i % 17) for i in range(60)])
-    ds = SFTDataset(SFTDataConfig([str(path)], tok_dir, seq_len=128, cache_dir=str(tmp_path / "cache")))
+    ds = dataset([str(path)], tok_dir, seq_len=128, cache_dir=str(tmp_path / "cache"))
     seen = 0
     for k, ids in enumerate(ds.plan(0)):
         s = ds.build(ids)
@@ -102,8 +107,8 @@ def test_aligned_packing_for_context_parallel(tmp_path, tok_dir):
     """align=4 (context parallel 2): every document slot is a multiple of 4 long, and the packs
     hold the same documents with the same supervision as unaligned packing."""
     path = write_jsonl(tmp_path / "sft.jsonl", [conv(i, n_words=3 + i % 17) for i in range(60)])
-    base = dict(paths=[str(path)], tokenizer=tok_dir, seq_len=128, cache_dir=str(tmp_path / "cache"))
-    plain, aligned = SFTDataset(SFTDataConfig(**base)), SFTDataset(SFTDataConfig(**base, align=4))
+    base = dict(paths=[str(path)], tok=tok_dir, seq_len=128, cache_dir=str(tmp_path / "cache"))
+    plain, aligned = dataset(**base), dataset(**base, align=4)
 
     def documents(ds):
         docs = {}
@@ -117,7 +122,7 @@ def test_aligned_packing_for_context_parallel(tmp_path, tok_dir):
                     s.labels[a : a + n].tolist(),
                     s.loss_mask[a : a + n].tolist(),
                 )
-            if ds.cfg.align > 1:
+            if ds.align > 1:
                 assert all(c % 4 == 0 for c in s.cu_seqlens)
             supervised = sum(s.loss_mask[a : a + int(ds.lengths[i])].sum() for i, a in zip(ids, s.cu_seqlens))
             assert s.loss_mask.sum() == supervised  # alignment padding carries no loss
@@ -126,28 +131,30 @@ def test_aligned_packing_for_context_parallel(tmp_path, tok_dir):
     assert documents(aligned) == documents(plain)
     assert len(aligned.plan(0)) >= len(plain.plan(0))
     with pytest.raises(DataError, match="data.seq_len=130 is not a multiple of the document alignment 4"):
-        SFTDataset(SFTDataConfig(**{**base, "seq_len": 130}, align=4))
+        dataset(**{**base, "seq_len": 130}, align=4)
 
 
 def test_exact_resume_of_data_order(tmp_path, tok_dir):
     path = write_jsonl(tmp_path / "sft.jsonl", [conv(i) for i in range(40)])
-    cfg = SFTDataConfig([str(path)], tok_dir, seq_len=96, cache_dir=str(tmp_path / "cache"), seed=7)
-    full = [(e, k, s.input_ids.tolist()) for (e, k, s), _ in zip(SFTDataset(cfg).iterate(), range(25))]
+    cfg = SFTDataConfig([str(path)], seq_len=96, cache_dir=str(tmp_path / "cache"), seed=7)
+    full = [(e, k, s.input_ids.tolist()) for (e, k, s), _ in zip(SFTDataset(cfg, tok_dir).iterate(), range(25))]
     e, k, _ = full[11]
-    resumed = [(e2, k2, s.input_ids.tolist()) for (e2, k2, s), _ in zip(SFTDataset(cfg).iterate(e, k), range(14))]
+    resumed = [
+        (e2, k2, s.input_ids.tolist()) for (e2, k2, s), _ in zip(SFTDataset(cfg, tok_dir).iterate(e, k), range(14))
+    ]
     assert resumed == full[11:]
     assert full[0][0] == 0 and full[-1][0] >= 1  # crossed into the next epoch
-    assert SFTDataset(cfg).plan(0) != SFTDataset(cfg).plan(1)  # reshuffled per epoch
+    assert SFTDataset(cfg, tok_dir).plan(0) != SFTDataset(cfg, tok_dir).plan(1)  # reshuffled per epoch
     other = SFTDataConfig(**{**cfg.__dict__, "seed": 8})
-    assert SFTDataset(other).plan(0) != SFTDataset(cfg).plan(0)
+    assert SFTDataset(other, tok_dir).plan(0) != SFTDataset(cfg, tok_dir).plan(0)
 
 
 def test_overlong_truncate_or_drop(tmp_path, tok_dir):
     path = write_jsonl(tmp_path / "sft.jsonl", [conv(0, 3), conv(1, 300), conv(2, 3)])
-    base = dict(paths=[str(path)], tokenizer=tok_dir, seq_len=64, cache_dir=str(tmp_path / "c"))
-    t = SFTDataset(SFTDataConfig(**base, overlong="truncate"))
+    base = dict(paths=[str(path)], tok=tok_dir, seq_len=64, cache_dir=str(tmp_path / "c"))
+    t = dataset(**base, overlong="truncate")
     assert t.stats()["truncated"] == 1 and t.stats()["samples"] == 3 and t.lengths.max() == 64
-    d = SFTDataset(SFTDataConfig(**base, overlong="drop"))
+    d = dataset(**base, overlong="drop")
     assert d.stats()["dropped"] == 1 and d.stats()["samples"] == 2
 
 
@@ -161,20 +168,20 @@ def test_malformed_rows_are_skipped_with_location_or_raise(tmp_path, tok_dir):
         conv(1),
     ]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    ds = SFTDataset(SFTDataConfig([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c")))
+    ds = dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c"))
     assert ds.stats()["samples"] == 2 and ds.skipped == 4
     rows_skipped = [r for _, r, _ in (tuple(x) for x in ds.caches[0].meta["skipped"])]
     assert rows_skipped == [1, 2, 3, 4]
     with pytest.raises(DataError, match=r"bad.jsonl: row 1: not valid JSON"):
-        SFTDataset(SFTDataConfig([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c2"), strict=True))
+        dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c2"), strict=True)
 
 
 def test_missing_unreadable_and_empty_data(tmp_path, tok_dir):
     with pytest.raises(DataError, match="nope.jsonl: data file does not exist"):
-        SFTDataset(SFTDataConfig([str(tmp_path / "nope.jsonl")], tok_dir, cache_dir=str(tmp_path / "c")))
+        dataset([str(tmp_path / "nope.jsonl")], tok_dir, cache_dir=str(tmp_path / "c"))
     empty = write_jsonl(tmp_path / "empty.jsonl", ["{}"])
     with pytest.raises(DataError, match="no usable samples"):
-        SFTDataset(SFTDataConfig([str(empty)], tok_dir, cache_dir=str(tmp_path / "c")))
+        dataset([str(empty)], tok_dir, cache_dir=str(tmp_path / "c"))
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="broken.parquet: cannot read Parquet"):
         load_rl_prompts([str(tmp_path / "broken.parquet")])
@@ -182,16 +189,16 @@ def test_missing_unreadable_and_empty_data(tmp_path, tok_dir):
 
 def test_cache_is_reused_and_workers_agree(tmp_path, tok_dir):
     path = write_jsonl(tmp_path / "sft.jsonl", [conv(i) for i in range(30)])
-    one = SFTDataset(SFTDataConfig([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "a")))
-    two = SFTDataset(SFTDataConfig([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "b"), workers=2))
+    one = dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "a"))
+    two = dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "b"), workers=2)
     assert np.array_equal(np.asarray(one.caches[0].tokens), np.asarray(two.caches[0].tokens))
-    again = SFTDataset(SFTDataConfig([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "a")))
+    again = dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "a"))
     assert again.caches[0].dir == one.caches[0].dir
 
 
 def test_parquet_sft_input(tmp_path, tok_dir):
     write_parquet([conv(i) for i in range(5)], tmp_path / "sft.parquet")
-    ds = SFTDataset(SFTDataConfig([str(tmp_path / "sft.parquet")], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c")))
+    ds = dataset([str(tmp_path / "sft.parquet")], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c"))
     assert ds.stats()["samples"] == 5
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "megatron_klear"
 
 HEAVY = ("megatron", "transformers", "sglang", "sglang_router", "triton", "wandb", "matplotlib", "transformer_engine")
@@ -56,7 +56,9 @@ def _own_imports(node: ast.AST) -> list[tuple[str, int]]:
         if isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("megatron_klear"):
             for alias in sub.names:  # ``from megatron_klear.models import hf_mapping`` imports a module
                 cand = f"{sub.module}.{alias.name}"
-                found.append((cand if (PKG.parent / (cand.replace(".", "/") + ".py")).exists() else sub.module, sub.lineno))
+                found.append(
+                    (cand if (PKG.parent / (cand.replace(".", "/") + ".py")).exists() else sub.module, sub.lineno)
+                )
         elif isinstance(sub, ast.Import):
             found += [(a.name, sub.lineno) for a in sub.names if a.name.startswith("megatron_klear")]
     return found
@@ -107,7 +109,7 @@ def test_layers_and_no_import_circles():
     mods = _modules()
     graph = {m: {i for i, _ in _top_imports(t) if i in mods and i != m} for m, t in mods.items()}
     unknown = sorted({_room(m) for m in mods} - set(LAYERS) - {"megatron_klear"})
-    assert not unknown, f"rooms without a layer in tests/test_style.py: {unknown}"
+    assert not unknown, f"rooms without a layer in tests/unit/test_style.py: {unknown}"
     upward = [
         f"{m} (layer {LAYERS[_room(m)]}) imports {d} (layer {LAYERS[_room(d)]})"
         for m, deps in graph.items()

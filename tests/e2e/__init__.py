@@ -1,0 +1,1 @@
+"""End-to-end tests: torchrun jobs, Slurm jobs, real servers."""

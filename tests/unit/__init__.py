@@ -1,0 +1,1 @@
+"""Unit tests: one process (or spawned gloo ranks), seconds each."""
