@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron_klear.cli import run_config_entry
 from megatron_klear.config import to_dict
 from megatron_klear.data.sft import SFTDataConfig, SFTDataset
-from megatron_klear.distributed import ParallelConfig, init_distributed, is_main
+from megatron_klear.distributed import init_distributed, is_main
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import validate_parallel
 from megatron_klear.models.qwen3 import uses_transformer_engine
@@ -33,25 +33,18 @@ from megatron_klear.training.batches import micro_batch
 from megatron_klear.training.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_klear.training.guards import maybe_crash, stop_on_nonfinite
 from megatron_klear.training.metrics import MetricsLogger, model_flops_per_token
-from megatron_klear.training.run import CheckpointConfig, LogConfig, ModelConfig, model_source, prepare_assets
-from megatron_klear.training.state import OptimConfig, build_train_state
+from megatron_klear.training.run import RunConfig, model_source, prepare_assets
+from megatron_klear.training.state import build_train_state
 from megatron_klear.training.step import forward_backward, optimizer_step, reduce_reports
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
     """An SFT run: the YAML file's top level (every section typed and checked at load)."""
 
-    output_dir: str
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
     train_steps: Optional[int] = None
     epochs: Optional[float] = None  # alternative to train_steps
-    seed: int = 1234
 
     def validate(self) -> None:
         """Checks across sections (each section checked itself when it loaded)."""

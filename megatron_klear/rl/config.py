@@ -10,13 +10,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_klear.distributed import ParallelConfig
 from megatron_klear.errors import ConfigError
 from megatron_klear.inference.sglang import SGLangConfig
 from megatron_klear.ops.loss import AGGS, ALGOS, check_policy_args
 from megatron_klear.rewards.code import CodeRewardConfig
 from megatron_klear.rewards.math import MathRewardConfig
-from megatron_klear.training.run import CheckpointConfig, LogConfig, ModelConfig
+from megatron_klear.training.run import CheckpointConfig, RunConfig
 from megatron_klear.training.state import OptimConfig
 
 ENGINES = ("hf", "sglang")
@@ -168,22 +167,17 @@ def _rl_optim() -> OptimConfig:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(RunConfig):
     """An RL run: the YAML file's top level (every section typed and checked at load)."""
 
-    output_dir: str
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=_rl_optim)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save_interval=10))
     data: RLDataConfig = field(default_factory=RLDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save_interval=10))
-    log: LogConfig = field(default_factory=LogConfig)
     train_steps: int = 100
-    seed: int = 1234
     bootstrap: Optional[str] = None  # SFT / RL config to run first when model.hf does not exist yet
 
     def validate(self) -> None:

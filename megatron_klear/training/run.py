@@ -1,4 +1,5 @@
-"""What the SFT and RL runs share: the ``model``, ``checkpoint`` and ``log`` config sections,
+"""What the SFT and RL runs share: the top-level keys (``RunConfig``: ``model``, ``parallel``,
+``optim``, ``checkpoint``, ``log``, ``seed``),
 and where the starting model comes from (an HF directory or a Megatron checkpoint, created
 first when a config asks for the tiny model or our synthetic data).
 
@@ -9,7 +10,7 @@ Every section validates itself when the config loads (``config.from_dict`` calls
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -19,12 +20,13 @@ import torch.distributed as dist
 from megatron_klear.checkpoint.hf_io import HFReader
 from megatron_klear.checkpoint.megatron_ckpt import load_model, read_marker
 from megatron_klear.data.synthetic import make_dataset
-from megatron_klear.distributed import is_main
+from megatron_klear.distributed import ParallelConfig, is_main
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import Qwen3Config, load_hf_config
 from megatron_klear.models.qwen3 import ModelOptions
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
 from megatron_klear.models.weights import load_hf_weights
+from megatron_klear.training.state import OptimConfig
 
 LOGPROB_IMPLS = ("torch", "triton")
 
@@ -74,6 +76,20 @@ class LogConfig:
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     peak_tflops: Optional[float] = None  # per device, for MFU (989 for H100 SXM bf16 dense)
+
+
+@dataclass
+class RunConfig:
+    """The top-level keys every run has; ``SFTConfig`` and ``RLConfig`` extend it with their
+    ``data`` section and their own keys (and RL its own ``optim`` / ``checkpoint`` defaults)."""
+
+    output_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 1234
 
 
 def prepare_assets(model: ModelConfig, generate: Optional[str], data_files: Sequence[str]) -> None:
