@@ -39,3 +39,10 @@ class SyncError(KlearError, RuntimeError):
 
 class LaunchError(KlearError, RuntimeError):
     """The job cannot be launched as configured; the message says what to change."""
+
+
+class SandboxError(KlearError, RuntimeError):
+    """The code sandbox cannot run programs (not installed, not permitted, failed to start).
+
+    Never a failed test: the message names the backend and the reason.
+    """
