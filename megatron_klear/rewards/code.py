@@ -1,6 +1,7 @@
 """Code reward: fraction of test cases passed (soft reward, paper 3.2.4), run in the sandbox.
 
-The program is the last fenced code block of the response. Test formats:
+The program is the last fenced code block after the last ``</think>`` (any language tag).
+Test formats:
 
 * LiveCodeBench: a list of ``{"input", "output", "testtype": "stdin" | "functional"}``; for
   ``functional`` tests the function name comes from ``fn_name`` (the problem's metadata) and
@@ -10,31 +11,74 @@ The program is the last fenced code block of the response. Test formats:
 
 Every test runs in its own sandboxed process with its own limits, so one crash or timeout
 costs that test only. Outputs compare as LiveCodeBench does: line by line, whitespace-
-insensitive, numbers with a tolerance.
+insensitive, numbers with a tolerance. A sandbox that fails to start raises ``SandboxError``:
+it is never scored as a failed test. ``check_sandbox`` runs a known-good and a known-bad
+program before training.
+
+The public KlearReasoner code's rules (``code_r1_compute.py``) are options, off by default:
+its think-tag rule (no ``</think>``: -0.5, then no ``<think>``: -2.0), its fence rule (the last
+```` ```python ```` block after the first ``</think>``), -1 for no code, and tests counted +1 / -1.
+Text handling is linear in the response length.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from megatron_klear.rewards.sandbox import run_program
+from megatron_klear.errors import ConfigError, SandboxError
+from megatron_klear.rewards.math import check_finite, public_format_failure
+from megatron_klear.rewards.sandbox import BACKENDS, ExecResult, resolve_backend, run_program
 from megatron_klear.rewards.types import RewardResult
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+CODE_FORMAT_RULES = ("none", "public")
+FENCE_RULES = ("last", "python")
 
 
 @dataclass(frozen=True)
 class CodeRewardConfig:
+    """Limits of each test run, the sandbox, and how a response is scored."""
+
     timeout_s: float = 6.0  # per test
-    memory_mb: int = 1024  # per test
+    memory_mb: int = 1024  # per test (address space of each process)
     max_output_bytes: int = 1 << 20
     max_tests: Optional[int] = None  # cap on tests run per problem
-    backend: Optional[str] = None  # sandbox backend; default: best installed
+    backend: Optional[str] = None  # sandbox backend; default: the best working one
     binary: bool = False  # 1.0 only if all tests pass (the ablation baseline)
+    disk_mb: int = 64  # each writable tmpfs of a run (bwrap: /tmp with the home, and /dev/shm)
+    max_procs: int = 32  # processes and threads of a run
+    max_sandbox_failures: int = 16  # RL: stop after this many sandbox failures in a run (0: at the first)
+    truncated_is_wrong: bool = True  # False: a response cut at the length limit is scored as any other
+    format_rule: str = "none"  # "public": no </think> -> missing_think_end_score, then no <think> -> ..._start_
+    missing_think_end_score: float = -0.5
+    missing_think_start_score: float = -2.0
+    fence: str = "last"  # "last": last block after the last </think>; "python": the public code's rule
+    no_code_score: float = 0.0  # no program in the response (the public code: -1.0)
+    signed: bool = False  # a test counts +1 passed, -1 failed, averaged (the public code)
+
+    def validate(self) -> None:
+        """Raises ConfigError naming ``reward.code.<field>``."""
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ConfigError(f"reward.code.timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        for name in ("memory_mb", "max_output_bytes", "disk_mb", "max_procs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"reward.code.{name} must be a positive integer, got {value!r}")
+        if self.max_tests is not None and (not isinstance(self.max_tests, int) or self.max_tests < 1):
+            raise ConfigError(f"reward.code.max_tests must be >= 1 or null, got {self.max_tests!r}")
+        if not isinstance(self.max_sandbox_failures, int) or self.max_sandbox_failures < 0:
+            raise ConfigError(f"reward.code.max_sandbox_failures must be >= 0, got {self.max_sandbox_failures!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError(f"reward.code.backend must be one of {BACKENDS} or null, got {self.backend!r}")
+        if self.format_rule not in CODE_FORMAT_RULES:
+            raise ConfigError(f"reward.code.format_rule must be one of {CODE_FORMAT_RULES}, got {self.format_rule!r}")
+        if self.fence not in FENCE_RULES:
+            raise ConfigError(f"reward.code.fence must be one of {FENCE_RULES}, got {self.fence!r}")
+        for name in ("missing_think_end_score", "missing_think_start_score", "no_code_score"):
+            check_finite(self, name, "code")
 
 
 @dataclass(frozen=True)
@@ -47,10 +91,46 @@ class TestCase:
 
 
 def extract_code(response: str) -> Optional[str]:
-    """The last fenced code block (after ``</think>`` when there is one), or None."""
-    tail = response[response.rfind("</think>") :] if "</think>" in response else response
-    blocks = _FENCE.findall(tail)
-    return blocks[-1][1] if blocks else None
+    """The last fenced code block after the last ``</think>`` (any language tag), or None.
+
+    A block opens with ```` ``` ```` and the rest of its line, and closes at the next
+    ```` ``` ````. One left-to-right pass of ``str.find``: linear time.
+    """
+    end = response.rfind("</think>")
+    text = response if end == -1 else response[end:]
+    last, pos = None, 0
+    while True:
+        start = text.find("```", pos)
+        if start == -1:
+            return last
+        body = text.find("\n", start + 3)
+        if body == -1:
+            return last
+        close = text.find("```", body + 1)
+        if close == -1:
+            return last
+        last, pos = text[body + 1 : close], close + 3
+
+
+_PY_OPEN, _PY_CLOSE = "```python\n", "\n```"
+
+
+def extract_code_python(response: str) -> Optional[str]:
+    """The public code's rule: the last block opened by a ```` ```python ```` line after the
+    first ``</think>`` and closed by a line starting with ```` ``` ````; None without
+    ``</think>`` or such a block. Linear time."""
+    think = response.find("</think>")
+    if think == -1:
+        return None
+    last_close = response.rfind(_PY_CLOSE)
+    start = response.rfind(_PY_OPEN, think + len("</think>"))
+    # The last opener whose body (possibly empty) is followed by a closer somewhere.
+    while start != -1 and start + len(_PY_OPEN) > last_close:
+        start = response.rfind(_PY_OPEN, think + len("</think>"), start)
+    if start == -1:
+        return None
+    body = start + len(_PY_OPEN)
+    return response[body : response.find(_PY_CLOSE, body)]
 
 
 def normalize_tests(
@@ -148,25 +228,41 @@ _mk_sys.stdout.write("\\n@@MK_RESULT@@" + _mk_json.dumps(_mk_fn(*_mk_args)))
 """
 
 
-def run_test(code: str, case: TestCase, fn_name: Optional[str], cfg: CodeRewardConfig) -> bool:
-    """Run one test in the sandbox; True if it passed."""
+def run_case(
+    code: str, case: TestCase, fn_name: Optional[str], cfg: CodeRewardConfig, cancel: Optional[threading.Event] = None
+) -> tuple[bool, ExecResult]:
+    """Run one test in the sandbox: (passed, what the run did). Raises SandboxError."""
     kw = dict(
-        timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, max_output_bytes=cfg.max_output_bytes, backend=cfg.backend
+        timeout_s=cfg.timeout_s,
+        memory_mb=cfg.memory_mb,
+        max_output_bytes=cfg.max_output_bytes,
+        backend=cfg.backend,
+        max_procs=cfg.max_procs,
+        disk_mb=cfg.disk_mb,
+        cancel=cancel,
     )
     if case.kind == "stdin":
         r = run_program(code, case.input, **kw)
-        return r.ok and outputs_match(r.stdout, case.output)
+        return r.ok and outputs_match(r.stdout, case.output), r
     r = run_program(code + _CALL_HARNESS.format(fn=fn_name), json.dumps(case.input), **kw)
     if not r.ok or "@@MK_RESULT@@" not in r.stdout:
-        return False
+        return False, r
+    expected = case.output
     try:
         got = json.loads(r.stdout.rsplit("@@MK_RESULT@@", 1)[1])
-    except json.JSONDecodeError:
-        return False
-    expected = case.output
-    return _values_equal(got, expected) or (
-        isinstance(expected, list) and len(expected) == 1 and _values_equal(got, expected[0])
-    )
+        ok = _values_equal(got, expected) or (
+            isinstance(expected, list) and len(expected) == 1 and _values_equal(got, expected[0])
+        )
+    except (ValueError, RecursionError):  # the program's output: not JSON, or nested to no end
+        return False, r
+    return ok, r
+
+
+def run_test(
+    code: str, case: TestCase, fn_name: Optional[str], cfg: CodeRewardConfig, cancel: Optional[threading.Event] = None
+) -> bool:
+    """Run one test in the sandbox; True if it passed. Raises SandboxError."""
+    return run_case(code, case, fn_name, cfg, cancel)[0]
 
 
 def score_code(
@@ -176,15 +272,25 @@ def score_code(
     fn_name: Optional[str] = None,
     truncated: bool = False,
     config: Optional[CodeRewardConfig] = None,
+    cancel: Optional[threading.Event] = None,
     **cfg,
 ) -> RewardResult:
-    """Score = fraction of tests passed; ``correct`` = all passed. Never raises on model output."""
+    """Score = fraction of tests passed; ``correct`` = all passed.
+
+    Never raises on model output; raises SandboxError when the sandbox cannot run programs
+    (a failed start is never a failed test). ``cancel``: when set, the running test is killed
+    and no further test starts (reason ``cancelled``).
+    """
     c = config or CodeRewardConfig(**cfg)
-    if truncated:
+    if truncated and c.truncated_is_wrong:
         return RewardResult(0.0, False, "truncated")
-    code = extract_code(response)
+    if c.format_rule == "public":
+        failed = public_format_failure(response, c.missing_think_end_score, c.missing_think_start_score)
+        if failed is not None:
+            return failed
+    code = extract_code_python(response) if c.fence == "python" else extract_code(response)
     if code is None:
-        return RewardResult(0.0, False, "no_code")
+        return RewardResult(c.no_code_score, False, "no_code")
     try:
         cases, fn = normalize_tests(tests, fn_name)
     except ValueError as e:
@@ -193,8 +299,42 @@ def score_code(
         cases = cases[: c.max_tests]
     if not cases:
         return RewardResult(0.0, False, "no_tests")
-    passed = sum(run_test(code, case, fn, c) for case in cases)
-    frac = passed / len(cases)
+    passed = 0
+    for case in cases:
+        if cancel is not None and cancel.is_set():
+            return RewardResult(0.0, False, "cancelled")
+        passed += run_test(code, case, fn, c, cancel)
     all_ok = passed == len(cases)
-    score = (1.0 if all_ok else 0.0) if c.binary else frac
+    score = (1.0 if all_ok else 0.0) if c.binary else passed / len(cases)
+    if c.signed:
+        score = 2.0 * score - 1.0
     return RewardResult(score, all_ok, f"passed {passed}/{len(cases)}")
+
+
+# Start-up check: a program that must pass and one that must fail, stdin and call-based.
+_CHECKS = (  # (test, known-good program, known-bad program)
+    (TestCase("stdin", "2 3", "5"), "import sys\nprint(sum(map(int, sys.stdin.read().split())))", "print(-1)"),
+    (TestCase("call", [40, 2], 42), "def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b"),
+)
+
+
+def check_sandbox(cfg: CodeRewardConfig) -> None:
+    """Run a known-good and a known-bad program through the sandbox with ``cfg``'s limits.
+
+    Raises SandboxError naming the backend and the reason when no sandbox works, when one does
+    not start, or when it judges either program wrongly (e.g. ``memory_mb`` too small for
+    the interpreter). About four sandbox runs.
+    """
+    cfg.validate()
+    backend = resolve_backend(cfg.backend)
+    for case, good, bad in _CHECKS:
+        fn = "add" if case.kind == "call" else None
+        ok, r = run_case(good, case, fn, cfg)
+        if not ok:
+            raise SandboxError(
+                f"sandbox {backend!r} check failed: a known-good program ({case.kind} test) was judged wrong: "
+                f"exit code {r.exit_code}, timed out {r.timed_out}, stderr {r.stderr.strip()[-300:]!r}"
+            )
+        ok, r = run_case(bad, case, fn, cfg)
+        if ok:
+            raise SandboxError(f"sandbox {backend!r} check failed: a known-bad program ({case.kind} test) passed")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Reason prefix of an item whose sandbox failed to start or is unusable: not a wrong answer.
+SANDBOX_FAILURE = "sandbox_error"
+
 
 @dataclass(frozen=True)
 class RewardResult:
@@ -12,3 +15,8 @@ class RewardResult:
     score: float
     correct: bool
     reason: str
+
+    @property
+    def sandbox_failed(self) -> bool:
+        """The sandbox could not run this item's program: its score means nothing."""
+        return self.reason.startswith(SANDBOX_FAILURE)
