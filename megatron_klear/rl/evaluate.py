@@ -50,6 +50,7 @@ def evaluate(
         f"eval/avg@{k}": float(np.mean([np.mean(c) for c in per_prompt])),
         f"eval/pass@{k}": float(np.mean([any(c) for c in per_prompt])),
         "eval/reward_mean": float(np.mean([r.score for rs in results for r in rs])),
+        "eval/sandbox_failures": sum(r.sandbox_failed for rs in results for r in rs),
         "eval/response_length": float(np.mean([len(c.output_ids) for g in completions for c in g])),
         "eval/prompts": len(prompts),
         "time/eval_s": time.time() - t0,

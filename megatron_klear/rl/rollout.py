@@ -22,7 +22,7 @@ import numpy as np
 from megatron_klear.data.chat import decode_response, render_prompt
 from megatron_klear.data.rl import RLPrompt
 from megatron_klear.inference.base import Completion, InferenceEngine, SamplingParams
-from megatron_klear.rewards.batch import RewardItem, score_batch
+from megatron_klear.rewards.batch import RewardItem, SandboxFailureBudget, score_batch
 from megatron_klear.rewards.types import RewardResult
 from megatron_klear.rl.config import RewardConfig, RLConfig
 
@@ -122,6 +122,7 @@ class Collector:
 
     def __init__(self, engine: InferenceEngine, tokenizer, stream: PromptStream, cfg: RLConfig):
         self.engine, self.tok, self.stream, self.cfg = engine, tokenizer, stream, cfg
+        self.sandbox_budget = SandboxFailureBudget(cfg.reward.code.max_sandbox_failures)  # over the whole run
 
     def params(self, step: int, batch: int) -> SamplingParams:
         r = self.cfg.rollout
@@ -146,6 +147,7 @@ class Collector:
         kept: list[Group] = list(buffer)
         generated: list[tuple[int, bool, Group]] = []  # (generation batch, kept, group)
         t_gen = t_wait = 0.0
+        sandbox_failures = 0
         with ThreadPoolExecutor(1, thread_name_prefix="score") as scorer:
             while len(kept) < d.prompts_per_step and stats["gen_batches"] < d.max_gen_batches:
                 batch, pos = self.stream.take(d.prompts_per_step, pos, stats)
@@ -164,6 +166,10 @@ class Collector:
                 t0 = time.time()
                 for chunk, comps, fut in pending:
                     for (prompt, ids), group, results in zip(chunk, comps, fut.result()):
+                        failed = self.sandbox_budget.add(results)  # raises past the budget
+                        if failed:  # rewards the sandbox could not compute: never trained on
+                            sandbox_failures += failed
+                            continue
                         g = [
                             Sample(
                                 prompt.uid, ids, c.output_ids, c.logprobs, c.finish_reason, r.score, r.correct, r.reason
@@ -194,6 +200,7 @@ class Collector:
         metrics.update({f"rollout/{k}": v for k, v in stats.items()})
         metrics["rollout/groups_kept"] = len(groups)
         metrics["rollout/groups_buffered"] = len(rest)
+        metrics["reward/sandbox_failures"] = sandbox_failures
         metrics["time/generate_s"] = t_gen
         metrics["time/reward_wait_s"] = t_wait
         return groups, metrics, pos, rest

@@ -28,11 +28,12 @@ from megatron_klear.config import load_config, to_dict
 from megatron_klear.data.chat import render_prompt
 from megatron_klear.data.rl import CurationConfig, RLPrompt, load_rl_prompts
 from megatron_klear.distributed import broadcast_object, destroy_distributed, init_distributed, is_main
-from megatron_klear.errors import ConfigError, EngineError, StaleEngineError
+from megatron_klear.errors import ConfigError, EngineError, SandboxError, StaleEngineError
 from megatron_klear.inference.base import InferenceEngine
 from megatron_klear.inference.hf import HFEngine
 from megatron_klear.inference.sglang import SGLangEngine
 from megatron_klear.models.config import Qwen3Config, validate_parallel
+from megatron_klear.rewards.code import CodeRewardConfig, check_sandbox
 from megatron_klear.rl.batch import minibatches
 from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.evaluate import evaluate
@@ -80,6 +81,20 @@ def build_inference_engine(cfg: RLConfig) -> InferenceEngine:
     if r.engine == "hf":
         return HFEngine(cfg.model.tokenizer_dir, device=r.hf_device, dtype=r.hf_dtype, max_batch=r.hf_max_batch)
     return SGLangEngine(cfg.sglang_config())
+
+
+def check_code_sandbox(code_cfg: CodeRewardConfig, prompts: list[RLPrompt]) -> None:
+    """Collective: with code prompts, rank 0 runs a known-good and a known-bad program through
+    the sandbox (``rewards.code.check_sandbox``); every rank raises its SandboxError."""
+    problem = None
+    if is_main() and any(p.ability == "code" for p in prompts):
+        try:
+            check_sandbox(code_cfg)
+        except SandboxError as e:
+            problem = str(e)
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise SandboxError(problem)
 
 
 def load_prompts(cfg: RLConfig) -> tuple[list[RLPrompt], list[RLPrompt], dict]:
@@ -137,6 +152,7 @@ class RLRun:
         check_model_fits(cfg, self.hf_cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir)
         train_prompts, self.eval_prompts, curation = load_prompts(cfg)
+        check_code_sandbox(cfg.reward.code, train_prompts + self.eval_prompts)  # before the model is built
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -216,7 +232,11 @@ class RLRun:
                     res = ("stale", str(e))
                 except EngineError as e:
                     res = ("error", str(e))
+                except SandboxError as e:  # more sandbox failures than reward.code.max_sandbox_failures
+                    res = ("sandbox", str(e))
             res = broadcast_object(res)
+            if res[0] == "sandbox":
+                raise SandboxError(f"step {step}: {res[1]} (last checkpoint is intact)")
             if res[0] == "ok":
                 groups, metrics, pos, rest = res[1]
                 self.pending = dict(prompt_epoch=pos[0], prompt_index=pos[1], buffer=groups_to_json(rest))
