@@ -13,7 +13,8 @@ Backends, in order of preference; both work as root and as an ordinary user:
   namespaces.
 * ``firejail``: the same namespaces (``--net=none``; as an ordinary user ``--noroot``), nested
   namespaces blocked by seccomp, every top-level directory except the system ones hidden, as
-  are the entries of ``/run`` and other users' homes. firejail cannot size-cap a tmpfs, so here
+  are the entries of ``/run``, other users' homes and the X11 / PulseAudio sockets that
+  ``--private-tmp`` keeps from the host. firejail cannot size-cap a tmpfs, so here
   the whole filesystem is read-only: the program has no writable disk at all. As root the
   program runs as a pool uid (``setpriv``).
 
@@ -35,6 +36,7 @@ daemon the program left behind with it. The run's temporary files on the host ar
 from __future__ import annotations
 
 import functools
+import glob
 import itertools
 import logging
 import os
@@ -283,6 +285,8 @@ def _firejail_hidden(home: str) -> list[str]:
     hidden = [p for p in hidden if p not in keep]
     if os.path.isdir("/run"):
         hidden += [os.path.join("/run", n) for n in os.listdir("/run") if n != "firejail"]
+    # --private-tmp keeps the host's X11 and PulseAudio sockets ("whitelisting" them).
+    hidden += [p for p in glob.glob("/tmp/.X11-unix") + glob.glob("/tmp/.ICE-unix") + glob.glob("/tmp/pulse-*")]
     if os.path.isdir("/home"):
         if not home.startswith("/home/"):
             hidden.append("/home")

@@ -9,6 +9,7 @@ scorer through runuser; skipped, with the reason, where one cannot be created).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -417,9 +418,10 @@ def test_code_public_code_rules(clean_machine):
 
 
 class Host:
-    """What a hostile program aims at, on the host: listening sockets (TCP, a munge-style UNIX
-    socket under /run and one under /tmp, an abstract one), a victim file, a secret file, a
-    secret in the scorer's environment. Counts every connection it accepts."""
+    """What a hostile program aims at, on the host: listening sockets (TCP; UNIX sockets: a
+    munge-style one under /run, one under /tmp, one in X11's /tmp/.X11-unix; an abstract one),
+    a victim file, a secret file, a secret in the scorer's environment. Counts every
+    connection it accepts."""
 
     def __init__(self, owner: int | None):
         tag = uuid.uuid4().hex[:8]
@@ -430,7 +432,12 @@ class Host:
         # Where munge keeps its socket; /tmp when /run is not ours to write.
         self.run_dir = Path("/run" if os.access("/run", os.W_OK) else self.dir) / f"mk-sbx-{tag}"
         self.run_dir.mkdir(mode=0o755)
-        unix_paths = [str(self.run_dir / "munge.socket.2"), f"/tmp/mk-sbx-{tag}.sock"]
+        # X11's socket directory: firejail's --private-tmp keeps it from the host.
+        self.x11_created = not os.path.exists("/tmp/.X11-unix")
+        if self.x11_created:
+            os.makedirs("/tmp/.X11-unix", exist_ok=True)
+            os.chmod("/tmp/.X11-unix", 0o1777)
+        unix_paths = [str(self.run_dir / "munge.socket.2"), f"/tmp/mk-sbx-{tag}.sock", f"/tmp/.X11-unix/X{tag}"]
         for p in unix_paths:
             self._serve(socket.AF_UNIX, p, "unix")
             os.chmod(p, 0o777)
@@ -486,6 +493,9 @@ class Host:
             Path(p).unlink(missing_ok=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.x11_created:
+            with contextlib.suppress(OSError):  # another Host's socket may still be in it
+                os.rmdir("/tmp/.X11-unix")
 
 
 def _disk_state() -> dict:
@@ -591,7 +601,7 @@ def test_hostile_network(who, backend, host, user_battery, after):
 @hostile_params
 @on_backends
 def test_hostile_host_unix_socket(who, backend, host, user_battery, after):
-    """The munge case: a socket file under /run (and one under /tmp) that the host serves."""
+    """The munge case: socket files the host serves under /run, /tmp and /tmp/.X11-unix."""
     hostile(who, backend, "host_unix_socket", host, user_battery)
 
 
