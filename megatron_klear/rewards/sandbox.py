@@ -28,6 +28,8 @@ marker never started: that raises ``SandboxError`` (backend and message), never 
 A program cannot fake a failed start: the marker is out before the program runs. Each backend
 is probed once per process with a test program (``backend_problem``).
 
+The program's time limit counts from the start marker: a slow sandbox start on a loaded
+machine is not charged to the program (the start has ``START_TIMEOUT_S`` of its own).
 Every run is its own process group: at the wall-time limit, at the output cap, on ``cancel``
 or when the program exits, the whole group is killed and reaped; the PID namespace takes any
 daemon the program left behind with it. The run's temporary files on the host are removed.
@@ -66,6 +68,7 @@ START_MARKER = b"@@MK_SANDBOX_STARTED@@\n"
 LEFT_PROCESSES = 125  # exit code of a run that left processes behind
 BWRAP_HOME = "/tmp/home"
 _STDERR_CAP = 1 << 20
+START_TIMEOUT_S = 30.0  # for the sandbox to start; the program's own limit counts from then
 _CANCEL_POLL_S = 0.05
 # Runs inside the sandbox as ``sh -c _SUPERVISOR sh HOST_NET PROGRAM...``. It refuses to start
 # in the host's network namespace (a backend that fell back to no isolation), writes the start
@@ -337,11 +340,19 @@ class _Streams:
 
 
 def _pump(
-    proc: subprocess.Popen, stdin: bytes, deadline: float, out_cap: int, cancel: Optional[threading.Event]
+    proc: subprocess.Popen,
+    stdin: bytes,
+    run_s: float,
+    out_cap: int,
+    marker: bytes,
+    cancel: Optional[threading.Event],
 ) -> _Streams:
     """Feed stdin and collect stdout/stderr until both close or a limit is hit.
 
-    ``out_cap``: stdout bytes that mean "too much output" once reached.
+    ``marker``: what stdout must start with once the sandbox has started (b"" unsandboxed).
+    The program's ``run_s`` counts from then; until then the sandbox has START_TIMEOUT_S, so a
+    loaded machine's slow start is never charged to the program. ``out_cap``: stdout bytes that
+    mean "too much output" once reached.
     """
     s = _Streams(bytearray(), bytearray())
     out_fd = proc.stdout.fileno()
@@ -350,6 +361,8 @@ def _pump(
     for fd in caps:
         sel.register(fd, selectors.EVENT_READ)
     in_fd, sent = proc.stdin.fileno(), 0
+    started = not marker
+    deadline = time.monotonic() + (run_s if started else START_TIMEOUT_S)
     if stdin:
         os.set_blocking(in_fd, False)
         sel.register(in_fd, selectors.EVENT_WRITE)
@@ -380,7 +393,13 @@ def _pump(
                     continue
                 buf, cap = caps[key.fd]
                 buf += chunk[: max(0, cap - len(buf))]  # stderr past its cap is drained and dropped
-                if key.fd == out_fd and len(buf) >= cap:
+                if key.fd != out_fd:
+                    continue
+                if not started and len(buf) >= len(marker):
+                    if not buf.startswith(marker):
+                        return s  # not our supervisor talking: the run is refused as a failed start
+                    started, deadline = True, time.monotonic() + run_s
+                if len(buf) >= cap:
                     s.stop = "output"
                     return s
         try:
@@ -461,7 +480,7 @@ def _run(
     cancel: Optional[threading.Event],
 ) -> ExecResult:
     start = time.monotonic()
-    marker = len(START_MARKER) if sandboxed else 0
+    marker = START_MARKER if sandboxed else b""
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
@@ -472,7 +491,7 @@ def _run(
         start_new_session=True,
     )
     try:
-        s = _pump(proc, stdin.encode(), start + timeout_s, max_output_bytes + marker + 1, cancel)
+        s = _pump(proc, stdin.encode(), timeout_s, max_output_bytes + len(marker) + 1, marker, cancel)
     finally:
         # The program has ended (or must end now): take its whole group with it.
         _kill_group(proc)
@@ -486,10 +505,14 @@ def _run(
             if s.stop == "cancelled":
                 out = b""
             else:
-                why = "no start within the time limit" if s.stop == "timeout" else f"exit code {proc.returncode}"
+                why = (
+                    f"no start within {START_TIMEOUT_S:.0f} s"
+                    if s.stop == "timeout"
+                    else f"exit code {proc.returncode}"
+                )
                 msg = stderr.strip()[-500:] or "no message"
                 raise SandboxError(f"sandbox {backend!r} failed to start ({why}): {msg}")
-        out = out[marker:]
+        out = out[len(marker) :]
     truncated = s.stop == "output" or len(out) > max_output_bytes
     code = None if s.stop in ("timeout", "cancelled") else proc.returncode
     return ExecResult(
@@ -522,7 +545,9 @@ def run_program(
     """Run ``source`` with ``stdin`` in a sandbox and return what happened.
 
     Args:
-        timeout_s: wall-time limit; the whole process tree is killed at it.
+        timeout_s: the program's wall-time limit, from the moment the sandbox has started
+            (a start slower than START_TIMEOUT_S is a SandboxError); the whole process
+            tree is killed at it.
         memory_mb: address-space limit of each process.
         language: only ``"python"`` today.
         backend: ``"bwrap"``, ``"firejail"``, or ``"unsafe-local"`` (no isolation at all;

@@ -327,6 +327,22 @@ def test_the_supervisor_refuses_to_run_without_isolation():
         sb._run(cmd, {"PATH": "/usr/bin:/bin"}, "/", "", "bwrap", True, 10.0, 1024, None)
 
 
+def test_the_time_limit_counts_from_the_sandbox_start():
+    """A slow sandbox start (a loaded machine) is not charged to the program. The "sandbox" here
+    is a shell that takes 1 s before it starts the supervisor (outside a PID namespace, so the
+    supervisor sees the host's processes as left behind: the exit code is not the point)."""
+
+    def run(program: str, timeout_s: float):
+        slow = ["/bin/sh", "-c", 'sleep 1; exec "$@"', "sh", "/bin/sh", "-c", sb._SUPERVISOR, "sh", "net:[none]"]
+        cmd = slow + [sys.executable, "-c", program]
+        return sb._run(cmd, {"PATH": "/usr/bin:/bin"}, "/", "", "bwrap", True, timeout_s, 1024, None)
+
+    r = run("print(42)", 0.5)
+    assert r.stdout == "42\n" and not r.timed_out and r.wall_s > 1
+    r = run("import time; time.sleep(30)", 0.5)
+    assert r.timed_out and 1.5 <= r.wall_s < 5
+
+
 def test_code_config_validation_names_the_field():
     for bad, field in [
         (dict(timeout_s=-1.0), "timeout_s"),
@@ -653,7 +669,7 @@ def test_hostile_memory_bomb(who, backend, host, user_battery, after):
 @on_backends
 def test_hostile_infinite_loop(who, backend, host, user_battery, after):
     f = hostile(who, backend, "infinite_loop", host, user_battery)
-    assert f["timed_out"] and f["run_s"] < 3
+    assert f["timed_out"] and f["run_s"] < 4
 
 
 @needs_sandbox
@@ -760,7 +776,7 @@ def test_score_batch_keeps_order_and_survives_everything(clean_machine):
         RewardItem("code", fenced("while True: pass"), APPS),
     ]
     res = score_batch(
-        items, workers=3, math_config=MathRewardConfig(timeout_s=1.5), code_config=CodeRewardConfig(timeout_s=0.5)
+        items, workers=3, math_config=MathRewardConfig(timeout_s=1.5), code_config=CodeRewardConfig(timeout_s=1.0)
     )
     assert [r.reason for r in res] == [
         "correct",
@@ -787,7 +803,7 @@ def test_a_deadline_leaves_no_work_running(clean_machine):
     t = time.monotonic()
     res = score_batch([RewardItem("math", think("(x+1)^{20000}-(x-1)^{20000}"), "1")], workers=1, deadline_s=0.5)
     assert res[0].reason == "deadline" and not res[0].correct
-    assert time.monotonic() - t < 1.5 and not _reward_threads()
+    assert time.monotonic() - t < 3 and not _reward_threads()  # the check alone would take minutes
     busy = [v for v in rmath._idle if v._proc is not None and v._proc.poll() is None]
     for v in busy:  # the worker that had the pathological check was killed; the others are idle
         assert sb_cpu_idle(v._proc.pid), "a math-verify worker still computes after the deadline"
@@ -799,7 +815,7 @@ def test_a_deadline_leaves_no_work_running(clean_machine):
         code_config=CodeRewardConfig(timeout_s=5),
         deadline_s=0.5,
     )
-    assert res[0].reason == "deadline" and time.monotonic() - t < 1.5 and not _reward_threads()
+    assert res[0].reason == "deadline" and time.monotonic() - t < 3 and not _reward_threads()  # not 8 x 5 s
     # Its sandbox was killed (SIGKILL to the group; the PID namespace's init follows its parent):
     # the processes are gone as soon as the kernel has torn them down.
     deadline = time.monotonic() + 2
