@@ -194,14 +194,15 @@ class MathVerifier:
     def _receive(self, deadline: float, cancel: Optional[threading.Event]) -> tuple[str, object]:
         """One answer line: ("ok", dict), ("timeout", None), ("cancelled", None) or ("died", msg)."""
         fd = self._proc.stdout.fileno()
+        poller = select.poll()  # not select.select: a trainer's descriptors can pass FD_SETSIZE
+        poller.register(fd, select.POLLIN)
         while b"\n" not in self._buf:
             if cancel is not None and cancel.is_set():
                 return "cancelled", None
             left = deadline - time.monotonic()
             if left <= 0:
                 return "timeout", None
-            ready, _, _ = select.select([fd], [], [], min(left, _POLL_S))
-            if ready:
+            if poller.poll(1e3 * min(left, _POLL_S)):
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     return "died", f"exit code {self._proc.poll()}"

@@ -250,19 +250,28 @@ def test_linear_extraction_agrees_with_the_regular_expressions():
 
 def test_rewards_work_from_a_plain_script_without_a_main_guard(tmp_path):
     """The math-verify worker is a `python -m` subprocess: multiprocessing's spawn used to re-run
-    such a script in the worker, which died with a bare EOFError."""
+    such a script in the worker, which died with a bare EOFError. The script also holds over
+    1024 open descriptors, as a trainer may: no select() limit in our waits."""
     script = tmp_path / "score.py"
     script.write_text(
+        "import os\n"
+        "held = [os.open('/dev/null', os.O_RDONLY) for _ in range(1100)]\n"
         "from megatron_klear.rewards.math import score_math\n"
+        "from megatron_klear.rewards.code import score_code\n"
+        "from megatron_klear.rewards.sandbox import available_backends\n"
         "print(score_math('<think>x</think> so \\\\boxed{\\\\frac12}', '0.5'))\n"
         "print(score_math('<think>x</think> so \\\\boxed{3}', '0.5'))\n"
+        "if available_backends():\n"
+        "    print(score_code('```python\\nprint(int(input()) + 1)\\n```', {'inputs': ['1'], 'outputs': ['2']}))\n"
     )
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [
+    assert r.stdout.splitlines()[:2] == [
         "RewardResult(score=1.0, correct=True, reason='correct')",
         "RewardResult(score=-1.0, correct=False, reason='wrong')",
     ]
+    if BACKENDS:
+        assert r.stdout.splitlines()[2] == "RewardResult(score=1.0, correct=True, reason='passed 1/1')"
 
 
 # --- sandbox ---------------------------------------------------------------------------------
