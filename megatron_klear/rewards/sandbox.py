@@ -277,24 +277,23 @@ def _reachable(path: str) -> bool:
 
 
 def _firejail_hidden(home: str) -> list[str]:
-    """Host paths to blacklist: everything but the system view, /proc, /dev, /tmp and the home.
+    """Host paths to blacklist: everything but the system view, /proc, /dev, /tmp and the path
+    to the home (firejail mounts the private home there).
 
     /run itself must stay (firejail keeps its state there), so its entries are hidden one by
-    one; so are other users' homes. Paths this user cannot reach need no hiding (and
-    firejail refuses to blacklist them).
+    one; so are the siblings of every directory on the way to the home (other users' homes).
+    Paths this user cannot reach need no hiding (and firejail refuses to blacklist them).
     """
-    keep = {p for _, p in _system_view()} | {"/proc", "/dev", "/tmp", "/run", "/home", home}
-    hidden = [os.path.join("/", n) for n in os.listdir("/")]
-    hidden = [p for p in hidden if p not in keep]
+    on_the_way = [str(p) for p in Path(home).parents if str(p) != "/"] + [home]
+    keep = {p for _, p in _system_view()} | {"/proc", "/dev", "/tmp", "/run"} | set(on_the_way)
+    hidden = [p for p in (os.path.join("/", n) for n in os.listdir("/")) if p not in keep]
     if os.path.isdir("/run"):
         hidden += [os.path.join("/run", n) for n in os.listdir("/run") if n != "firejail"]
     # --private-tmp keeps the host's X11 and PulseAudio sockets ("whitelisting" them).
-    hidden += [p for p in glob.glob("/tmp/.X11-unix") + glob.glob("/tmp/.ICE-unix") + glob.glob("/tmp/pulse-*")]
-    if os.path.isdir("/home"):
-        if not home.startswith("/home/"):
-            hidden.append("/home")
-        else:
-            hidden += [p for p in (os.path.join("/home", n) for n in os.listdir("/home")) if p != home]
+    hidden += glob.glob("/tmp/.X11-unix") + glob.glob("/tmp/.ICE-unix") + glob.glob("/tmp/pulse-*")
+    for parent in on_the_way[:-1]:  # e.g. /home: every entry but the one towards the home
+        if os.access(parent, os.R_OK | os.X_OK):
+            hidden += [p for p in (os.path.join(parent, n) for n in os.listdir(parent)) if p not in keep]
     return [p for p in hidden if _reachable(p)]
 
 
