@@ -52,7 +52,7 @@ class CodeRewardConfig:
     max_procs: int = 32  # processes and threads of a run
     max_sandbox_failures: int = 16  # RL: stop after this many sandbox failures in a run (0: at the first)
     truncated_is_wrong: bool = True  # False: a response cut at the length limit is scored as any other
-    format_rule: str = "none"  # "public": no </think> -> missing_think_end_score, then no <think> -> ..._start_
+    format_rule: str = "none"  # or "public": no </think>, then no <think>, score the two below
     missing_think_end_score: float = -0.5
     missing_think_start_score: float = -2.0
     fence: str = "last"  # "last": last block after the last </think>; "python": the public code's rule
