@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -64,24 +65,31 @@ def _stats(walls: list[float]) -> dict:
     return dict(median_ms=1e3 * statistics.median(walls), p95_ms=1e3 * pct(walls, 0.95))
 
 
+def _bare_run() -> float:
+    t = time.perf_counter()
+    subprocess.run([sandbox_python(), "-I", "-S", "-c", "pass"], stdin=subprocess.DEVNULL, capture_output=True)
+    return time.perf_counter() - t
+
+
 def startup(runs: int) -> dict:
     """{backend: {median_ms, p95_ms, overhead_ms}} for every working backend and for the bare
     interpreter (the sandbox's own, same flags, no sandbox); {backend: {"unusable": reason}}
-    for the others."""
-    bare = [sandbox_python(), "-I", "-S", "-c", "pass"]
-    subprocess.run(bare, capture_output=True)
-    walls = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(bare, stdin=subprocess.DEVNULL, capture_output=True)
-        walls.append(time.perf_counter() - t)
-    out: dict = {"bare interpreter": _stats(walls)}
+    for the others. The kinds take turns run by run, so that a burst of load on a shared
+    machine weighs on all of them alike."""
+    kinds = {"bare interpreter": _bare_run}
+    out: dict = {}
     for backend in ["bwrap", "firejail"]:
-        if backend not in available_backends():
+        if backend in available_backends():
+            kinds[backend] = functools.partial(lambda b: run_program("pass", backend=b).wall_s, backend)
+        else:
             out[backend] = {"unusable": backend_problem(backend)}
-            continue
-        run_program("pass", backend=backend)  # warm: the probe, page cache
-        out[backend] = _stats([run_program("pass", backend=backend).wall_s for _ in range(runs)])
+    walls: dict[str, list[float]] = {k: [] for k in kinds}
+    for run in range(runs + 1):
+        for kind, once in kinds.items():
+            wall = once()
+            if run:  # the first round warms up (the probe, the page cache)
+                walls[kind].append(wall)
+    out = {**{k: _stats(w) for k, w in walls.items()}, **out}
     bare = out["bare interpreter"]["median_ms"]
     for s in out.values():
         if "median_ms" in s:
