@@ -59,26 +59,26 @@ class CodeRewardConfig:
     no_code_score: float = 0.0  # no program in the response (the public code: -1.0)
     signed: bool = False  # a test counts +1 passed, -1 failed, averaged (the public code)
 
-    def validate(self) -> None:
-        """Raises ConfigError naming ``reward.code.<field>``."""
+    def validate(self, where: str = "reward.code") -> None:
+        """Raises ConfigError naming ``<where>.<field>`` (the config loader passes the section's path)."""
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
-            raise ConfigError(f"reward.code.timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+            raise ConfigError(f"{where}.timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         for name in ("memory_mb", "max_output_bytes", "disk_mb", "max_procs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"reward.code.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
         if self.max_tests is not None and (not isinstance(self.max_tests, int) or self.max_tests < 1):
-            raise ConfigError(f"reward.code.max_tests must be >= 1 or null, got {self.max_tests!r}")
+            raise ConfigError(f"{where}.max_tests must be >= 1 or null, got {self.max_tests!r}")
         if not isinstance(self.max_sandbox_failures, int) or self.max_sandbox_failures < 0:
-            raise ConfigError(f"reward.code.max_sandbox_failures must be >= 0, got {self.max_sandbox_failures!r}")
+            raise ConfigError(f"{where}.max_sandbox_failures must be >= 0, got {self.max_sandbox_failures!r}")
         if self.backend is not None and self.backend not in BACKENDS:
-            raise ConfigError(f"reward.code.backend must be one of {BACKENDS} or null, got {self.backend!r}")
+            raise ConfigError(f"{where}.backend must be one of {BACKENDS} or null, got {self.backend!r}")
         if self.format_rule not in CODE_FORMAT_RULES:
-            raise ConfigError(f"reward.code.format_rule must be one of {CODE_FORMAT_RULES}, got {self.format_rule!r}")
+            raise ConfigError(f"{where}.format_rule must be one of {CODE_FORMAT_RULES}, got {self.format_rule!r}")
         if self.fence not in FENCE_RULES:
-            raise ConfigError(f"reward.code.fence must be one of {FENCE_RULES}, got {self.fence!r}")
+            raise ConfigError(f"{where}.fence must be one of {FENCE_RULES}, got {self.fence!r}")
         for name in ("missing_think_end_score", "missing_think_start_score", "no_code_score"):
-            check_finite(self, name, "code")
+            check_finite(self, name, where)
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,14 @@ class MathRewardConfig:
     truncated_is_wrong: bool = True  # False: a response cut at the length limit is scored as any other
     timeout_s: float = 5.0
 
-    def validate(self) -> None:
-        """Raises ConfigError naming ``reward.math.<field>``."""
+    def validate(self, where: str = "reward.math") -> None:
+        """Raises ConfigError naming ``<where>.<field>`` (the config loader passes the section's path)."""
         if self.format_rule not in MATH_FORMAT_RULES:
-            raise ConfigError(f"reward.math.format_rule must be one of {MATH_FORMAT_RULES}, got {self.format_rule!r}")
+            raise ConfigError(f"{where}.format_rule must be one of {MATH_FORMAT_RULES}, got {self.format_rule!r}")
         if self.answer not in ANSWER_SOURCES:
-            raise ConfigError(f"reward.math.answer must be one of {ANSWER_SOURCES}, got {self.answer!r}")
+            raise ConfigError(f"{where}.answer must be one of {ANSWER_SOURCES}, got {self.answer!r}")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
-            raise ConfigError(f"reward.math.timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+            raise ConfigError(f"{where}.timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         for name in (
             "correct_score",
             "wrong_score",
@@ -75,14 +75,14 @@ class MathRewardConfig:
             "missing_think_end_score",
             "missing_think_start_score",
         ):
-            check_finite(self, name, "math")
+            check_finite(self, name, where)
 
 
-def check_finite(cfg, name: str, section: str) -> None:
-    """Raises ConfigError unless ``cfg.<name>`` is a finite number (``reward.<section>.<name>``)."""
+def check_finite(cfg, name: str, where: str) -> None:
+    """Raises ConfigError unless ``cfg.<name>`` is a finite number (named ``<where>.<name>``)."""
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"reward.{section}.{name} must be a finite number, got {value!r}")
+        raise ConfigError(f"{where}.{name} must be a finite number, got {value!r}")
 
 
 # The lenient evaluation score (the public benchmarks/judge_math.py): math-verify on the whole

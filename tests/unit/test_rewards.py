@@ -42,7 +42,7 @@ from megatron_klear.rewards.sandbox import available_backends, run_program
 from tests import sandbox_battery as battery
 from tests.sandbox_battery import ADD, APPS, fenced
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import sandbox_user  # noqa: E402
@@ -189,11 +189,11 @@ def test_math_pathological_input_times_out_without_blocking():
 def test_pathological_responses_score_within_the_time_limit():
     """The red team's cases: unbalanced \\boxed{ runs (52 s and 163 s before), 40,000 ```py
     openers (15.8 s before). Extraction is linear now; math-verify runs under its limit."""
-    score_math(think("1"), "1")  # a started worker: time the scoring, not the import
     for n in (8000, 16000):
         t = time.monotonic()
         r = score_math("<think>a</think>" + "\\boxed{" * n, "122", timeout_s=2)
         assert r.reason == "no_boxed" and time.monotonic() - t < 1, (n, time.monotonic() - t)
+        score_math(think("1"), "1")  # a started worker: time the check, not the worker's imports
         t = time.monotonic()
         r = score_math("<think>a</think>" + "\\boxed{" * n, "122", answer="after_think", timeout_s=2)
         assert not r.correct and time.monotonic() - t < 2 + 1
@@ -782,10 +782,11 @@ def test_score_batch_keeps_order_and_survives_everything(clean_machine):
         RewardItem("math", think("(x+1)^{20000}-(x-1)^{20000}"), "1"),
         RewardItem("math", think("5"), "4"),
         RewardItem("poetry", "roses", "red"),
-        RewardItem("code", fenced("while True: pass"), APPS),
+        RewardItem("code", fenced("while True: pass"), {"inputs": ["1"], "outputs": ["1"]}),
     ]
+    # Limits with room for a loaded machine: only the pathological items should reach them.
     res = score_batch(
-        items, workers=3, math_config=MathRewardConfig(timeout_s=1.5), code_config=CodeRewardConfig(timeout_s=1.0)
+        items, workers=3, math_config=MathRewardConfig(timeout_s=4.0), code_config=CodeRewardConfig(timeout_s=3.0)
     )
     assert [r.reason for r in res] == [
         "correct",
@@ -793,7 +794,7 @@ def test_score_batch_keeps_order_and_survives_everything(clean_machine):
         "timeout",
         "wrong",
         "error: ValueError: unknown ability 'poetry' (expected 'math' or 'code')",
-        "passed 0/4",
+        "passed 0/1",
     ]
     assert [r.score for r in res] == [1.0, 1.0, -1.0, -1.0, 0.0, 0.0]
 
@@ -865,11 +866,11 @@ def test_sandbox_failure_budget_counts_then_stops():
 def test_rl_start_up_check_and_reward_config_errors(clean_machine):
     """The trainer's pieces (not distributed here: broadcast returns the object): code prompts
     make rank 0 check the sandbox before step 1; math-only runs do not touch it; a bad reward
-    field is a ConfigError naming it."""
+    field is a ConfigError naming it, at load."""
     from megatron_klear.config import load_config
     from megatron_klear.data.rl import RLPrompt
     from megatron_klear.rl.config import RLConfig
-    from megatron_klear.rl.trainer import check_code_sandbox, reward_configs
+    from megatron_klear.rl.trainer import check_code_sandbox
 
     code = RLPrompt("c0", "synthetic", "code", [{"role": "user", "content": "add"}], json.dumps(APPS))
     math = RLPrompt("m0", "synthetic", "math", [{"role": "user", "content": "2+2"}], "4")
@@ -878,9 +879,11 @@ def test_rl_start_up_check_and_reward_config_errors(clean_machine):
     with pytest.raises(SandboxError, match="check failed: a known-good program"):
         check_code_sandbox(CodeRewardConfig(memory_mb=8), [math, code])
     yaml = ROOT / "examples" / "tiny" / "rl_code.yaml"
-    rewards = reward_configs(load_config(RLConfig, yaml, ["reward.code.fence=python", "reward.math.answer=whole"]))
-    assert rewards.code.fence == "python" and rewards.math.answer == "whole" and rewards.code.timeout_s == 6.0
-    with pytest.raises(ConfigError, match=r"reward\.code\.fence"):
-        reward_configs(load_config(RLConfig, yaml, ["reward.code.fence=java"]))
-    with pytest.raises(ConfigError, match=r"reward\.math.*nonsense"):
-        reward_configs(load_config(RLConfig, yaml, ["reward.math.nonsense=1"]))
+    cfg = load_config(RLConfig, yaml, ["reward.code.fence=python", "reward.math.answer=whole"])
+    assert cfg.reward.code.fence == "python" and cfg.reward.math.answer == "whole" and cfg.reward.code.timeout_s == 6.0
+    with pytest.raises(ConfigError, match=r"reward\.code\.fence must be one of"):
+        load_config(RLConfig, yaml, ["reward.code.fence=java"])
+    with pytest.raises(ConfigError, match=r"reward\.math\.timeout_s must be a positive"):
+        load_config(RLConfig, yaml, ["reward.math.timeout_s=0"])
+    with pytest.raises(ConfigError, match=r"unknown config key reward\.math\.nonsense"):
+        load_config(RLConfig, yaml, ["reward.math.nonsense=1"])
