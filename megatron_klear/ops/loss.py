@@ -10,6 +10,9 @@ Per response token, with ``delta = exp(logp - logp_old)`` and group advantage ``
 * ``clip``: PPO / GRPO clip-higher with the same dual clip; gradient 0 when clipped.
 * ``cispo``: ``-A * sg(clamp(delta, 1 - eps_low, 1 + eps_high)) * logp``.
 
+``log r = logp - logp_old`` is clamped to +-``LOG_RATIO_LIMIT`` in value only (straight-through
+gradient), so ``exp`` stays finite while GPPO's clipped branches keep their gradient at any ratio.
+
 Aggregation (paper Eq. 7, "token-mean"): the sum over response tokens divided by the token
 count of the *whole mini-batch* (pass ``num_tokens``), so the gradient does not depend on how
 the mini-batch is split into micro-batches or data-parallel ranks.
@@ -23,7 +26,17 @@ import torch
 
 ALGOS = ("gppo", "clip", "cispo")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: far past any clip bound, keeps exp finite
+LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: far past any clip bound, keeps exp finite (value only)
+
+
+def _clamp_value(x: torch.Tensor, limit: float) -> torch.Tensor:
+    """``x`` clamped to ``[-limit, limit]`` in value only: the gradient passes straight through.
+
+    A plain clamp has zero gradient outside the bounds, which would also zero GPPO's preserved
+    gradient (``bound * delta / sg(delta)``) at extreme ratios; the clamp is only there to keep
+    ``exp`` finite and ``sg(delta)`` non-zero.
+    """
+    return x + (x.clamp(-limit, limit) - x).detach()
 
 
 def _check_tensor(name: str, t: torch.Tensor, shape: torch.Size) -> None:
@@ -153,7 +166,7 @@ def policy_loss(
     logprobs = torch.where(on, logprobs, zero)
     old_logprobs = torch.where(on, old_logprobs.to(logprobs.dtype), zero)
     A = torch.where(on, advantages.to(logprobs.dtype).expand(shape), zero)
-    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    log_ratio = _clamp_value(logprobs - old_logprobs, LOG_RATIO_LIMIT)
     delta = torch.exp(log_ratio)
     lo, hi = 1.0 - eps_low, 1.0 + eps_high
     d = delta.detach()

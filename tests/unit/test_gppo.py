@@ -86,6 +86,30 @@ def test_gppo_gradient_is_minus_A_times_F_in_every_branch(beta1, beta2):
     assert logp2.grad[1].item() != 0
 
 
+@pytest.mark.parametrize("algo", ["gppo", "clip", "cispo"])
+def test_extreme_log_ratios_keep_the_unclamped_gradient(algo):
+    """At log r = +-25 (past the +-20 clamp that keeps exp finite) value and gradient equal the
+    unclamped float64 formula: GPPO's clipped branches keep -A (1 + eps_h) / -A (1 - eps_l), the
+    dual clip stays 0. The one branch that depends on delta itself (A > 0, log r = -25) gets
+    exp(-20) instead of exp(-25), a difference of ~2e-9."""
+    cases = [(1.0, 25.0), (-1.0, 25.0), (-1.0, -25.0), (1.0, -25.0), (2.0, 25.0), (-0.5, -25.0)]
+    A = torch.tensor([[a] for a, _ in cases], dtype=torch.float64)
+    old = torch.full((len(cases), 1), -30.0, dtype=torch.float64)
+    start = old + torch.tensor([[lr] for _, lr in cases], dtype=torch.float64)
+    mask = torch.ones_like(old)
+    ours = start.clone().requires_grad_()
+    loss, _ = policy_loss(ours, old, A, mask, algo=algo)
+    loss.backward()
+    ref_in = start.clone().requires_grad_()
+    ref = paper_loss_f64(ref_in, old, A, mask, algo)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-8
+    assert torch.allclose(ours.grad, ref_in.grad, rtol=0, atol=1e-8), (ours.grad, ref_in.grad)
+    if algo == "gppo":  # the preserved gradients are there (a plain clamp made them 0)
+        assert ours.grad[0].item() == pytest.approx(-(1 + EPS_H) / len(cases), abs=1e-12)
+        assert ours.grad[2].item() == pytest.approx((1 - EPS_L) / len(cases), abs=1e-12)
+
+
 def test_gppo_value_equals_clip_higher_ppo():
     logp, old, A, mask = make_batch(seed=3)
     a, _ = policy_loss(logp, old, A, mask, algo="gppo")
