@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from megatron_klear.config import apply_overrides, from_dict
+from megatron_klear.data.chat import stop_token_ids
 from megatron_klear.data.rl import CurationConfig, load_rl_prompts
 from megatron_klear.inference.hf import HFEngine
 from megatron_klear.inference.sglang import SGLangConfig, SGLangEngine
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
             top_p=a.top_p,
             max_new_tokens=a.max_new_tokens,
             seed=a.seed,
+            stop_ids=stop_token_ids(tok, a.model),
             out_jsonl=Path(a.out) if a.out else None,
         )
     finally:

@@ -6,11 +6,17 @@ The text is Qwen3's: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message
 tokens of assistant contents and their closing ``<|im_end|>``; it is computed from the
 tokenizer's character offsets over the whole rendered string, so it is exact for any fast
 tokenizer (ours or a real Qwen3 one) and the ids equal tokenising the whole text at once.
+A response ends at any of ``stop_token_ids`` (eos, ``<|im_end|>``, generation_config.json's).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from megatron_klear.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -73,9 +79,40 @@ def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def decode_response(tokenizer, ids: list[int]) -> str:
-    """Response text for the reward functions (special tokens kept, the final end token cut)."""
+    """Response text for the reward functions (special tokens kept, the final end token cut:
+    the tokenizer's eos, ``<|im_end|>`` or the pad token)."""
     text = tokenizer.decode(ids, skip_special_tokens=False)
-    for end in (tokenizer.eos_token, tokenizer.pad_token):
+    for end in (tokenizer.eos_token, IM_END, tokenizer.pad_token):
         if end and text.endswith(end):
-            text = text[: -len(end)]
+            return text[: -len(end)]
     return text
+
+
+def stop_token_ids(tokenizer, model_dir: Optional[str | Path] = None) -> list[int]:
+    """The token ids that end a response, sorted: the tokenizer's eos, ``<|im_end|>`` when the
+    vocabulary has it, and ``eos_token_id`` (one id or a list) of ``model_dir``'s
+    ``generation_config.json`` when there is one.
+
+    A chat-SFT model ends its turn with ``<|im_end|>``, while a base model's tokenizer (e.g.
+    Qwen3-8B-Base) names ``<|endoftext|>`` as eos: generation must stop at either.
+    """
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    im_end = tokenizer.get_vocab().get(IM_END)
+    if im_end is not None:
+        ids.add(int(im_end))
+    path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ConfigError(f"{path}: not a JSON object ({e})") from None
+        for t in eos if isinstance(eos, list) else [eos]:
+            if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
+                raise ConfigError(f"{path}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+            if t is not None:
+                ids.add(t)
+    if not ids:
+        raise ConfigError("the tokenizer has no eos token and no <|im_end|>: nothing would end a response")
+    return sorted(ids)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_klear.data.chat import decode_response, render_prompt
+from megatron_klear.data.chat import decode_response, render_prompt, stop_token_ids
 from megatron_klear.data.rl import RLPrompt
 from megatron_klear.inference.base import InferenceEngine, SamplingParams
 from megatron_klear.rl.config import RewardConfig
@@ -29,10 +29,14 @@ def evaluate(
     top_p: float = 0.95,
     max_new_tokens: int = 1024,
     seed: Optional[int] = 0,
+    stop_ids: Optional[Sequence[int]] = None,
     out_jsonl: Optional[Path] = None,
     step: Optional[int] = None,
 ) -> dict:
-    """Generate ``k`` samples per prompt, score them; returns ``eval/...`` metrics."""
+    """Generate ``k`` samples per prompt, score them; returns ``eval/...`` metrics.
+
+    ``stop_ids``: the tokens that end a response (default: ``stop_token_ids(tokenizer)``; pass
+    the model directory's, which include its generation_config.json)."""
     t0 = time.time()
     ids = [render_prompt(tokenizer, p.messages) for p in prompts]
     params = SamplingParams(
@@ -40,7 +44,7 @@ def evaluate(
         top_p=top_p,
         max_new_tokens=max_new_tokens,
         n=k,
-        stop_token_ids=[tokenizer.eos_token_id],
+        stop_token_ids=list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer),
         seed=seed,
     )
     completions = engine.generate(ids, params)

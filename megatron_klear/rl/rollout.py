@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_klear.data.chat import decode_response, render_prompt
+from megatron_klear.data.chat import decode_response, render_prompt, stop_token_ids
 from megatron_klear.data.rl import RLPrompt
 from megatron_klear.inference.base import Completion, InferenceEngine, SamplingParams
 from megatron_klear.rewards.batch import RewardItem, SandboxFailureBudget, score_batch
@@ -123,6 +123,7 @@ class Collector:
     def __init__(self, engine: InferenceEngine, tokenizer, stream: PromptStream, cfg: RLConfig):
         self.engine, self.tok, self.stream, self.cfg = engine, tokenizer, stream, cfg
         self.sandbox_budget = SandboxFailureBudget(cfg.reward.code.max_sandbox_failures)  # over the whole run
+        self.stop_ids = stop_token_ids(tokenizer, cfg.model.tokenizer_dir)
 
     def params(self, step: int, batch: int) -> SamplingParams:
         r = self.cfg.rollout
@@ -132,7 +133,7 @@ class Collector:
             top_k=r.top_k,
             max_new_tokens=r.max_response_len,
             n=r.n_samples,
-            stop_token_ids=[self.tok.eos_token_id],
+            stop_token_ids=list(self.stop_ids),
             seed=sampling_seed(self.cfg.seed, step, batch),
         )
 

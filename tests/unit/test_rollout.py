@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from megatron_klear.errors import EngineError, EngineWeightError, StaleEngineError
+from megatron_klear.errors import ConfigError, EngineError, EngineWeightError, StaleEngineError
 from megatron_klear.inference import sglang_api as api
 from megatron_klear.inference.base import SamplingParams
 from megatron_klear.inference.hf import HFEngine, filter_logits
@@ -69,6 +69,47 @@ def test_stop_tokens_and_length(engine):
     assert s.output_ids == [first] and s.finish_reason == "stop"
     if first not in c.output_ids[1:] and c.finish_reason == "length":
         assert len(c.output_ids) == 4
+
+
+def test_stop_at_im_end_when_the_tokenizers_eos_differs(hf_models, tmp_path):
+    """A base tokenizer's eos (<|endoftext|>) is not the chat turn's end (<|im_end|>): stop ids
+    come from the tokenizer and generation_config.json, and both engines get all of them."""
+    from transformers import AutoTokenizer
+
+    from megatron_klear.data.chat import IM_END, decode_response, stop_token_ids
+
+    src = hf_models["gqa4_untied"]
+    tok = AutoTokenizer.from_pretrained(str(src), eos_token="<|endoftext|>")
+    eos, im_end, im_start = (tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", IM_END, "<|im_start|>"))
+    assert tok.eos_token_id == eos != im_end
+    assert stop_token_ids(tok) == sorted([eos, im_end])
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, im_start]}))
+    assert stop_token_ids(tok, tmp_path) == sorted({eos, im_end, im_start})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(ConfigError, match="generation_config.json: eos_token_id must be"):
+        stop_token_ids(tok, tmp_path)
+    assert decode_response(tok, tok.encode("so 3 + 4 = 7" + IM_END)) == "so 3 + 4 = 7"
+
+    # HF engine whose model config names <|endoftext|> as eos, with the greedy first token made
+    # <|im_end|> (its lm_head row swapped with the greedy choice's): it stops there only when
+    # asked to stop at <|im_end|>
+    eng = HFEngine(str(src))
+    eng.model.config.eos_token_id = eos
+    eng.eos_ids = {eos}
+    prompt = [_prompts()[0]]
+    [[c]] = eng.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=4))
+    first = c.output_ids[0]
+    with torch.no_grad():
+        w = eng.model.lm_head.weight
+        w[[first, im_end]] = w[[im_end, first]]
+    [[only_eos]] = eng.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=4, stop_token_ids=[eos]))
+    assert only_eos.output_ids[0] == im_end and len(only_eos.output_ids) > 1
+    [[c]] = eng.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=4, stop_token_ids=stop_token_ids(tok)))
+    assert c.output_ids == [im_end] and c.finish_reason == "stop"
+    # the SGLang request carries the same ids
+    body = api.sampling_params_json(SamplingParams(stop_token_ids=stop_token_ids(tok)))
+    assert body["stop_token_ids"] == sorted([eos, im_end])
+    check_contract("/generate", {"input_ids": [[1]], "sampling_params": body, "return_logprob": True})
 
 
 def test_top_k_and_top_p_filters():
