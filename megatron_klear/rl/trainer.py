@@ -157,12 +157,11 @@ class RLRun:
         self.ckpt_root = self.out / "checkpoints"
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         resume_from = latest_checkpoint(self.ckpt_root) if cfg.checkpoint.resume else None
-        updates = cfg.train_steps * (cfg.data.prompts_per_step // cfg.data.mini_batch_prompts)
         self.train_state = build_train_state(
             self.hf_cfg,
             cfg.model,
             cfg.optim,
-            updates,
+            cfg.train_steps,  # the LR schedule counts RL steps (rl.update)
             init_weights=None if resume_from else init_weights,
             sequence_parallel=cfg.parallel.sequence_parallel,
         )

@@ -4,6 +4,8 @@ Old log-probs are recomputed by the trainer for every mini-batch before the firs
 the ratio of the first mini-batch starts at 1 and later mini-batches see the drift of the
 earlier updates (the paper's off-policy mini-batches). Each mini-batch then takes one optimizer
 step of GPPO (token-mean over the whole mini-batch) + alpha x NLL on correct responses.
+The LR schedule advances once per RL step, after the last mini-batch (also on a step whose
+groups were all filtered), so ``optim.warmup_steps`` and ``optim.decay_steps`` count RL steps.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def train_minibatches(
     for mini in minis:
         loss_fn = rl_loss_fn(vocab_size, a, mini, cfg.rollout.temperature, cfg.model.logprob_impl)
         reps = forward_backward(train_state, mini.micro, loss_fn)
-        _, grad_norm = optimizer_step(train_state)
+        _, grad_norm = optimizer_step(train_state, advance_schedule=False)  # once per RL step, below
         rep = reduce_reports(reps, REPORT_KEYS)
         if rep["nonfinite"] > 0 or not math.isfinite(rep["pg_sum"]) or not math.isfinite(grad_norm):
             stop_on_nonfinite(out, step, grad_norm=grad_norm, report=rep, rollout=info)
@@ -77,10 +79,12 @@ def train_minibatches(
 def update_policy(
     train_state: TrainState, minis: list[MiniBatch], cfg: RLConfig, vocab_size: int, out: Path, step: int, info: dict
 ) -> dict:
-    """Collective: old log-probs for every mini-batch, then the mini-batch updates; returns metrics."""
+    """Collective: old log-probs for every mini-batch, then the mini-batch updates, then one step
+    of the LR schedule; returns metrics (``train/lr``: the LR this step trained with)."""
     t0 = time.time()
     compute_old_logprobs(train_state, minis, cfg, vocab_size)
     t1 = time.time()
     metrics = train_minibatches(train_state, minis, cfg, vocab_size, out, step, info)
+    train_state.scheduler.step(increment=1)
     metrics.update({"time/old_logprobs_s": t1 - t0, "time/train_s": time.time() - t1})
     return metrics

@@ -17,18 +17,25 @@ from megatron_klear.models.qwen3 import ModelOptions, build_model
 
 @dataclass
 class OptimConfig:
-    """Adam with decoupled weight decay, warm-up then cosine (or constant) LR."""
+    """Adam with decoupled weight decay, linear warm-up from 0 then cosine, linear or constant LR.
+
+    The schedule's unit is the run's step: in SFT one optimizer update; in RL one RL step (the
+    RL loop advances the schedule once per step, after all of the step's mini-batch updates, as
+    verl does), so ``warmup_steps: 10`` in an RL config is 10 RL steps whatever the number of
+    mini-batches. Counting steps from 0, step ``k < warmup_steps`` trains at
+    ``lr * k / warmup_steps``: the first step at LR 0, as in Megatron and verl.
+    """
 
     lr: float = 8e-5
     min_lr: float = 4e-5
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # Adam betas (0.9, 0.95): Megatron's pre-training / SFT convention; the RL
+    beta2: float = 0.95  # examples and RL's default optim use the public RL run's (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: float = 1.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # SFT: optimizer updates; RL: RL steps
     decay_style: str = "cosine"  # "cosine", "linear" or "constant"
-    decay_steps: Optional[int] = None  # default: the run's total steps
+    decay_steps: Optional[int] = None  # default: the run's total steps (same unit as warmup_steps)
 
     def validate(self, where: str = "optim") -> None:
         if not self.lr > 0:
@@ -39,6 +46,13 @@ class OptimConfig:
             raise ConfigError(f"{where}.decay_style must be cosine, linear or constant, got {self.decay_style!r}")
         if self.warmup_steps < 0 or self.clip_grad < 0 or self.weight_decay < 0:
             raise ConfigError(f"{where}: warmup_steps, clip_grad and weight_decay must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ConfigError(f"{where}.eps must be > 0, got {self.eps}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"{where}.decay_steps must be >= 1, got {self.decay_steps}")
 
 
 @dataclass
@@ -67,6 +81,8 @@ def build_train_state(
 
     ``init_weights(gpt_model)`` loads the starting weights; it runs before the optimizer
     exists, because the optimizer's float32 master copies are taken from the model then.
+    ``total_steps``: the run's length in the schedule's unit (``OptimConfig``), the default
+    decay length.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

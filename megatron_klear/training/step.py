@@ -60,10 +60,11 @@ def forward_backward(
     )
 
 
-def optimizer_step(train_state: TrainState) -> tuple[bool, float]:
-    """Apply the optimizer and advance the schedule; returns (applied, grad norm)."""
+def optimizer_step(train_state: TrainState, advance_schedule: bool = True) -> tuple[bool, float]:
+    """Apply the optimizer and (unless ``advance_schedule`` is False: the RL loop advances it
+    once per RL step) the LR schedule; returns (applied, grad norm)."""
     ok, grad_norm, _ = train_state.optimizer.step()
-    if ok:
+    if ok and advance_schedule:
         train_state.scheduler.step(increment=1)
     return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
 
