@@ -32,7 +32,7 @@ def _row(s: Sample | None, length: int) -> dict:
     labels = torch.zeros(length, dtype=torch.long)
     mask = torch.zeros(length)
     eng = torch.zeros(length)
-    adv, correct = 0.0, 0.0
+    adv, correct, stale = 0.0, 0.0, 0.0
     if s is not None:
         seq = s.prompt_ids + s.response_ids
         p, r = len(s.prompt_ids), len(s.response_ids)
@@ -40,8 +40,8 @@ def _row(s: Sample | None, length: int) -> dict:
         labels[: len(seq) - 1] = torch.tensor(seq[1:])
         mask[p - 1 : p + r - 1] = 1.0
         eng[p - 1 : p + r - 1] = torch.tensor(s.engine_logprobs, dtype=torch.float32)
-        adv, correct = s.advantage, float(s.correct)
-    return dict(input_ids=ids, labels=labels, mask=mask, engine_lp=eng, adv=adv, correct=correct)
+        adv, correct, stale = s.advantage, float(s.correct), float(s.stale)
+    return dict(input_ids=ids, labels=labels, mask=mask, engine_lp=eng, adv=adv, correct=correct, stale=stale)
 
 
 def minibatches(
@@ -65,6 +65,7 @@ def minibatches(
             mb = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "mask", "engine_lp")}
             mb["adv"] = torch.tensor([r["adv"] for r in rows], dtype=torch.float32)
             mb["correct"] = torch.tensor([r["correct"] for r in rows], dtype=torch.float32)
+            mb["stale"] = torch.tensor([r["stale"] for r in rows], dtype=torch.float32)
             mb["position_ids"] = torch.arange(length)[None].expand(len(rows), -1)
             mb["attention_mask"] = causal_mask(length)
             micro.append(mb)

@@ -20,6 +20,9 @@ from megatron_klear.training.state import OptimConfig
 
 ENGINES = ("hf", "sglang")
 OLD_LOGPROBS = ("trainer", "engine")
+SURPLUS = ("discard", "keep")
+FILTER_METRICS = ("score", "acc")
+ADV_STDS = ("population", "sample")
 
 
 @dataclass
@@ -31,7 +34,14 @@ class RLDataConfig:
     generate: Optional[str] = None  # write our synthetic data here first if it is missing
     prompts_per_step: int = 128  # prompts (groups) per training batch
     mini_batch_prompts: int = 16  # prompts per optimizer step (16 math, 32 code in the paper)
+    gen_batch_prompts: Optional[int] = None  # prompts per generation batch (default prompts_per_step)
     max_gen_batches: int = 4  # generation batches per step before training on what there is
+    # Kept groups beyond prompts_per_step: "discard" (the public code: batch[:train_batch_size])
+    # or "keep" for the next step. Kept groups were sampled by the policy before this step's
+    # updates, so their ratio is taken against the engine's log-probs of that policy (or, with
+    # algo.tis_cap, the trainer's recomputation with a truncated IS weight), never against a
+    # recomputation under the newer weights alone.
+    surplus: str = "discard"
     min_code_tests: int = 16
     micro_batch_size: int = 1  # sequences per micro-batch
     seed: int = 1234
@@ -42,6 +52,10 @@ class RLDataConfig:
         for name in ("prompts_per_step", "mini_batch_prompts", "max_gen_batches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gen_batch_prompts is not None and self.gen_batch_prompts < 1:
+            raise ConfigError(f"{where}.gen_batch_prompts must be >= 1, got {self.gen_batch_prompts}")
+        if self.surplus not in SURPLUS:
+            raise ConfigError(f"{where}.surplus must be one of {SURPLUS}, got {self.surplus!r}")
         if self.prompts_per_step % self.mini_batch_prompts:
             raise ConfigError(
                 f"{where}.prompts_per_step={self.prompts_per_step} is not a multiple of "
@@ -102,7 +116,14 @@ class AlgoConfig:
     sft_alpha: float = 0.1  # weight of the NLL on correct responses
     entropy_coef: float = 0.0
     adv_eps: float = 1e-6
-    filter_zero_adv: bool = True  # drop groups whose rewards are all equal
+    # Group advantage (r - mean) / (std + adv_eps): "population" std (paper Eq. 4) or "sample"
+    # std (n - 1, the public code's torch.std)
+    adv_std: str = "population"
+    filter_zero_adv: bool = True  # dynamic sampling: drop groups without signal
+    # What "without signal" means: "score" (every reward of the group equal) or "acc" (every
+    # response equally correct: the public script's filter_groups.metric=acc, which also drops
+    # all-wrong groups whose rewards differ only by format penalties)
+    filter_metric: str = "score"
     old_logprobs: str = "trainer"  # "trainer" (recompute) or "engine"
     tis_cap: Optional[float] = None  # truncated importance sampling engine -> trainer, e.g. 2.0
 
@@ -122,6 +143,10 @@ class AlgoConfig:
             error=ConfigError,
             where=f"{where}.",
         )
+        if self.adv_std not in ADV_STDS:
+            raise ConfigError(f"{where}.adv_std must be one of {ADV_STDS}, got {self.adv_std!r}")
+        if self.filter_metric not in FILTER_METRICS:
+            raise ConfigError(f"{where}.filter_metric must be one of {FILTER_METRICS}, got {self.filter_metric!r}")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ConfigError(f"{where}.old_logprobs must be 'trainer' or 'engine', got {self.old_logprobs!r}")
         if self.tis_cap is not None and not self.tis_cap > 0:

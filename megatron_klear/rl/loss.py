@@ -44,6 +44,18 @@ def old_logprob_fn(vocab_size: int, temperature: float, impl: str):
     return fn
 
 
+def ratio_baseline(algo: AlgoConfig, mb: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The old log-probs the ratio is taken against: the trainer's recomputation
+    (``algo.old_logprobs=trainer``) or the engine's (``engine``). Rows of kept surplus groups
+    (``stale``, ``data.surplus=keep``) were sampled by the policy before the previous step's
+    updates: they take the engine's log-probs of that policy, unless ``algo.tis_cap`` is set,
+    whose truncated IS weight (trainer / engine) corrects them instead."""
+    old = mb["engine_lp"] if algo.old_logprobs == "engine" else mb["old_lp"]
+    if algo.tis_cap is None:
+        old = torch.where(mb["stale"][:, None] > 0, mb["engine_lp"], old)
+    return old.to(dtype)
+
+
 def rl_loss_fn(vocab_size: int, algo: AlgoConfig, mini: MiniBatch, temperature: float, impl: str):
     """GPPO (or clip / CISPO) + alpha x SFT-on-correct - entropy bonus, for one mini-batch."""
     token_mean = algo.agg == "token-mean"
@@ -54,7 +66,7 @@ def rl_loss_fn(vocab_size: int, algo: AlgoConfig, mini: MiniBatch, temperature: 
             logits, mb["labels"], vocab_size, temperature=temperature, with_entropy=True, impl=impl
         )
         mask = mb["mask"].to(logp.dtype)
-        old = (mb["engine_lp"] if algo.old_logprobs == "engine" else mb["old_lp"]).to(logp.dtype)
+        old = ratio_baseline(algo, mb, logp.dtype)
         adv = mb["adv"].to(logp.dtype)[:, None].expand_as(logp)
         if algo.tis_cap is not None:  # truncated IS: the engine sampled, the trainer is the target
             w = torch.exp(mb["old_lp"].to(logp.dtype) - mb["engine_lp"].to(logp.dtype)).clamp(max=algo.tis_cap)

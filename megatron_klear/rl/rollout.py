@@ -1,10 +1,13 @@
 """Rollouts on global rank 0: prompts -> engine samples -> rewards -> kept groups.
 
-Dynamic sampling: groups whose rewards are all equal carry no gradient and are dropped;
-generation batches continue (up to ``max_gen_batches``) until ``prompts_per_step`` groups are
-kept, and the step then trains on what there is. Kept groups beyond the batch wait in a buffer
-for the next step (it is checkpointed). Scoring of one chunk of a generation batch runs in
-threads while the engine generates the next chunk.
+Dynamic sampling: groups without signal (``algo.filter_metric``: every reward equal, or every
+response equally correct) are dropped; generation batches continue (up to ``max_gen_batches``)
+until ``prompts_per_step`` groups are kept, and the step then trains on what there is. Kept
+groups beyond the batch are discarded (``data.surplus=discard``, the public code's choice) or,
+with ``keep``, wait in a checkpointed buffer for the next step marked ``stale``: the loss then
+takes their ratio against the engine's log-probs of the policy that sampled them (``rl.loss``).
+Scoring of one chunk of a generation batch runs in threads while the engine generates the next
+chunk.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,15 +43,24 @@ class Sample:
     correct: bool
     reason: str
     advantage: float = 0.0
+    stale: bool = False  # sampled before the previous step's updates (a kept surplus group)
 
 
 Group = list[Sample]
 
 
-def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]:
-    """(r - mean) / (population std + eps) within one group."""
+def group_advantages(rewards: Sequence[float], eps: float = 1e-6, std: str = "population") -> list[float]:
+    """(r - mean) / (std + eps) within one group; ``std`` is the ``population`` std (paper
+    Eq. 4) or the ``sample`` std (n - 1 degrees of freedom, the public code's torch.std)."""
     r = np.asarray(rewards, dtype=np.float64)
-    return ((r - r.mean()) / (r.std() + eps)).tolist()
+    return ((r - r.mean()) / (r.std(ddof=1 if std == "sample" else 0) + eps)).tolist()
+
+
+def has_signal(group: Group, metric: str = "score") -> bool:
+    """Whether dynamic sampling keeps ``group``: its rewards differ (``score``) or its
+    responses are not all equally correct (``acc``)."""
+    values = {s.reward for s in group} if metric == "score" else {s.correct for s in group}
+    return len(values) > 1
 
 
 def score_groups(
@@ -142,8 +154,11 @@ class Collector:
 
     def collect(self, step: int, pos: tuple[int, int], buffer: list[Group], dump: Optional[Path] = None):
         """-> (groups for this step, metrics, next prompt position, new buffer); with ``dump``,
-        every generated group is also written there (JSONL, one group per line)."""
+        every generated group is also written there (JSONL, one group per line). The buffer is
+        used only with ``data.surplus=keep``."""
         d, a = self.cfg.data, self.cfg.algo
+        keep_surplus = d.surplus == "keep"
+        buffer = list(buffer) if keep_surplus else []
         stats = dict(prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0)
         kept: list[Group] = list(buffer)
         generated: list[tuple[int, bool, Group]] = []  # (generation batch, kept, group)
@@ -151,7 +166,7 @@ class Collector:
         sandbox_failures = 0
         with ThreadPoolExecutor(1, thread_name_prefix="score") as scorer:
             while len(kept) < d.prompts_per_step and stats["gen_batches"] < d.max_gen_batches:
-                batch, pos = self.stream.take(d.prompts_per_step, pos, stats)
+                batch, pos = self.stream.take(d.gen_batch_prompts or d.prompts_per_step, pos, stats)
                 params = self.params(step, stats["gen_batches"])
                 stats["gen_batches"] += 1
                 n_chunks = max(1, min(self.cfg.rollout.gen_chunks, len(batch)))
@@ -177,17 +192,18 @@ class Collector:
                             )
                             for c, r in zip(group, results)
                         ]
-                        for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps)):
+                        for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps, a.adv_std)):
                             s.advantage = adv
                         stats["groups_generated"] += 1
-                        keep = not (a.filter_zero_adv and len({s.reward for s in g}) == 1)
+                        keep = not a.filter_zero_adv or has_signal(g, a.filter_metric)
                         generated.append((stats["gen_batches"], keep, g))
                         if not keep:
                             stats["groups_filtered"] += 1
                             continue
                         kept.append(g)
                 t_wait += time.time() - t0
-        groups, rest = kept[: d.prompts_per_step], kept[d.prompts_per_step :]
+        groups, surplus = kept[: d.prompts_per_step], kept[d.prompts_per_step :]
+        rest = [[replace(s, stale=True) for s in g] for g in surplus] if keep_surplus else []
         if dump is not None:
             dump.parent.mkdir(parents=True, exist_ok=True)
             used = {id(g) for g in groups}
@@ -201,6 +217,8 @@ class Collector:
         metrics.update({f"rollout/{k}": v for k, v in stats.items()})
         metrics["rollout/groups_kept"] = len(groups)
         metrics["rollout/groups_buffered"] = len(rest)
+        metrics["rollout/groups_discarded"] = len(surplus) - len(rest)
+        metrics["rollout/groups_stale"] = sum(g[0].stale for g in groups)
         metrics["reward/sandbox_failures"] = sandbox_failures
         metrics["time/generate_s"] = t_gen
         metrics["time/reward_wait_s"] = t_wait

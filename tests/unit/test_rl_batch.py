@@ -9,8 +9,9 @@ import torch
 from megatron_klear.config import load_config
 from megatron_klear.errors import ConfigError
 from megatron_klear.rl.batch import minibatches
-from megatron_klear.rl.config import RLConfig
-from megatron_klear.rl.rollout import Sample, group_advantages
+from megatron_klear.rl.config import AlgoConfig, RLConfig
+from megatron_klear.rl.loss import ratio_baseline
+from megatron_klear.rl.rollout import Sample, group_advantages, has_signal
 from tests.jobs import ROOT
 
 CONFIG = "examples/tiny/rl_math.yaml"
@@ -23,6 +24,39 @@ def test_group_advantages():
     ref = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
     expect = (ref - ref.mean()) / (ref.std(unbiased=False) + 1e-6)
     assert torch.allclose(torch.tensor(group_advantages(ref.tolist()), dtype=torch.float64), expect)
+
+
+def test_group_advantages_sample_std_is_the_public_codes():
+    ref = torch.tensor([0.2, 0.5, 1.0, -1.0], dtype=torch.float64)
+    expect = (ref - ref.mean()) / (torch.std(ref) + 1e-6)  # torch.std: n - 1
+    got = torch.tensor(group_advantages(ref.tolist(), 1e-6, "sample"), dtype=torch.float64)
+    assert torch.allclose(got, expect)
+    assert not torch.allclose(got, torch.tensor(group_advantages(ref.tolist()), dtype=torch.float64))
+    assert group_advantages([1.0, 1.0], std="sample") == [0.0, 0.0]
+
+
+def test_filter_metric_score_or_acc():
+    wrong_formats = [_sample(1, 1, 0.0, False, reward=r) for r in (-1.0, -0.5, -1.0, -2.0)]
+    assert has_signal(wrong_formats, "score") and not has_signal(wrong_formats, "acc")
+    mixed = [_sample(1, 1, 0.0, c) for c in (True, False)]
+    assert has_signal(mixed, "score") and has_signal(mixed, "acc")
+    same = [_sample(1, 1, 0.0, True) for _ in range(3)]
+    assert not has_signal(same, "score") and not has_signal(same, "acc")
+
+
+def test_stale_rows_take_the_engine_logprobs_as_old_unless_tis():
+    """Kept surplus groups (data.surplus=keep) were sampled before the previous step's updates:
+    their ratio is against the engine's log-probs of that policy, not a recomputation."""
+    mb = {
+        "old_lp": torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]),
+        "engine_lp": torch.tensor([[-1.5, -2.5], [-3.5, -4.5]]),
+        "stale": torch.tensor([0.0, 1.0]),
+    }
+    trainer = AlgoConfig()
+    old = ratio_baseline(trainer, mb, torch.float64)
+    assert old.dtype == torch.float64 and old.tolist() == [[-1.0, -2.0], [-3.5, -4.5]]
+    assert ratio_baseline(AlgoConfig(old_logprobs="engine"), mb, torch.float32).tolist() == mb["engine_lp"].tolist()
+    assert ratio_baseline(AlgoConfig(tis_cap=2.0), mb, torch.float32).tolist() == mb["old_lp"].tolist()
 
 
 def test_minibatches_normalisers_masks_and_dp_split():
@@ -52,8 +86,62 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(RLConfig, ROOT / CONFIG, ["algo.loss=ppo"])
     with pytest.raises(ConfigError, match="n_samples"):
         load_config(RLConfig, ROOT / CONFIG, ["rollout.n_samples=1"])
+    for key, bad in (
+        ("data.surplus", "buffer"),
+        ("algo.filter_metric", "reward"),
+        ("algo.adv_std", "unbiased"),
+        ("data.gen_batch_prompts", "0"),
+        ("optim.beta2", "1.0"),
+        ("optim.eps", "0"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            load_config(RLConfig, ROOT / CONFIG, [f"{key}={bad}"])
 
 
-def _sample(p: int, r: int, adv: float, correct: bool) -> Sample:
+def _collector(hf_models, surplus: str):
+    """A Collector on the tiny HF model: no filtering and twice as many prompts generated as a
+    step takes, so every step has a surplus of 2 groups."""
+    from transformers import AutoTokenizer
+
+    from megatron_klear.data.rl import CurationConfig, load_rl_prompts
+    from megatron_klear.inference.hf import HFEngine
+    from megatron_klear.rl.rollout import Collector, PromptStream
+
+    model = hf_models["gqa4_untied"]
+    data = ROOT / "examples" / "data"
+    cfg = load_config(RLConfig, ROOT / CONFIG, [
+        f"model.hf={model}", "bootstrap=null", "data.generate=null", f"data.train=[{data / 'math_train.parquet'}]",
+        "data.prompts_per_step=2", "data.mini_batch_prompts=2", "data.gen_batch_prompts=4",
+        "data.max_gen_batches=1", f"data.surplus={surplus}", "rollout.n_samples=2", "rollout.max_response_len=3",
+        "rollout.gen_chunks=1", "algo.filter_zero_adv=false",
+    ])  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(str(model))
+    prompts, _ = load_rl_prompts(cfg.data.train, CurationConfig(min_code_tests=0, dedup=False))
+    stream = PromptStream(prompts, tok, cfg.data.seed, cfg.rollout.max_prompt_len)
+    return Collector(HFEngine(str(model)), tok, stream, cfg)
+
+
+@pytest.mark.parametrize("surplus", ["discard", "keep"])
+def test_surplus_groups_discarded_by_default_or_kept_as_stale(hf_models, surplus):
+    col = _collector(hf_models, surplus)
+    groups, m, pos, rest = col.collect(1, (0, 0), [])
+    assert len(groups) == 2 and m["rollout/groups_generated"] == 4 and pos == (0, 4)
+    assert not any(s.stale for g in groups for s in g)
+    if surplus == "discard":
+        assert rest == [] and m["rollout/groups_discarded"] == 2 and m["rollout/groups_buffered"] == 0
+        # a buffer from an older checkpoint is not trained on either
+        again, m2, _, _ = col.collect(2, pos, groups)
+        assert m2["rollout/groups_stale"] == 0 and not {g[0].uid for g in again} & {g[0].uid for g in groups}
+        return
+    assert len(rest) == 2 and m["rollout/groups_buffered"] == 2 and m["rollout/groups_discarded"] == 0
+    assert all(s.stale for g in rest for s in g)
+    nxt, m2, _, _ = col.collect(2, pos, rest)
+    assert nxt[:2] == rest and m2["rollout/groups_stale"] == 2  # trained first, marked stale
+    stale = minibatches(nxt, 2, dp=1, dp_rank=0, mbs=4)[0].micro[0]["stale"]
+    assert stale.tolist() == [1.0] * 4
+
+
+def _sample(p: int, r: int, adv: float, correct: bool, reward: float | None = None) -> Sample:
+    reward = (1.0 if correct else 0.0) if reward is None else reward
     return Sample("u", list(range(1, p + 1)), list(range(50, 50 + r)), [-0.1 * (i + 1) for i in range(r)], "stop",
-                  1.0 if correct else 0.0, correct, "", adv)  # fmt: skip
+                  reward, correct, "", adv)  # fmt: skip
