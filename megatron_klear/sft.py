@@ -154,7 +154,7 @@ def train(cfg: SFTConfig) -> dict:
     init_distributed(par, seed=cfg.seed)
     dp = ps.get_data_parallel_world_size()
     seqs, n_micro = cfg.batch_layout(dp)
-    prepare_assets(cfg.model, cfg.data.generate, cfg.data.train)
+    prepare_assets(cfg.model, cfg.data.generate, cfg.data.train, cfg.data.synthetic)
     hf_cfg, init_weights = model_source(cfg.model)
     validate_parallel(hf_cfg, cfg.parallel.tp, cfg.parallel.pp)
     if cfg.data.seq_len > hf_cfg.max_position_embeddings:

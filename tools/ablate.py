@@ -33,10 +33,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from megatron_klear.data.synthetic import make_code_dataset
-
 ALGO_ARMS = {"gppo": [], "clip": ["algo.loss=clip"], "cispo": ["algo.loss=cispo"]}
 OFF_POLICY = ["data.mini_batch_prompts=1", "optim.lr=1e-4", "optim.min_lr=1e-4", "train_steps=20"]
+# GPPO whose ratio is taken against the engine's sampling log-probs (what the engine actually
+# sampled from) rather than the trainer's recomputation of them
+OFF_POLICY_ARMS = {**ALGO_ARMS, "gppo_old_engine": ["algo.old_logprobs=engine"]}
 
 # Each arm's overrides on top of the demo RL config; [] is the demo config itself (GPPO with
 # zero-advantage filtering, soft code reward), so that run is shared by the suites that hold it.
@@ -54,16 +55,17 @@ SUITES: dict[str, dict[str, list[str]]] = {
 def prepare_code_model(out: Path, demo: Path) -> Path:
     """The code suite's starting point: our code problems (held-out statements for eval) and a
     tiny Qwen3 SFT'd on them from the demo's random init (examples/demo/sft_code.yaml)."""
-    from experiments import run_stage
+    from experiments import run_stage, write_config_data
 
     data, sft = out / "code" / "data", out / "code" / "sft"
     if not (data / "sft.jsonl").is_file():
-        make_code_dataset(data)
+        write_config_data("examples/demo/sft_code.yaml", data)
     if not (sft / "hf" / "config.json").is_file():
         print("==> code SFT for the code_reward suite", flush=True)
         overrides = [
             f"output_dir={sft}",
             f"model.hf={demo / 'model'}",
+            f"data.generate={data}",
             f"data.train=[{data / 'sft.jsonl'}]",
             f"data.cache_dir={out / 'code' / 'cache'}",
         ]

@@ -18,9 +18,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from megatron_klear.data.synthetic import make_dataset
-
-DEMO_DATA = dict(n_math=6000, n_code=6, n_test=200, levels=(0,))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234, help="RL seed (sampling, prompt order)")
     a = p.parse_args(argv)
 
-    from experiments import eval_points, plot_run, read_metrics, run_stage
+    from experiments import eval_points, plot_run, read_metrics, run_stage, write_config_data
 
     out = Path(a.out).resolve()
     data, sft, rl = out / "data", out / "sft", out / "rl"
@@ -40,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("==> data: two-digit addition with digit-by-digit reasoning", flush=True)
     if not (data / "sft.jsonl").is_file():
-        make_dataset(data, seed=0, **DEMO_DATA)
+        write_config_data("examples/demo/sft.yaml", data)
     times["data_s"] = time.time() - t0
 
     t = time.time()
@@ -52,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 f"output_dir={sft}",
                 f"model.hf={out / 'model'}",
+                f"data.generate={data}",
                 f"data.train=[{data / 'sft.jsonl'}]",
                 f"data.cache_dir={out / 'cache'}",
             ],

@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from megatron_klear.config import from_dict
+from megatron_klear.data.synthetic import SyntheticDataConfig, write_synthetic
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +27,13 @@ def run_stage(module: str, config: str, overrides: list[str], log: Path, nproc: 
     if rc != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{module} failed (exit {rc}); log {log}:\n{tail}")
+
+
+def write_config_data(config: str, out: Path) -> None:
+    """Write into ``out`` the synthetic data set that ``config``'s ``data.synthetic`` section
+    describes (what the config's ``data.generate`` would write)."""
+    raw = yaml.safe_load((ROOT / config).read_text())
+    write_synthetic(out, from_dict(SyntheticDataConfig, raw["data"]["synthetic"], "data.synthetic"))
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -30,6 +30,7 @@ import numpy as np
 
 from megatron_klear.data.chat import render_chat
 from megatron_klear.data.io import SkipCounter, read_rows
+from megatron_klear.data.synthetic import SyntheticDataConfig
 from megatron_klear.errors import ConfigError, DataError
 
 CACHE_VERSION = 1
@@ -42,6 +43,7 @@ class SFTDataConfig:
     train: list[str] = field(default_factory=list)  # conversation files (.jsonl / .parquet)
     valid: list[str] = field(default_factory=list)
     generate: Optional[str] = None  # write our synthetic data here first if it is missing
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)  # what generate writes
     seq_len: int = 32768
     global_batch_tokens: int = 32768 * 128
     micro_batch_size: int = 1  # packed sequences per micro-batch

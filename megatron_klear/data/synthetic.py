@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
 from megatron_klear.data.rl import write_parquet
+from megatron_klear.errors import ConfigError
+
+SYNTHETIC_KINDS = ("mixed", "code")
+MATH_LEVELS = (0, 1, 2, 3, 4)
 
 MATH_INSTRUCTION = "Solve the problem step by step. Put the final answer in \\boxed{}."
 CODE_INSTRUCTION = (
@@ -266,3 +271,34 @@ def make_dataset(
         for row in sft_conversations(splits["math_train"] + splits["code_train"]):
             f.write(json.dumps(row) + "\n")
     return files
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The ``data.synthetic`` section: which of our data sets a config's ``data.generate``
+    folder receives when one of its data files is missing. ``mixed``: ``make_dataset`` (math at
+    ``levels``, ``n_math`` train rows and ``n_test`` test rows, plus ``n_code`` code problems);
+    ``code``: ``make_code_dataset`` (``n_code`` train problems, ``n_test`` held-out statements)."""
+
+    kind: str = "mixed"
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    n_math: int = 2000
+    n_code: int = 60
+    n_test: int = 200
+    seed: int = 0
+
+    def validate(self, where: str = "data.synthetic") -> None:
+        if self.kind not in SYNTHETIC_KINDS:
+            raise ConfigError(f"{where}.kind must be one of {SYNTHETIC_KINDS}, got {self.kind!r}")
+        if not self.levels or any(lv not in MATH_LEVELS for lv in self.levels):
+            raise ConfigError(f"{where}.levels must be a non-empty list of {MATH_LEVELS}, got {self.levels}")
+        for name in ("n_math", "n_code", "n_test"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def write_synthetic(out: str | Path, cfg: SyntheticDataConfig) -> dict:
+    """Write the data set ``cfg`` describes into ``out``; returns ``{name: path}``."""
+    if cfg.kind == "code":
+        return make_code_dataset(out, n_train=cfg.n_code, n_test=cfg.n_test, seed=cfg.seed)
+    return make_dataset(out, cfg.seed, cfg.n_math, cfg.n_code, cfg.n_test, tuple(cfg.levels))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_klear.data.synthetic import SyntheticDataConfig
 from megatron_klear.errors import ConfigError
 from megatron_klear.inference.sglang import SGLangConfig
 from megatron_klear.ops.loss import AGGS, ALGOS, check_policy_args
@@ -32,6 +33,7 @@ class RLDataConfig:
     train: list[str] = field(default_factory=list)  # RL prompt files (.parquet / .jsonl)
     eval: list[str] = field(default_factory=list)  # held-out prompts for avg@k
     generate: Optional[str] = None  # write our synthetic data here first if it is missing
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)  # what generate writes
     prompts_per_step: int = 128  # prompts (groups) per training batch
     mini_batch_prompts: int = 16  # prompts per optimizer step (16 math, 32 code in the paper)
     gen_batch_prompts: Optional[int] = None  # prompts per generation batch (default prompts_per_step)

@@ -147,7 +147,7 @@ class RLRun:
 
         self.cfg, r = cfg, cfg.rollout
         init_distributed(cfg.parallel, seed=cfg.seed)
-        prepare_assets(cfg.model, cfg.data.generate, cfg.data.train)
+        prepare_assets(cfg.model, cfg.data.generate, cfg.data.train, cfg.data.synthetic)
         self.hf_cfg, init_weights = model_source(cfg.model)
         check_model_fits(cfg, self.hf_cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir)

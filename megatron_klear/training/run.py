@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_klear.checkpoint.hf_io import HFReader
 from megatron_klear.checkpoint.megatron_ckpt import load_model, read_marker
-from megatron_klear.data.synthetic import make_dataset
+from megatron_klear.data.synthetic import SyntheticDataConfig, write_synthetic
 from megatron_klear.distributed import ParallelConfig, is_main
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import Qwen3Config, load_hf_config
@@ -92,17 +92,22 @@ class RunConfig:
     seed: int = 1234
 
 
-def prepare_assets(model: ModelConfig, generate: Optional[str], data_files: Sequence[str]) -> None:
+def prepare_assets(
+    model: ModelConfig,
+    generate: Optional[str],
+    data_files: Sequence[str],
+    synthetic: Optional[SyntheticDataConfig] = None,
+) -> None:
     """Collective: create the tiny model and the synthetic data a config asks for, once (rank 0).
 
-    ``generate`` is the config's ``data.generate`` folder, written when any of ``data_files``
-    is missing.
+    ``generate`` is the config's ``data.generate`` folder, written (the data set ``synthetic``
+    describes, by default ``make_dataset``'s) when any of ``data_files`` is missing.
     """
     if is_main():
         if model.create_tiny is not None and not (Path(model.hf) / "config.json").is_file():
             make_tiny_model(model.hf, model.create_tiny)
         if generate is not None and not all(Path(p).is_file() for p in data_files):
-            make_dataset(generate)
+            write_synthetic(generate, synthetic or SyntheticDataConfig())
     if dist.is_initialized():
         dist.barrier()
 

@@ -61,6 +61,9 @@ def test_every_example_config_loads(path):
         ("parallel.sequence_parallel=true", "parallel.sequence_parallel needs parallel.tp > 1"),
         ("data.mini_batch_prompts=0", "data.mini_batch_prompts must be >= 1"),
         ("eval.k=0", "eval.k must be >= 1"),
+        ("data.synthetic.kind=text", "data.synthetic.kind must be one of"),
+        ("data.synthetic.levels=[5]", "data.synthetic.levels must be a non-empty list of"),
+        ("optim.beta1=1.5", "optim.beta1 must lie in"),
     ],
 )
 def test_rl_section_errors_at_load_name_the_key(override, message):
