@@ -130,7 +130,9 @@ def test_every_group_filtered_still_runs(sft_model, tmp_path):
 
 
 def test_resume_after_kill_mid_step_is_exact(sft_model, tmp_path):
-    common = ["checkpoint.save_interval=2", "data.max_gen_batches=1"]
+    # 2 mini-batch updates per step; the LR warm-up counts RL steps: 0, lr / 2, lr, lr
+    common = ["checkpoint.save_interval=2", "data.max_gen_batches=1", "optim.warmup_steps=2", "optim.lr=1e-5",
+              "optim.min_lr=1e-5"]  # fmt: skip
     ref = tmp_path / "ref"
     torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, ref, steps=4) + common)
     crashed = tmp_path / "crashed"
@@ -140,6 +142,8 @@ def test_resume_after_kill_mid_step_is_exact(sft_model, tmp_path):
     r = torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, crashed, 4) + common)
     assert "resumed from" in r.stdout
     a, b = metrics(ref), metrics(crashed)
+    assert [a[s]["train/lr"] for s in (1, 2, 3, 4)] == pytest.approx([0.0, 5e-6, 1e-5, 1e-5], abs=1e-12)
+    assert [b[s]["train/lr"] for s in (3, 4)] == pytest.approx([1e-5, 1e-5], abs=1e-12)  # restored schedule
     for step in (3, 4):
         for k in ("reward/mean", "loss/pg", "loss/grad_norm", "response/length_mean", "rollout/groups_buffered"):
             assert a[step][k] == b[step][k], (step, k)
