@@ -13,7 +13,9 @@ shared by the suites that compare against it):
                soft (pass fraction) vs binary (all tests pass) reward        (paper Figure 3)
   filter       math GPPO with vs without zero-advantage filtering            (paper Figure 5)
   offpolicy    the algos suite with 8 updates per rollout batch at lr 1e-4 for 20 steps, so
-               that clipping engages (it never does in the demo's setting)
+               that clipping engages (it never does in the demo's setting), plus GPPO with
+               the engine's log-probs as old log-probs (algo.old_logprobs=engine) instead of
+               the trainer's recomputation
 Writes OUT/ablation.json (every run's held-out and training curves), OUT/<suite>.png (held-out
 avg@k, training reward mean and training reward std per step for each arm: the mean over seeds
 with the min-max band across seeds) and OUT/summary.md (step-0 and final held-out avg@k with
@@ -46,7 +48,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
     # The demo's 2 updates per rollout batch at lr 1e-5 never leave the clip range (clipfrac 0),
     # which makes the three losses the same update. Here 8 updates per batch at lr 1e-4 move the
     # policy far enough for ~1% of tokens to be clipped (measured), the regime where they differ.
-    "offpolicy": {arm: [*OFF_POLICY, *extra] for arm, extra in ALGO_ARMS.items()},
+    "offpolicy": {arm: [*OFF_POLICY, *extra] for arm, extra in OFF_POLICY_ARMS.items()},
     "filter": {"filtered": [], "unfiltered": ["algo.filter_zero_adv=false"]},
     "code_reward": {"soft": [], "binary": ["reward.code.binary=true"]},
 }
