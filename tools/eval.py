@@ -1,5 +1,7 @@
 """Evaluate a model on held-out prompts: avg@k (pass@1 averaged over k samples) and pass@k,
-scored by the training reward code.
+scored by the training reward code (strict: think block, boxed answer, not truncated) and, for
+math prompts, also like the public KlearReasoner benchmarks/judge_math.py (eval/math/lenient_*:
+math-verify on the whole response), the scoring behind published numbers.
 
     python tools/eval.py --model runs/tiny_rl_math/hf --data examples/data/math_test.parquet \
         --k 4 --out runs/eval/tiny_rl_math.jsonl

@@ -179,6 +179,7 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: Optional[int] = None  # default: rollout.max_response_len
     max_prompts: int = 0  # 0: all
+    lenient: bool = True  # also report eval/math/lenient_avg@k (the public judge_math.py scoring)
 
     def validate(self, where: str = "eval") -> None:
         if self.k < 1:

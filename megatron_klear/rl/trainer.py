@@ -299,6 +299,7 @@ class RLRun:
                 max_new_tokens=ev.max_new_tokens or r.max_response_len,
                 seed=self.cfg.seed,
                 stop_ids=self.collector.stop_ids,
+                lenient_scores=ev.lenient,
                 out_jsonl=self.out / "eval.jsonl",
                 step=self.step,
             )

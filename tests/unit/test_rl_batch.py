@@ -11,7 +11,7 @@ from megatron_klear.errors import ConfigError
 from megatron_klear.rl.batch import minibatches
 from megatron_klear.rl.config import AlgoConfig, RLConfig
 from megatron_klear.rl.loss import ratio_baseline
-from megatron_klear.rl.rollout import Sample, group_advantages, has_signal
+from megatron_klear.rl.rollout import Sample, group_advantages, has_signal, score_groups
 from tests.jobs import ROOT
 
 CONFIG = "examples/tiny/rl_math.yaml"
@@ -145,3 +145,35 @@ def _sample(p: int, r: int, adv: float, correct: bool, reward: float | None = No
     reward = (1.0 if correct else 0.0) if reward is None else reward
     return Sample("u", list(range(1, p + 1)), list(range(50, 50 + r)), [-0.1 * (i + 1) for i in range(r)], "stop",
                   reward, correct, "", adv)  # fmt: skip
+
+
+def test_evaluation_reports_strict_and_lenient_math_scores(hf_models):
+    """Strict = the run's reward (think block, boxed answer, not truncated); lenient = the public
+    judge_math.py (math-verify on the whole response). Same samples, both scorings."""
+    from transformers import AutoTokenizer
+
+    from megatron_klear.data.rl import RLPrompt
+    from megatron_klear.inference.base import Completion
+    from megatron_klear.inference.hf import HFEngine
+    from megatron_klear.rl.config import RewardConfig
+    from megatron_klear.rl.evaluate import evaluate, lenient_math
+
+    tok = AutoTokenizer.from_pretrained(str(hf_models["gqa4_untied"]))
+    texts = [
+        ("<think>3 + 4</think> \\boxed{7}", "stop"),  # strict and lenient
+        ("so 3 + 4 = 7", "stop"),  # no think block: lenient only
+        ("<think>3 + 4</think> \\boxed{7}", "length"),  # cut at the length limit: lenient only
+        ("<think>3 + 4</think> \\boxed{8}", "stop"),  # wrong for both
+    ]
+    comps = [[Completion(tok.encode(t), [0.0] * len(tok.encode(t)), f) for t, f in texts]]
+    math = RLPrompt("m", "test", "math", [{"role": "user", "content": "3 + 4?"}], "7")
+    code = RLPrompt("c", "test", "code", [{"role": "user", "content": "print 1"}], "[]")
+    rewards = RewardConfig()
+    assert lenient_math(tok, [code, math], [[], comps[0]], rewards, workers=2) == {1: [True, True, True, False]}
+    assert [r.correct for r in score_groups(tok, [math], comps, rewards, 2)[0]] == [True, False, False, False]
+
+    m = evaluate(HFEngine(str(hf_models["gqa4_untied"])), tok, [math], rewards, workers=2, k=2, max_new_tokens=4)
+    assert {"eval/avg@2", "eval/math/avg@2", "eval/math/lenient_avg@2", "eval/math/lenient_pass@2"} <= set(m)
+    off = evaluate(HFEngine(str(hf_models["gqa4_untied"])), tok, [math], rewards, k=2, max_new_tokens=4,
+                   lenient_scores=False)  # fmt: skip
+    assert "eval/math/lenient_avg@2" not in off
