@@ -75,6 +75,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _shallow_fields(obj: Any) -> dict:
+    """A dataclass instance's fields as a mapping (nested sections as mappings too)."""
+    return {
+        f.name: _shallow_fields(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
+        for f in dataclasses.fields(obj)
+    }
+
+
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, converting and checking every field."""
     hints = typing.get_type_hints(cls)
@@ -87,7 +95,14 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     for f in dataclasses.fields(cls):
         key = f"{where}.{f.name}" if where else f.name
         if f.name in data:
-            kwargs[f.name] = _convert(data[f.name], hints[f.name], key)
+            value = data[f.name]
+            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+                # A section given in the file starts from the field's own default (RL's optim has
+                # other defaults than OptimConfig's), not from the class defaults.
+                default = f.default_factory()
+                if dataclasses.is_dataclass(default):
+                    value = {**_shallow_fields(default), **value}
+            kwargs[f.name] = _convert(value, hints[f.name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {key}")
     obj = cls(**kwargs)

@@ -191,10 +191,9 @@ class EvalConfig:
 
 
 def _rl_optim() -> OptimConfig:
-    """The recipe's RL optimizer when a config has no ``optim`` section: constant LR 1e-6 after
-    10 warm-up RL steps, Adam betas (0.9, 0.999) as the public RL run used (verl's AdamW
-    default). A config's own ``optim`` section starts from ``OptimConfig``'s defaults (betas
-    0.9 / 0.95), so the RL examples state their betas."""
+    """The recipe's RL optimizer: constant LR 1e-6 after 10 warm-up RL steps, Adam betas
+    (0.9, 0.999) as the public RL run used (verl's AdamW default). A config's own ``optim``
+    section starts from these values too (``config.from_dict``); the examples state them anyway."""
     return OptimConfig(lr=1e-6, min_lr=1e-6, decay_style="constant", warmup_steps=10, beta1=0.9, beta2=0.999)
 
 

@@ -97,3 +97,21 @@ def test_every_user_error_is_a_klear_error():
 
     classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
     assert len(classes) >= 8 and all(issubclass(c, KlearError) for c in classes)
+
+
+def test_a_section_in_the_file_starts_from_the_runs_own_defaults(tmp_path):
+    """RL's ``optim`` defaults differ from OptimConfig's: a partial ``optim:`` section keeps them."""
+    cfg_file = tmp_path / "rl.yaml"
+    cfg_file.write_text(
+        f"output_dir: {tmp_path}\nmodel: {{hf: {tmp_path}}}\ndata: {{train: [x.parquet]}}\n"
+        "optim: {lr: 2.0e-6}\ncheckpoint: {keep_last: 1}\n"
+    )
+    cfg = load_config(RLConfig, cfg_file)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.decay_style, cfg.optim.warmup_steps) == (
+        2e-6,
+        1e-6,
+        "constant",
+        10,
+    )
+    assert (cfg.optim.beta1, cfg.optim.beta2) == (0.9, 0.999)
+    assert (cfg.checkpoint.keep_last, cfg.checkpoint.save_interval) == (1, 10)
