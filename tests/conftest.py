@@ -27,6 +27,12 @@ TINY_MODELS = {
 }
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "real_sglang: drives a real SGLang server and sglang-router (installed by tools/test.sh)"
+    )
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
