@@ -3,8 +3,10 @@
 Dynamic sampling: groups whose rewards are all equal carry no gradient and are dropped;
 generation batches continue (up to ``max_gen_batches``) until ``prompts_per_step`` groups are
 kept, and the step then trains on what there is. Kept groups beyond the batch wait in a buffer
-for the next step (it is checkpointed). Scoring of one chunk of a generation batch runs in
-threads while the engine generates the next chunk.
+for the next step (it is checkpointed). Every prompt of a generation batch is submitted at once
+(``generate_stream``) and each group is scored as soon as its samples are in, so no group waits
+for the slowest sample of another. Samples the engine got back aborted were generated again
+(``rollout/samples_aborted`` counts them); none reaches training.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -114,6 +116,8 @@ class PromptStream:
 
 
 def sampling_seed(seed: int, step: int, batch: int) -> int:
+    """Base seed of one generation batch; its sample k gets this + k (``SamplingParams.seed``),
+    so no two samples of a run share a seed within a batch."""
     return (seed * 1_000_003 + step * 7919 + batch * 131) % (2**31 - 1)
 
 
@@ -143,48 +147,43 @@ class Collector:
         """-> (groups for this step, metrics, next prompt position, new buffer); with ``dump``,
         every generated group is also written there (JSONL, one group per line)."""
         d, a = self.cfg.data, self.cfg.algo
-        stats = dict(prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0)
+        stats = dict(prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0, samples_aborted=0)
         kept: list[Group] = list(buffer)
         generated: list[tuple[int, bool, Group]] = []  # (generation batch, kept, group)
         t_gen = t_wait = 0.0
         sandbox_failures = 0
-        with ThreadPoolExecutor(1, thread_name_prefix="score") as scorer:
+        with ThreadPoolExecutor(max(1, self.cfg.rollout.reward_workers), thread_name_prefix="score") as scorer:
             while len(kept) < d.prompts_per_step and stats["gen_batches"] < d.max_gen_batches:
                 batch, pos = self.stream.take(d.prompts_per_step, pos, stats)
                 params = self.params(step, stats["gen_batches"])
                 stats["gen_batches"] += 1
-                n_chunks = max(1, min(self.cfg.rollout.gen_chunks, len(batch)))
-                bounds = np.linspace(0, len(batch), n_chunks + 1).astype(int)
-                pending: list[tuple[list, list, Future]] = []
-                for lo, hi in zip(bounds[:-1], bounds[1:]):
-                    chunk = batch[lo:hi]
-                    t0 = time.time()
-                    comps = self.engine.generate([ids for _, ids in chunk], params)
-                    t_gen += time.time() - t0
-                    prompts = [p for p, _ in chunk]
-                    pending.append((chunk, comps, scorer.submit(self._score, prompts, comps)))
+                aborted = self.engine.aborted_samples
                 t0 = time.time()
-                for chunk, comps, fut in pending:
-                    for (prompt, ids), group, results in zip(chunk, comps, fut.result()):
-                        failed = self.sandbox_budget.add(results)  # raises past the budget
-                        if failed:  # rewards the sandbox could not compute: never trained on
-                            sandbox_failures += failed
-                            continue
-                        g = [
-                            Sample(
-                                prompt.uid, ids, c.output_ids, c.logprobs, c.finish_reason, r.score, r.correct, r.reason
-                            )
-                            for c, r in zip(group, results)
-                        ]
-                        for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps)):
-                            s.advantage = adv
-                        stats["groups_generated"] += 1
-                        keep = not (a.filter_zero_adv and len({s.reward for s in g}) == 1)
-                        generated.append((stats["gen_batches"], keep, g))
-                        if not keep:
-                            stats["groups_filtered"] += 1
-                            continue
-                        kept.append(g)
+                pending = []  # (prompt index, completions, rewards future), in completion order
+                for i, comps in self.engine.generate_stream([ids for _, ids in batch], params):
+                    pending.append((i, comps, scorer.submit(self._score, [batch[i][0]], [comps])))
+                t_gen += time.time() - t0
+                stats["samples_aborted"] += self.engine.aborted_samples - aborted
+                t0 = time.time()
+                for i, comps, fut in sorted(pending, key=lambda x: x[0]):  # prompt order: reproducible
+                    (prompt, ids), results = batch[i], fut.result()[0]
+                    failed = self.sandbox_budget.add(results)  # raises past the budget
+                    if failed:  # rewards the sandbox could not compute: never trained on
+                        sandbox_failures += failed
+                        continue
+                    g = [
+                        Sample(prompt.uid, ids, c.output_ids, c.logprobs, c.finish_reason, r.score, r.correct, r.reason)
+                        for c, r in zip(comps, results)
+                    ]
+                    for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps)):
+                        s.advantage = adv
+                    stats["groups_generated"] += 1
+                    keep = not (a.filter_zero_adv and len({s.reward for s in g}) == 1)
+                    generated.append((stats["gen_batches"], keep, g))
+                    if not keep:
+                        stats["groups_filtered"] += 1
+                        continue
+                    kept.append(g)
                 t_wait += time.time() - t0
         groups, rest = kept[: d.prompts_per_step], kept[d.prompts_per_step :]
         if dump is not None:
