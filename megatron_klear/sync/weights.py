@@ -28,6 +28,7 @@ from megatron_klear.errors import EngineError, SyncError
 from megatron_klear.inference.base import InferenceEngine, SamplingParams
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.models.forward import forward_logits, send_to_rank0
+from megatron_klear.sync.colocated import sync_colocated
 from megatron_klear.sync.gather import DEFAULT_BUCKET_BYTES, gather_hf_buckets
 
 
@@ -57,8 +58,6 @@ def sync_weights(
     if dist.is_initialized():
         targets = broadcast_object(targets)
     if targets is not None:
-        from megatron_klear.sync.colocated import sync_colocated
-
         error, nbytes, nbuckets, ntensors = sync_colocated(engine, targets, model, cfg, version, bucket_bytes)
         if error is not None:
             raise SyncError(f"weight sync {version} failed, engine left stale: {error}")
