@@ -89,7 +89,11 @@ METRIC_NAMES = (
 def check_step(out: Path, step: int = 1, max_diff: float = 1e-4) -> None:
     m = metrics(out)[step]
     rows = dumped(out, step)
-    used = [g for g in rows if g.get("kept") and g["source"] == "generated"] + [g for g in rows if g.get("used")]
+    # the step trains on the buffered groups first, then the kept generated ones, up to 4;
+    # kept groups beyond that wait in the buffer
+    buffered = [g for g in rows if g["source"] == "buffer"]
+    used = (buffered + [g for g in rows if g["source"] == "generated" and g["kept"]])[:4]
+    assert all(g["used"] for g in buffered[: len(used)])
     for g in rows:
         rewards = [s["reward"] for s in g["samples"]]
         if g["source"] == "generated":
