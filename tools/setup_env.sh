@@ -44,7 +44,7 @@ fi
 # The pinned SGLang server and router, for the real_sglang tests, in a venv of their own:
 # sglang 0.5.23 pins torch==2.14.1 and transformers==5.19.0, which clash with the trainer's
 # megatron-core 0.16 environment, so the engine starts servers with rollout.sglang.python.
-# The lean CPU route (docs/sglang.md): the CPU build of torch, sglang and sglang-router without
+# The lean CPU route (tests/sglang_standins/README.md): the CPU build of torch, sglang and sglang-router without
 # their dependencies, then sglang's own requirements minus the CUDA-only ones
 # (tools/sglang_cpu_requirements.py), plus triton. A stamp of the inputs makes it a no-op later.
 SGLANG_PINS=(sglang==0.5.23 sglang-router==0.3.2)

@@ -250,6 +250,38 @@ def serialize_payload(flat: torch.Tensor, meta: list[SimpleNamespace]) -> str:
     return base64.b64encode(buf.getvalue()).decode("utf-8")
 
 
+# What SGLang's SafeUnpickler allows a payload to name (srt/utils/common.py, 0.5.23): torch's
+# rebuild functions and types, types.SimpleNamespace, and a few builtins / containers.
+PAYLOAD_GLOBAL_PREFIXES = ("torch.", "types.SimpleNamespace", "builtins.", "copyreg.", "collections.")
+
+
+def payload_globals(payload: str) -> set[str]:
+    """The module-qualified globals a serialized payload refers to (checked against what
+    SGLang's unpickler allows, ``PAYLOAD_GLOBAL_PREFIXES``). Reads the pickle with inert
+    stand-ins for every global, so nothing is rebuilt or opened."""
+    import pickle
+
+    class _Inert:
+        def __new__(cls, *args, **kwargs):
+            return object.__new__(cls)
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __setstate__(self, state):
+            pass
+
+    names: set[str] = set()
+
+    class _Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            names.add(f"{module}.{name}")
+            return type(name, (_Inert,), {})
+
+    _Recorder(io.BytesIO(base64.b64decode(payload))).load()
+    return names
+
+
 def share_cpu_tensors() -> None:
     """CPU tensors reach a server by file name: with the default file-descriptor strategy
     the server's scheduler dies when it unpickles them (seen with SGLang 0.5.23 on CPU)."""

@@ -104,6 +104,9 @@ def test_flattened_bucket_is_sglangs_byte_layout_and_needs_no_sglang():
         assert torch.equal(got, t) and m.start_idx % t.element_size() == 0
     with pytest.raises(ValueError, match="not a multiple"):
         api.flatten_bucket(bucket)  # half first leaves the float32 tensors unaligned
+    api.share_cpu_tensors()
+    found = api.payload_globals(api.serialize_payload(flat, meta))
+    assert "types.SimpleNamespace" in found and all(n.startswith(api.PAYLOAD_GLOBAL_PREFIXES) for n in found)
 
 
 def test_requests_carry_per_sample_seeds_and_sglang_field_names():
