@@ -1,8 +1,9 @@
-"""The SGLang 0.5.x HTTP requests we send, as plain functions, plus a small JSON client.
+"""The SGLang HTTP requests we send, as plain functions, the weight payloads, and a small JSON
+client.
 
-Every request body is built here and nowhere else, so the contract tests
-(tests/test_rollout.py, against a local recording server) cover exactly what we send.
-Field names follow ``sglang/srt/managers/io_struct.py`` and ``sampling/sampling_params.py``.
+Every request body is built here and nowhere else; field names follow SGLang 0.5.23's
+``srt/managers/io_struct.py`` and ``sampling/sampling_params.py``, and what the real server and
+sglang-router 0.3.2 do with them is tested in tests/test_sglang_real.py.
 """
 
 from __future__ import annotations
