@@ -3,7 +3,7 @@ client.
 
 Every request body is built here and nowhere else; field names follow SGLang 0.5.23's
 ``srt/managers/io_struct.py`` and ``sampling/sampling_params.py``, and what the real server and
-sglang-router 0.3.2 do with them is tested in tests/test_sglang_real.py.
+sglang-router 0.3.2 do with them is tested in tests/e2e/test_sglang_real.py.
 """
 
 from __future__ import annotations

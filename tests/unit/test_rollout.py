@@ -1,6 +1,6 @@
 """Rollout engines: the HF engine's sampling and weight updates; the SGLang engine's payload
 layout, requests and launch commands, and the colocated gather plan. The SGLang engine's
-behaviour is tested against a real SGLang server in tests/test_sglang_real.py."""
+behaviour is tested against a real SGLang server in tests/e2e/test_sglang_real.py."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_weight_update_rejections_leave_the_engine_stale(hf_models):
 
 
 # ----------------------------------------------------------------------------- SGLang requests
-# (what SGLang does with them is tested against the real server: tests/test_sglang_real.py)
+# (what SGLang does with them is tested against the real server: tests/e2e/test_sglang_real.py)
 
 
 def test_flattened_bucket_is_sglangs_byte_layout_and_needs_no_sglang():
