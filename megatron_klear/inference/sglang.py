@@ -177,7 +177,7 @@ def server_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
         for k, v in os.environ.items()
         if k not in _LAUNCHER_VARS and not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC"))
     }
-    return {**env, **(extra or {})}
+    return {**env, **{str(k): str(v) for k, v in (extra or {}).items()}}  # YAML may give numbers
 
 
 def spawn_logged(cmd: list[str], log: Path, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
