@@ -30,6 +30,9 @@ setup(
         "test": ["pytest>=8", "pytest-timeout", "triton>=3.2", "ruff"],
         # Never the PyPI package named "apex" (an unrelated web toolkit): NVIDIA apex is
         # built from source on clusters and is optional.
-        "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router"],
+        # sglang/sglang-router: the versions the real_sglang tests run. sglang 0.5.23 pins
+        # torch==2.14.1 and transformers==5.19.0; where that clashes with the trainer's stack,
+        # install them in their own venv and set rollout.sglang.python (README, "SGLang").
+        "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23", "sglang-router==0.3.2"],
     },
 )

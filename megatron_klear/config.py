@@ -2,7 +2,9 @@
 
 Every error names the offending field by its dotted path (``optim.lr``) and, for files, the
 file. Unknown keys are errors, not silently ignored: a typo must not train with a default.
-A section class may define ``validate(where)``: it runs as soon as the section is built, with
+A section class may list keys it no longer has in ``RETIRED_KEYS`` (key -> what to do instead),
+so an old config gets that advice rather than "unknown key". A section class may define
+``validate(where)``: it runs as soon as the section is built, with
 ``where`` its dotted path, so every value is checked at load, before anything starts.
 """
 
@@ -87,6 +89,9 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, converting and checking every field."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    retired = getattr(cls, "RETIRED_KEYS", {})
+    for name in sorted(set(data) & set(retired)):
+        raise ConfigError(f"config key {where + '.' if where else ''}{name} was removed: {retired[name]}")
     unknown = sorted(set(data) - names)
     if unknown:
         path = f"{where}." if where else ""

@@ -36,6 +36,9 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "unit: one process or spawned gloo ranks (tests/unit)")
     config.addinivalue_line("markers", "e2e: torchrun jobs, Slurm jobs, real servers (tests/e2e)")
+    config.addinivalue_line(
+        "markers", "real_sglang: drives a real SGLang server and sglang-router (installed by tools/test.sh)"
+    )
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -40,3 +40,29 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$INPUTS" ]; then
   install_system_packages
   echo "$INPUTS" > "$STAMP"
 fi
+
+# The pinned SGLang server and router, for the real_sglang tests, in a venv of their own:
+# sglang 0.5.23 pins torch==2.14.1 and transformers==5.19.0, which clash with the trainer's
+# megatron-core 0.16 environment, so the engine starts servers with rollout.sglang.python.
+# The lean CPU route (tests/sglang_standins/README.md): the CPU build of torch, sglang and sglang-router without
+# their dependencies, then sglang's own requirements minus the CUDA-only ones
+# (tools/sglang_cpu_requirements.py), plus triton. A stamp of the inputs makes it a no-op later.
+SGLANG_PINS=(sglang==0.5.23 sglang-router==0.3.2)
+SGLANG_VENV="$ROOT/.venv-sglang"
+setup_sglang_env() {
+  local stamp="$SGLANG_VENV/.installed" inputs
+  inputs=$(cat "$ROOT/tools/setup_env.sh" "$ROOT/tools/sglang_cpu_requirements.py" | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
+    log "installing ${SGLANG_PINS[*]} into $SGLANG_VENV (CPU, about 2 minutes and 3.5 GB)"
+    [ -x "$SGLANG_VENV/bin/python" ] || "$PY" -m venv "$SGLANG_VENV"
+    local pip=("$SGLANG_VENV/bin/python" -m pip install -q)
+    "${pip[@]}" "torch==2.13.0" triton packaging
+    "${pip[@]}" --no-deps "${SGLANG_PINS[@]}"
+    "$SGLANG_VENV/bin/python" "$ROOT/tools/sglang_cpu_requirements.py" > "$SGLANG_VENV/cpu-requirements.txt"
+    # the constraint keeps every dependency on the CPU build of torch
+    echo "torch==2.13.0" > "$SGLANG_VENV/constraints.txt"
+    "${pip[@]}" -r "$SGLANG_VENV/cpu-requirements.txt" -c "$SGLANG_VENV/constraints.txt"
+    echo "$inputs" > "$stamp"
+  fi
+  export KLEAR_SGLANG_PYTHON="$SGLANG_VENV/bin/python"
+}

@@ -3,11 +3,13 @@
 #   bash tools/test.sh [pytest args...]
 # Creates .venv in the repo if missing, installs the CPU build of torch from local disk
 # (torch==2.13.0: never a multi-GB CUDA build on a CPU machine), the project with its test
-# extra, and the system packages the tests use. Idempotent: quick the second time.
+# extra, the system packages the tests use, and the pinned SGLang in .venv-sglang. Idempotent: quick the second time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 source tools/setup_env.sh
+# The real SGLang server of the real_sglang tests (its own venv, .venv-sglang).
+setup_sglang_env
 
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 # Without a GPU the Triton kernels run (slowly, for correctness) under the interpreter.

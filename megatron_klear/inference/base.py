@@ -1,18 +1,18 @@
 """The inference-engine interface the RL loop programs against.
 
-An engine generates completions for token-id prompts, scores fixed sequences (for the
-train/inference consistency check) and takes weight updates as ``(hf_name, tensor)``
+An engine generates completions for token-id prompts (all at once, or streamed group by group
+as they complete), scores fixed sequences and takes weight updates as ``(hf_name, tensor)``
 buckets. An update is a transaction: ``begin_update`` marks the engine stale, every bucket
-goes in with ``update_bucket``, and only a successful ``finish_update`` (every parameter
-covered, spot checks passed) makes it usable again. A stale engine refuses to generate, so a
-half-applied sync can never produce rollouts.
+goes in with ``update_bucket``, and only a successful ``finish_update`` makes it usable again.
+A stale engine refuses to generate, so a half-applied sync can never produce rollouts. That
+the weights took effect is checked by the trainer on a probe (``sync.weights``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -33,7 +33,8 @@ class SamplingParams:
     max_new_tokens: int = 1024
     n: int = 1
     stop_token_ids: list[int] = field(default_factory=list)
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # sample k of a call gets seed + k (engines that take seeds)
+    ignore_eos: bool = False  # run to max_new_tokens past the model's end-of-sequence tokens
 
     def validate(self) -> None:
         if not self.temperature >= 0:
@@ -69,14 +70,23 @@ class InferenceEngine(ABC):
 
     version: Optional[str] = None  # weight version of the last complete sync
     stale: bool = False
+    aborted_samples: int = 0  # samples the engine got back aborted and generated again
 
     @abstractmethod
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions for each prompt, in prompt order."""
+        """``params.n`` completions for each prompt, in prompt order; none is "abort"."""
+
+    def generate_stream(
+        self, prompts: Sequence[list[int]], params: SamplingParams
+    ) -> Iterator[tuple[int, list[Completion]]]:
+        """``(prompt index, its n completions)`` as each group completes, every prompt
+        submitted at once. Default: ``generate``, in prompt order."""
+        yield from enumerate(self.generate(prompts, params))
 
     @abstractmethod
     def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:
-        """log p(token_t | tokens_<t) for t >= 1 of each sequence (length len - 1)."""
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence (length len - 1). An engine
+        may support temperature 1 only (SGLang: its input log-probs ignore the temperature)."""
 
     @abstractmethod
     def begin_update(self, version: str) -> None:
@@ -88,7 +98,7 @@ class InferenceEngine(ABC):
 
     @abstractmethod
     def finish_update(self) -> None:
-        """Check that the sync covered every parameter and took effect; clear ``stale``."""
+        """Close the sync (checking what the engine can check) and clear ``stale``."""
 
     def update_weights(self, buckets: Iterable[Bucket], version: str) -> None:
         """Whole sync from an iterator of buckets (single-process callers)."""

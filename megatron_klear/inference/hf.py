@@ -88,7 +88,7 @@ class HFEngine(InferenceEngine):
             mask[i, width - len(x) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        stop = set(p.stop_token_ids) | self.eos_ids
+        stop = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
         tokens: list[list[int]] = [[] for _ in range(b)]
         logps: list[list[float]] = [[] for _ in range(b)]
         reason = ["length"] * b

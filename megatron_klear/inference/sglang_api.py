@@ -1,8 +1,9 @@
-"""The SGLang 0.5.x HTTP requests we send, as plain functions, plus a small JSON client.
+"""The SGLang HTTP requests we send, as plain functions, the weight payloads, and a small JSON
+client.
 
-Every request body is built here and nowhere else, so the contract tests
-(tests/test_rollout.py, against a local recording server) cover exactly what we send.
-Field names follow ``sglang/srt/managers/io_struct.py`` and ``sampling/sampling_params.py``.
+Every request body is built here and nowhere else; field names follow SGLang 0.5.23's
+``srt/managers/io_struct.py`` and ``sampling/sampling_params.py``, and what the real server and
+sglang-router 0.3.2 do with them is tested in tests/e2e/test_sglang_real.py.
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ import json
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_klear.errors import EngineError
+from megatron_klear.errors import EngineError, EngineWeightError
 from megatron_klear.inference.base import Bucket, Completion, SamplingParams
 
 # ---------------------------------------------------------------------------- requests
 
 
-def sampling_params_json(p: SamplingParams) -> dict:
-    """SGLang ``sampling_params``; one sample per request entry (we repeat prompts for n)."""
+def sampling_params_json(p: SamplingParams, seed: Optional[int] = None) -> dict:
+    """SGLang ``sampling_params`` of one sample (we repeat prompts for n); ``seed`` is that
+    sample's own ``sampling_seed`` (used by SGLang's deterministic inference)."""
     body = {
         "temperature": float(p.temperature),
         "top_p": float(p.top_p),
@@ -34,35 +37,50 @@ def sampling_params_json(p: SamplingParams) -> dict:
         "stop_token_ids": [int(t) for t in p.stop_token_ids],
         "skip_special_tokens": False,
         "no_stop_trim": True,
+        "ignore_eos": bool(p.ignore_eos),
     }
-    if p.seed is not None:
-        body["sampling_seed"] = int(p.seed)
+    if seed is not None:
+        body["sampling_seed"] = int(seed)
     return body
 
 
-def generate_request(prompts: Sequence[list[int]], p: SamplingParams) -> dict:
-    """POST /generate. Each prompt is repeated ``n`` times (prompt-major) rather than sent with
-    ``n > 1``: the response order is then the request order by construction, and the radix
-    cache shares the prompt's KV anyway."""
-    ids = [[int(t) for t in x] for x in prompts for _ in range(p.n)]
-    return {"input_ids": ids, "sampling_params": sampling_params_json(p), "return_logprob": True}
+def sample_seeds(p: SamplingParams, first_index: int, count: int) -> list[Optional[int]]:
+    """Every sample its own seed, ``p.seed + index`` (index over the whole call): with one
+    seed for all, SGLang's deterministic inference makes the n copies of a prompt identical."""
+    if p.seed is None:
+        return [None] * count
+    return [int(p.seed) + first_index + k for k in range(count)]
 
 
-def score_request(sequences: Sequence[list[int]], temperature: float) -> dict:
-    """POST /generate that only scores the input: log-probs of every input token."""
+def generate_request(ids: Sequence[int], p: SamplingParams, seed: Optional[int]) -> dict:
+    """POST /generate of one sample. One request per sample, not a batch: sglang-router 0.3.2
+    accepts only one ``sampling_params`` object per request (a list is rejected with 422), and
+    each sample needs its own seed; the radix cache shares the prompt's KV across requests
+    and the cache-aware router sends a prompt's samples to the same server."""
+    return {
+        "input_ids": [int(t) for t in ids],
+        "sampling_params": sampling_params_json(p, seed),
+        "return_logprob": True,
+    }
+
+
+def score_request(sequences: Sequence[list[int]]) -> dict:
+    """POST /generate that only scores the input: log-probs of every input token. SGLang
+    computes input log-probs from the raw logits whatever the temperature (seen on 0.5.23),
+    so these are at temperature 1."""
     return {
         "input_ids": [[int(t) for t in s] for s in sequences],
-        "sampling_params": {"temperature": float(temperature), "max_new_tokens": 0},
+        "sampling_params": {"temperature": 1.0, "max_new_tokens": 0},
         "return_logprob": True,
         "logprob_start_len": 0,
     }
 
 
-def update_from_tensor_request(payloads: list[str], version: str, flattened: bool = True) -> dict:
-    """POST /update_weights_from_tensor: one serialized payload per engine TP rank."""
+def update_from_tensor_request(payloads: list[str], version: str) -> dict:
+    """POST /update_weights_from_tensor: one serialized flattened bucket per engine TP rank."""
     return {
         "serialized_named_tensors": list(payloads),
-        "load_format": "flattened_bucket" if flattened else None,
+        "load_format": "flattened_bucket",
         "flush_cache": True,
         "weight_version": version,
     }
@@ -93,7 +111,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def update_from_distributed_request(bucket: Bucket, group: str, version: str) -> dict:
-    """POST /update_weights_from_distributed for one bucket broadcast in this order."""
+    """POST /update_weights_from_distributed for one bucket sent as one broadcast of its
+    ``flatten_bucket`` bytes (SGLang's ``FlattenedTensorBucket.empty`` lays the receive
+    buffer out from these names, dtypes and shapes in this order)."""
     return {
         "names": [n for n, _ in bucket],
         "dtypes": [dtype_name(t.dtype) for _, t in bucket],
@@ -101,6 +121,7 @@ def update_from_distributed_request(bucket: Bucket, group: str, version: str) ->
         "group_name": group,
         "flush_cache": True,
         "weight_version": version,
+        "load_format": "flattened_bucket",
     }
 
 
@@ -113,7 +134,8 @@ def memory_request(tags: Sequence[str]) -> dict:
 
 
 def register_worker_request(url: str) -> dict:
-    """POST /workers on the router."""
+    """POST /workers on the router (sglang-router 0.3.2 answers 202 and adds it in the
+    background; DELETE /workers/{id} takes the id it lists, not the URL)."""
     return {"url": url}
 
 
@@ -122,9 +144,25 @@ def abort_request() -> dict:
     return {"abort_all": True}
 
 
-def weights_by_name_request(name: str, truncate: int = 100) -> dict:
-    """GET /get_weights_by_name (JSON body)."""
-    return {"name": name, "truncate_size": int(truncate)}
+def pause_request() -> dict:
+    """POST /pause_generation: abort what is in flight (returned with finish_reason "abort")
+    and hold new requests until /continue_generation."""
+    return {"mode": "abort"}
+
+
+def continue_request() -> dict:
+    """POST /continue_generation."""
+    return {}
+
+
+def begin_update_request() -> dict:
+    """POST /begin_weight_update (since 0.5.21 every weight update must run inside one)."""
+    return {}
+
+
+def end_update_request() -> dict:
+    """POST /end_weight_update."""
+    return {}
 
 
 # ---------------------------------------------------------------------------- responses
@@ -143,7 +181,7 @@ def parse_generate_response(body: Any, expected: int, weight_version: Optional[s
     for item in body:
         meta = item.get("meta_info") or {}
         fr = meta.get("finish_reason") or {}
-        reason = fr.get("type") if isinstance(fr, dict) else str(fr)
+        reason = fr.get("type") if isinstance(fr, dict) else str(fr)  # "abort": paused or shutting down
         if reason not in ("stop", "length", "abort"):
             raise EngineError(f"/generate: unexpected finish_reason {fr!r}")
         served = meta.get("weight_version")
@@ -173,56 +211,82 @@ def parse_score_response(body: Any, sequences: Sequence[list[int]]) -> list[list
 # ---------------------------------------------------------------------------- payloads
 
 
-def split_by_dtype(bucket: Bucket) -> list[Bucket]:
-    """Sub-buckets of one dtype each, in first-seen order (a flattened bucket has one dtype)."""
-    groups: dict[torch.dtype, Bucket] = {}
-    for name, t in bucket:
-        groups.setdefault(t.dtype, []).append((name, t))
-    return list(groups.values())
+def bucket_order(bucket: Bucket) -> Bucket:
+    """The bucket with wider dtypes first: in SGLang's byte-flattened bucket every tensor must
+    start at a multiple of its element size (``FlattenedTensorBucket.empty`` checks it), which
+    this order guarantees (sizes of a wider dtype are multiples of every narrower one)."""
+    return sorted(bucket, key=lambda kv: -kv[1].element_size())
 
 
-def flatten_bucket(bucket: Bucket, metadata_cls) -> dict:
-    """``{"flattened_tensor": 1-D tensor, "metadata": [metadata_cls(...)]}`` as SGLang's
-    ``FlattenedTensorBucket`` reconstructs it (``flat[start_idx:end_idx].reshape(shape)``).
-    All tensors must share one dtype (``split_by_dtype``), so no element is converted."""
-    dtypes = {t.dtype for _, t in bucket}
-    if len(dtypes) != 1:
-        raise ValueError(f"a flattened bucket needs one dtype, got {sorted(map(str, dtypes))}")
+def flatten_bucket(bucket: Bucket) -> tuple[torch.Tensor, list[SimpleNamespace]]:
+    """SGLang 0.5.23's flattened bucket of an ordered bucket (``bucket_order``): one uint8
+    tensor of every tensor's bytes, and per tensor ``name, shape, dtype, start_idx, end_idx,
+    numel`` in bytes (``FlattenedTensorBucket.reconstruct_tensors`` slices, views as the dtype
+    and reshapes). The metadata are ``types.SimpleNamespace`` objects: SGLang's unpickler
+    allows that class and reads the fields by attribute, so the trainer needs no sglang."""
     parts, meta, start = [], [], 0
     for name, t in bucket:
-        flat = t.detach().contiguous().view(-1)
-        parts.append(flat)
-        meta.append(
-            metadata_cls(
-                name=name,
-                shape=t.shape,
-                dtype=t.dtype,
-                start_idx=start,
-                end_idx=start + flat.numel(),
-                numel=flat.numel(),
+        if start % t.element_size():
+            raise ValueError(
+                f"{name} would start at byte {start}, not a multiple of {t.element_size()}: use bucket_order"
             )
-        )
+        flat = t.detach().contiguous().view(-1).view(torch.uint8)
+        parts.append(flat)
+        meta.append(SimpleNamespace(name=name, shape=t.shape, dtype=t.dtype, start_idx=start,
+                                    end_idx=start + flat.numel(), numel=flat.numel()))  # fmt: skip
         start += flat.numel()
-    return {"flattened_tensor": torch.cat(parts), "metadata": meta}
+    return torch.cat(parts), meta
 
 
-def serialize_payload(obj: Any) -> str:
-    """SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)`` wire format:
-    base64 of a ForkingPickler dump (CUDA tensors travel as IPC handles)."""
+def serialize_payload(flat: torch.Tensor, meta: list[SimpleNamespace]) -> str:
+    """SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)`` of
+    ``{"flattened_tensor": flat, "metadata": meta}``: base64 of a ForkingPickler dump, in which
+    a CUDA tensor travels as an IPC handle (and a CPU tensor as shared memory: the process
+    must use ``torch.multiprocessing.set_sharing_strategy("file_system")``, see
+    ``share_cpu_tensors``). Keep ``flat`` alive until the server has answered."""
     from multiprocessing.reduction import ForkingPickler
 
     buf = io.BytesIO()
-    ForkingPickler(buf).dump(obj)
+    ForkingPickler(buf).dump({"flattened_tensor": flat, "metadata": meta})
     return base64.b64encode(buf.getvalue()).decode("utf-8")
 
 
-def sglang_metadata_cls():
-    """SGLang's own metadata class: its unpickler accepts only torch, builtins and sglang.srt."""
-    try:
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
-    except ImportError as e:
-        raise EngineError("colocated weight updates need the sglang package in the trainer's environment") from e
-    return FlattenedTensorMetadata
+# What SGLang's SafeUnpickler allows a payload to name (srt/utils/common.py, 0.5.23): torch's
+# rebuild functions and types, types.SimpleNamespace, and a few builtins / containers.
+PAYLOAD_GLOBAL_PREFIXES = ("torch.", "types.SimpleNamespace", "builtins.", "copyreg.", "collections.")
+
+
+def payload_globals(payload: str) -> set[str]:
+    """The module-qualified globals a serialized payload refers to (checked against what
+    SGLang's unpickler allows, ``PAYLOAD_GLOBAL_PREFIXES``). Reads the pickle with inert
+    stand-ins for every global, so nothing is rebuilt or opened."""
+    import pickle
+
+    class _Inert:
+        def __new__(cls, *args, **kwargs):
+            return object.__new__(cls)
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __setstate__(self, state):
+            pass
+
+    names: set[str] = set()
+
+    class _Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            names.add(f"{module}.{name}")
+            return type(name, (_Inert,), {})
+
+    _Recorder(io.BytesIO(base64.b64decode(payload))).load()
+    return names
+
+
+def share_cpu_tensors() -> None:
+    """CPU tensors reach a server by file name: with the default file-descriptor strategy
+    the server's scheduler dies when it unpickles them (seen with SGLang 0.5.23 on CPU)."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
 
 
 # ---------------------------------------------------------------------------- client
@@ -250,6 +314,15 @@ def call(url: str, body: Optional[dict] = None, *, method: Optional[str] = None,
         return json.loads(text) if text else None
     except json.JSONDecodeError:
         return text
+
+
+def post_checked(url: str, body: dict, timeout: float) -> Any:
+    """POST a weight or group request; a ``{"success": false}`` answer raises
+    ``EngineWeightError`` (SGLang answers 400 with the same body, which ``call`` raises)."""
+    resp = call(url, body, timeout=timeout)
+    if isinstance(resp, dict) and resp.get("success") is False:
+        raise EngineWeightError(f"{url}: {resp.get('message')}")
+    return resp
 
 
 def wait_healthy(url: str, timeout_s: float, alive=lambda: True, path: str = "/health_generate") -> None:

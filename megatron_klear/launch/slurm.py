@@ -312,12 +312,13 @@ class _Children:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
-    def start(self, cmd: list[str], log: Optional[Path] = None) -> subprocess.Popen:
-        """Start ``cmd`` in its own process group; its output to ``log`` when given."""
+    def start(self, cmd: list[str], log: Optional[Path] = None, env: Optional[dict] = None) -> subprocess.Popen:
+        """Start ``cmd`` in its own process group (with ``env`` added to ours); its output to
+        ``log`` when given."""
         if log is None:
-            p = subprocess.Popen(cmd, start_new_session=True)
+            p = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **(env or {})})
         else:
-            p = spawn_logged(cmd, log)
+            p = spawn_logged(cmd, log, env)
         self.procs.append(p)
         return p
 
@@ -385,10 +386,10 @@ def run_engines(config: str, overrides: list[str]) -> int:
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     if node == 0:
         path = log_dir / f"router-{socket.gethostname()}.log"
-        procs["router"] = (children.start(router_command(sg), path), path)
+        procs["router"] = (children.start(router_command(sg), path, sg.env), path)
     for i in range(per_node):
         path = log_dir / f"server-{socket.gethostname()}-{i}.log"
-        procs[f"server {i}"] = (children.start(server_command(sg, i), path), path)
+        procs[f"server {i}"] = (children.start(server_command(sg, i), path, sg.env), path)
     print(f"[engines] node {node}: started {', '.join(procs)}", flush=True)
     try:
         while True:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from megatron_klear.data.synthetic import SyntheticDataConfig
 from megatron_klear.errors import ConfigError
@@ -69,6 +69,10 @@ class RLDataConfig:
 class RolloutConfig:
     """The ``rollout`` section: the inference engine and how it samples."""
 
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "gen_chunks": "every prompt is submitted at once and each group scored as it completes; delete the key",
+    }
+
     engine: str = "hf"  # "hf" (in-process transformers) or "sglang"
     hf_device: str = "cpu"
     hf_dtype: Optional[str] = None
@@ -80,9 +84,12 @@ class RolloutConfig:
     top_k: int = -1
     max_prompt_len: int = 4096  # longer prompts are skipped and counted
     max_response_len: int = 32768
-    gen_chunks: int = 4  # split each generation batch so scoring overlaps generation
     bucket_mb: int = 512  # weight-sync bucket size
     check_consistency: bool = True  # engine vs trainer log-probs on a probe after every sync
+    # ... at the rollout temperature over probe_tokens sampled tokens; a larger mean |diff|
+    # fails the sync (the engine does not hold the trainer's weights)
+    max_logprob_diff: float = 0.1
+    probe_tokens: int = 16
     release_memory: bool = False  # colocated SGLang: free engine memory while training
     reward_workers: int = 4
     dump: bool = False  # write every generated group to output_dir/rollouts/step_NNNNNN.jsonl
@@ -99,7 +106,9 @@ class RolloutConfig:
             raise ConfigError(f"{where}.temperature must be > 0 for RL (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{where}.top_p must lie in (0, 1], got {self.top_p}")
-        for name in ("hf_max_batch", "gen_chunks", "bucket_mb", "reward_workers"):
+        if not self.max_logprob_diff > 0:
+            raise ConfigError(f"{where}.max_logprob_diff must be > 0, got {self.max_logprob_diff}")
+        for name in ("hf_max_batch", "bucket_mb", "reward_workers", "probe_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -217,6 +226,11 @@ class RLConfig(RunConfig):
             raise ConfigError("train_steps must be >= 1")
         if self.parallel.context_parallel != 1:
             raise ConfigError("parallel.context_parallel > 1 is not supported in RL yet")
+        if self.rollout.engine == "sglang" and self.rollout.sglang.mode == "colocated" and self.parallel.pp != 1:
+            raise ConfigError(
+                "rollout.sglang.mode=colocated needs parallel.pp=1 (each GPU sends its own copy of the "
+                "weights); use rollout.sglang.mode=distributed with pipeline parallelism"
+            )
 
     def sglang_config(self, **fields: Any) -> SGLangConfig:
         """``rollout.sglang`` with the run's model and log directory filled in (and ``fields``)."""

@@ -6,8 +6,10 @@ until ``prompts_per_step`` groups are kept, and the step then trains on what the
 groups beyond the batch are discarded (``data.surplus=discard``, the public code's choice) or,
 with ``keep``, wait in a checkpointed buffer for the next step marked ``stale``: the loss then
 takes their ratio against the engine's log-probs of the policy that sampled them (``rl.loss``).
-Scoring of one chunk of a generation batch runs in threads while the engine generates the next
-chunk.
+Every prompt of a generation batch is submitted at once (``generate_stream``) and each group is
+scored as soon as its samples are in, so no group waits for the slowest sample of another.
+Samples the engine got back aborted were generated again (``rollout/samples_aborted`` counts
+them); none reaches training.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -126,6 +128,8 @@ class PromptStream:
 
 
 def sampling_seed(seed: int, step: int, batch: int) -> int:
+    """Base seed of one generation batch; its sample k gets this + k (``SamplingParams.seed``),
+    so no two samples of a run share a seed within a batch."""
     return (seed * 1_000_003 + step * 7919 + batch * 131) % (2**31 - 1)
 
 
@@ -159,48 +163,43 @@ class Collector:
         d, a = self.cfg.data, self.cfg.algo
         keep_surplus = d.surplus == "keep"
         buffer = list(buffer) if keep_surplus else []
-        stats = dict(prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0)
+        stats = dict(prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0, samples_aborted=0)
         kept: list[Group] = list(buffer)
         generated: list[tuple[int, bool, Group]] = []  # (generation batch, kept, group)
         t_gen = t_wait = 0.0
         sandbox_failures = 0
-        with ThreadPoolExecutor(1, thread_name_prefix="score") as scorer:
+        with ThreadPoolExecutor(max(1, self.cfg.rollout.reward_workers), thread_name_prefix="score") as scorer:
             while len(kept) < d.prompts_per_step and stats["gen_batches"] < d.max_gen_batches:
                 batch, pos = self.stream.take(d.gen_batch_prompts or d.prompts_per_step, pos, stats)
                 params = self.params(step, stats["gen_batches"])
                 stats["gen_batches"] += 1
-                n_chunks = max(1, min(self.cfg.rollout.gen_chunks, len(batch)))
-                bounds = np.linspace(0, len(batch), n_chunks + 1).astype(int)
-                pending: list[tuple[list, list, Future]] = []
-                for lo, hi in zip(bounds[:-1], bounds[1:]):
-                    chunk = batch[lo:hi]
-                    t0 = time.time()
-                    comps = self.engine.generate([ids for _, ids in chunk], params)
-                    t_gen += time.time() - t0
-                    prompts = [p for p, _ in chunk]
-                    pending.append((chunk, comps, scorer.submit(self._score, prompts, comps)))
+                aborted = self.engine.aborted_samples
                 t0 = time.time()
-                for chunk, comps, fut in pending:
-                    for (prompt, ids), group, results in zip(chunk, comps, fut.result()):
-                        failed = self.sandbox_budget.add(results)  # raises past the budget
-                        if failed:  # rewards the sandbox could not compute: never trained on
-                            sandbox_failures += failed
-                            continue
-                        g = [
-                            Sample(
-                                prompt.uid, ids, c.output_ids, c.logprobs, c.finish_reason, r.score, r.correct, r.reason
-                            )
-                            for c, r in zip(group, results)
-                        ]
-                        for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps, a.adv_std)):
-                            s.advantage = adv
-                        stats["groups_generated"] += 1
-                        keep = not a.filter_zero_adv or has_signal(g, a.filter_metric)
-                        generated.append((stats["gen_batches"], keep, g))
-                        if not keep:
-                            stats["groups_filtered"] += 1
-                            continue
-                        kept.append(g)
+                pending = []  # (prompt index, completions, rewards future), in completion order
+                for i, comps in self.engine.generate_stream([ids for _, ids in batch], params):
+                    pending.append((i, comps, scorer.submit(self._score, [batch[i][0]], [comps])))
+                t_gen += time.time() - t0
+                stats["samples_aborted"] += self.engine.aborted_samples - aborted
+                t0 = time.time()
+                for i, comps, fut in sorted(pending, key=lambda x: x[0]):  # prompt order: reproducible
+                    (prompt, ids), results = batch[i], fut.result()[0]
+                    failed = self.sandbox_budget.add(results)  # raises past the budget
+                    if failed:  # rewards the sandbox could not compute: never trained on
+                        sandbox_failures += failed
+                        continue
+                    g = [
+                        Sample(prompt.uid, ids, c.output_ids, c.logprobs, c.finish_reason, r.score, r.correct, r.reason)
+                        for c, r in zip(comps, results)
+                    ]
+                    for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps, a.adv_std)):
+                        s.advantage = adv
+                    stats["groups_generated"] += 1
+                    keep = not a.filter_zero_adv or has_signal(g, a.filter_metric)
+                    generated.append((stats["gen_batches"], keep, g))
+                    if not keep:
+                        stats["groups_filtered"] += 1
+                        continue
+                    kept.append(g)
                 t_wait += time.time() - t0
         groups, surplus = kept[: d.prompts_per_step], kept[d.prompts_per_step :]
         rest = [[replace(s, stale=True) for s in g] for g in surplus] if keep_surplus else []

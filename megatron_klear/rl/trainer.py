@@ -41,7 +41,7 @@ from megatron_klear.rl.rollout import Collector, Group, PromptStream, groups_fro
 from megatron_klear.rl.update import update_policy
 from megatron_klear.sft import SFTConfig
 from megatron_klear.sft import train as sft_train
-from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
+from megatron_klear.sync.weights import free_trainer_cache, probe_logprob_diff, sync_weights
 from megatron_klear.training.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_klear.training.guards import maybe_crash
 from megatron_klear.training.metrics import MetricsLogger
@@ -267,19 +267,23 @@ class RLRun:
         self.state.update(step=self.step + 1, **self.pending)
 
     def sync(self, version: str) -> dict:
-        """Push the trainer's weights into the engine (resuming colocated memory around it) and
-        compare engine and trainer log-probs on the probe."""
+        """Collective: push the trainer's weights into the engine (taking back only the memory
+        it released, after every rank freed its cached CUDA memory) and check them on the
+        probe; a failed check raises ``SyncError`` and stops the run (the checkpoint is intact)."""
         r, t0 = self.cfg.rollout, time.time()
-        if self.rank0 and r.release_memory:
-            self.engine.resume_memory(("weights",))
+        if r.release_memory:
+            free_trainer_cache()
+            if self.rank0:
+                self.engine.resume_memory(("weights",))
         st = sync_weights(self.engine, self.train_state.module, self.hf_cfg, version, r.bucket_mb * 2**20)
         if self.rank0 and r.release_memory:
             self.engine.resume_memory(("kv_cache", "cuda_graph"))
         m = {"time/sync_s": time.time() - t0, "sync/gb": st.bytes / 1e9, "sync/buckets": st.buckets}
         if r.check_consistency:
             m["rollout/logprob_diff"] = probe_logprob_diff(
-                self.engine, self.train_state.module, self.hf_cfg, self.probe
-            )
+                self.engine, self.train_state.module, self.hf_cfg, self.probe,
+                r.temperature, r.probe_tokens, self.cfg.seed, r.max_logprob_diff,
+            )  # fmt: skip
         return m
 
     def evaluate(self) -> dict:

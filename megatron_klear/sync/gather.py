@@ -1,6 +1,8 @@
 """Full HF-named weights from a Megatron model at any TP x PP, in size-bounded buckets.
 
-Every rank of data-parallel replica 0 takes part; the buckets come out on global rank 0.
+Every rank of data-parallel replica 0 takes part; the buckets come out on global rank 0
+(``gather_hf_buckets``), or, with pipeline parallelism 1, on every rank at once
+(``local_hf_buckets``, for colocated engines that read each GPU's own copy).
 Each pipeline stage gathers its tensors over TP (``models.weights.iter_hf_weights``, the
 same mapping as conversion: QKV and gate/up split, vocabulary padding removed, tied
 embeddings once) and sends them to rank 0 one at a time, so no rank ever holds more than one
@@ -9,7 +11,7 @@ bucket beyond its own shard of the model.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,23 @@ def _stage_tensors(model: torch.nn.Module, cfg: Qwen3Config) -> Iterator[tuple[s
                 yield name, buf
 
 
+def bucketed(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group ``(name, tensor)`` items into lists of at most ``bucket_bytes`` each (a single
+    larger tensor forms its own bucket), in order."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in items:
+        if bucket and size + _nbytes(t) > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += _nbytes(t)
+    if bucket:
+        yield bucket
+
+
 def gather_hf_buckets(
     model: torch.nn.Module, cfg: Qwen3Config, bucket_bytes: int = DEFAULT_BUCKET_BYTES
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -79,18 +98,27 @@ def gather_hf_buckets(
     Collective: every rank of data-parallel replica 0 must iterate it to the end; other DP
     replicas hold the same weights and must not call it.
     """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
     on_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    for name, t in _stage_tensors(model, cfg):
-        if not on_rank0:
-            continue
-        if bucket and size + _nbytes(t) > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += _nbytes(t)
-    if bucket and on_rank0:
-        yield bucket
+    items = _stage_tensors(model, cfg)
+    if not on_rank0:
+        for _ in items:  # take part in the gathers
+            pass
+        return
+    yield from bucketed(items, bucket_bytes)
+
+
+def local_hf_buckets(
+    model: torch.nn.Module, cfg: Qwen3Config, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The same buckets as ``gather_hf_buckets``, on every rank at once, each on the rank's own
+    device (the TP all-gather leaves every TP rank with full tensors). Pipeline parallelism
+    1 only: with PP > 1 a rank holds only its stage's tensors.
+
+    Collective: every rank must iterate it to the end (each DP replica gathers over its own
+    TP group).
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() != 1:
+        raise ValueError("local_hf_buckets needs pipeline parallelism 1")
+    yield from bucketed(iter_hf_weights(model, cfg), bucket_bytes)

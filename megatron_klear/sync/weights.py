@@ -2,11 +2,16 @@
 
 ``sync_weights`` is collective over every trainer rank: data-parallel replica 0 gathers HF
 buckets (``gather_hf_buckets``), global rank 0 feeds them to the engine, and all ranks learn
-the outcome together. A failing engine never leaves the other ranks stuck in a gather: rank 0
-keeps draining the buckets, then every rank raises ``SyncError`` and the engine stays stale.
+the outcome together. A colocated SGLang engine is fed from every rank instead
+(``sync.colocated``: each GPU's own copy, CUDA IPC). A failing engine never leaves the other
+ranks stuck in a gather: the buckets are drained, then every rank raises ``SyncError`` and the
+engine stays stale.
 
-``probe_logprob_diff`` is the train/inference consistency check: the mean absolute difference
-between the trainer's and the engine's log-probs of a fixed probe sequence.
+``probe_logprob_diff`` is the check that a sync took effect (SGLang cannot read Qwen3 weights
+back): the engine samples a continuation of a fixed probe at the rollout temperature, and the
+mean absolute difference between its log-probs of those tokens and the trainer's at the same
+temperature must stay under a limit. Sampled-token log-probs are compared because SGLang's
+input-token log-probs ignore the temperature.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import torch.distributed as dist
 
 from megatron_klear.distributed import broadcast_object
 from megatron_klear.errors import EngineError, SyncError
-from megatron_klear.inference.base import InferenceEngine
+from megatron_klear.inference.base import InferenceEngine, SamplingParams
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.models.forward import forward_logits, send_to_rank0
+from megatron_klear.sync.colocated import sync_colocated
 from megatron_klear.sync.gather import DEFAULT_BUCKET_BYTES, gather_hf_buckets
 
 
@@ -48,6 +54,14 @@ def sync_weights(
     if rank0 and engine is None:
         raise ValueError("global rank 0 must hold the engine")
     t0 = time.time()
+    targets = getattr(engine, "colocated_targets", lambda: None)() if rank0 else None
+    if dist.is_initialized():
+        targets = broadcast_object(targets)
+    if targets is not None:
+        error, nbytes, nbuckets, ntensors = sync_colocated(engine, targets, model, cfg, version, bucket_bytes)
+        if error is not None:
+            raise SyncError(f"weight sync {version} failed, engine left stale: {error}")
+        return SyncStats(time.time() - t0, nbytes, nbuckets, ntensors)
     error: Optional[str] = None
     nbytes = nbuckets = ntensors = 0
     if rank0:
@@ -88,12 +102,44 @@ def trainer_logprobs(model: torch.nn.Module, cfg: Qwen3Config, ids: list[int], t
 
 
 def probe_logprob_diff(
-    engine: Optional[InferenceEngine], model: torch.nn.Module, cfg: Qwen3Config, probe: list[int]
+    engine: Optional[InferenceEngine],
+    model: torch.nn.Module,
+    cfg: Qwen3Config,
+    probe: list[int],
+    temperature: float = 1.0,
+    new_tokens: int = 16,
+    seed: int = 0,
+    max_diff: Optional[float] = None,
 ) -> float:
-    """Collective: mean |trainer - engine| log-prob over the probe's tokens, on every rank."""
-    ours = trainer_logprobs(model, cfg, probe)
+    """Collective: the engine (on global rank 0) samples ``new_tokens`` after ``probe`` at
+    ``temperature``; returns, on every rank, the mean |trainer - engine| log-prob of those
+    tokens at that temperature. Above ``max_diff`` every rank raises ``SyncError``: the
+    engine does not hold the trainer's weights (a sync that silently did not take effect)."""
+    seq = theirs = None
+    if engine is not None:
+        params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens, seed=seed, ignore_eos=True)
+        [[c]] = engine.generate([probe], params)
+        seq, theirs = list(probe) + c.output_ids, c.logprobs
+    seq = broadcast_object(seq)
+    # greedy samples come with log-probs at temperature 1 (SGLang's convention, and ours)
+    ours = trainer_logprobs(model, cfg, seq, temperature if temperature >= 1e-6 else 1.0)
     diff = None
     if ours is not None:
-        theirs = torch.tensor(engine.score([probe])[0], dtype=torch.float64)
-        diff = float((ours - theirs).abs().mean())
-    return broadcast_object(diff)
+        got = ours[len(probe) - 1 :]
+        diff = float((got - torch.tensor(theirs, dtype=torch.float64)).abs().mean()) if len(got) else 0.0
+    diff = broadcast_object(diff)
+    if max_diff is not None and not diff <= max_diff:
+        raise SyncError(
+            f"engine vs trainer log-prob difference on the probe is {diff:.4g} > rollout.max_logprob_diff="
+            f"{max_diff}: the engine does not hold the trainer's weights"
+        )
+    return diff
+
+
+def free_trainer_cache() -> None:
+    """Collective: return the trainer's cached CUDA memory to the driver on every rank, then
+    wait for all, so that a colocated engine can take its memory back."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if dist.is_initialized():
+        dist.barrier()

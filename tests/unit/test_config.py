@@ -115,3 +115,10 @@ def test_a_section_in_the_file_starts_from_the_runs_own_defaults(tmp_path):
     )
     assert (cfg.optim.beta1, cfg.optim.beta2) == (0.9, 0.999)
     assert (cfg.checkpoint.keep_last, cfg.checkpoint.save_interval) == (1, 10)
+
+
+def test_a_retired_key_says_what_to_do_instead():
+    with pytest.raises(
+        ConfigError, match="config key rollout.gen_chunks was removed: every prompt is submitted at once"
+    ):
+        load_config(RLConfig, RL, ["rollout.gen_chunks=4"])

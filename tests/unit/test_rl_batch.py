@@ -113,7 +113,7 @@ def _collector(hf_models, surplus: str):
         f"model.hf={model}", "bootstrap=null", "data.generate=null", f"data.train=[{data / 'math_train.parquet'}]",
         "data.prompts_per_step=2", "data.mini_batch_prompts=2", "data.gen_batch_prompts=4",
         "data.max_gen_batches=1", f"data.surplus={surplus}", "rollout.n_samples=2", "rollout.max_response_len=3",
-        "rollout.gen_chunks=1", "algo.filter_zero_adv=false",
+        "algo.filter_zero_adv=false",
     ])  # fmt: skip
     tok = AutoTokenizer.from_pretrained(str(model))
     prompts, _ = load_rl_prompts(cfg.data.train, CurationConfig(min_code_tests=0, dedup=False))

@@ -1,1 +1,0 @@
-"""Stands in for the sglang package in the supervision contract tests only (tests/sglang_double.py)."""

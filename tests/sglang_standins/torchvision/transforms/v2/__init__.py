@@ -1,0 +1,1 @@
+"""Stand-in ``torchvision.transforms.v2`` (imported for its ``functional`` module only)."""
