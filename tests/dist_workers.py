@@ -109,12 +109,9 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         )
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
-        from megatron_klear.models.forward import causal_mask
-
-        mb = dict(
+        mb = dict(  # plain rows: forward_backward builds the causal mask
             input_ids=ids,
             position_ids=torch.arange(16)[None].expand(2, -1),
-            attention_mask=causal_mask(16),
             labels=torch.roll(ids, -1, 1),
         )
 
@@ -148,6 +145,99 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
                 ref=ref,
                 version=engine.version,
                 wrong_stale=wrong.stale,
+            )
+        torch.save(result, f"{out}.{torch.distributed.get_rank()}")
+    finally:
+        destroy_distributed()
+
+
+def rl_groups(vocab: int, seed: int = 0) -> list:
+    """Three groups of four samples with long-tailed lengths, for the RL layout tests."""
+    from megatron_klear.rl.rollout import Sample, group_advantages
+
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for k in range(3):
+        samples = []
+        for j in range(4):
+            p = int(torch.randint(3, 12, (), generator=g))
+            r = [1, 3, 9, 44, 5, 17, 2, 30, 12, 6, 25, 4][4 * k + j]
+            ids = torch.randint(0, vocab, (p + r,), generator=g).tolist()
+            eng = (-torch.rand(r, generator=g) * 3).tolist()
+            correct = (k + j) % 3 == 0
+            samples.append(Sample(f"u{k}", ids[:p], ids[p:], eng, "stop", float(correct), correct, ""))
+        for s, a in zip(samples, group_advantages([s.reward for s in samples])):
+            s.advantage = a
+        groups.append(samples)
+    return groups
+
+
+def dp_full_grads(train_state) -> dict[str, torch.Tensor]:
+    """This rank's parameter gradients after ``forward_backward``, complete: the distributed
+    optimizer leaves each DP rank with its reduce-scattered shard of the grad buffer only, so
+    the shards are all-gathered back into the buffer first."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    dp, rank = dist.get_world_size(group), dist.get_rank(group)
+    for bucket_group in train_state.model.bucket_groups:
+        for bucket in bucket_group.buckets:
+            shards = shard_buffer(bucket.grad_data, dp)
+            gathered = [torch.empty_like(s) for s in shards]
+            dist.all_gather(gathered, shards[rank].contiguous(), group=group)
+            bucket.grad_data.copy_(torch.cat(gathered))
+    return {n: p.main_grad.detach().clone() for n, p in train_state.module.named_parameters()}
+
+
+def rl_layout_worker(tp: int, pp: int, hf_dir: str, cases: dict, out: str) -> None:
+    """One mini-batch under each layout of ``cases`` (name -> minibatches keywords + ``agg``):
+    save the old log-probs of every response token, the reduced loss report and the gradients.
+    No optimizer step is taken, so every case sees the same weights."""
+    import dataclasses
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_klear.checkpoint.hf_io import HFReader
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.config import load_hf_config
+    from megatron_klear.models.qwen3 import ModelOptions
+    from megatron_klear.models.weights import load_hf_weights
+    from megatron_klear.rl.batch import minibatches
+    from megatron_klear.rl.config import AlgoConfig, RLConfig
+    from megatron_klear.rl.loss import REPORT_KEYS, rl_loss_fn
+    from megatron_klear.rl.update import compute_old_logprobs
+    from megatron_klear.training.state import OptimConfig, build_train_state
+    from megatron_klear.training.step import forward_backward, reduce_reports
+
+    init_distributed(ParallelConfig(tp=tp, pp=pp), seed=7)
+    try:
+        cfg = load_hf_config(hf_dir)
+        state = build_train_state(
+            cfg, ModelOptions(), OptimConfig(), 10, init_weights=lambda m: load_hf_weights(m, cfg, HFReader(hf_dir).get)
+        )
+        groups = rl_groups(cfg.vocab_size)
+        seqs = [s for g in groups for s in g]
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        result = {}
+        for name, case in cases.items():
+            case = dict(case)
+            algo = AlgoConfig(agg=case.pop("agg", "token-mean"), entropy_coef=0.01)
+            rl = dataclasses.replace(RLConfig(output_dir=out), algo=algo)
+            [mini] = minibatches(groups, len(groups), dp, dp_rank, max_seq_len=cfg.max_position_embeddings, **case)
+            compute_old_logprobs(state, [mini], rl, cfg.vocab_size)
+            reps = forward_backward(state, mini.micro, rl_loss_fn(cfg.vocab_size, algo, mini, 1.0, "torch"))
+            logp = {}
+            if ps.is_pipeline_last_stage():
+                for i, (k, row, a) in mini.placement.items():
+                    p, r = len(seqs[i].prompt_ids), len(seqs[i].response_ids)
+                    logp[i] = mini.micro[k]["old_lp"][row, a + p - 1 : a + p + r - 1].clone()
+            result[name] = dict(
+                logp=logp,
+                report=reduce_reports(reps, REPORT_KEYS),
+                grads=dp_full_grads(state),
+                shapes=[tuple(mb["input_ids"].shape) for mb in mini.micro],
             )
         torch.save(result, f"{out}.{torch.distributed.get_rank()}")
     finally:

@@ -69,13 +69,53 @@ class SFTDataConfig:
 
 @dataclass
 class PackedSample:
-    """One packed sequence of exactly ``seq_len`` tokens (padded at the end)."""
+    """One row of a micro-batch: documents back to back, padded at the end.
+
+    ``cu_seqlens`` None marks a plain row (one document, right-padded): attention is just
+    causal. ``extra`` holds further per-position arrays that travel with the tokens (RL's
+    advantages and log-probs); ``training.batches.micro_batch`` stacks them like the rest.
+    """
 
     input_ids: np.ndarray  # [seq_len] int64
     labels: np.ndarray  # [seq_len] int64, next token within the document (0 where none)
-    loss_mask: np.ndarray  # [seq_len] float32, 1 where the label is an assistant token
+    loss_mask: np.ndarray  # [seq_len] float32, 1 where the label is a supervised token
     position_ids: np.ndarray  # [seq_len] int64, restarting at each document
-    cu_seqlens: np.ndarray  # [n_docs + 1] int32 document boundaries (padding is its own doc)
+    cu_seqlens: Optional[np.ndarray]  # [n_docs + 1] int32 document boundaries (padding is its own doc)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # more [seq_len] arrays
+
+
+def assemble_pack(
+    documents: Sequence[tuple[np.ndarray, np.ndarray]], length: int, slots: Optional[Sequence[int]] = None
+) -> PackedSample:
+    """Lay ``documents`` (token ids, target mask: 1 on tokens to be predicted) back to back
+    into ``length`` positions.
+
+    Position t of a document predicts its token t + 1 (the last token predicts nothing), with
+    loss where that token's target mask is 1; position ids restart at 0 for every document.
+    Document i takes ``slots[i]`` positions (default: its length; a longer slot keeps the extra
+    positions, without loss, inside the document). What is left is one padding document.
+    """
+    ids = np.zeros(length, np.int64)
+    labels = np.zeros(length, np.int64)
+    loss = np.zeros(length, np.float32)
+    pos = np.zeros(length, np.int64)
+    cu = [0]
+    at = 0
+    for d, (toks, target) in enumerate(documents):
+        n = len(toks)
+        slot = n if slots is None else int(slots[d])
+        if n > slot or at + slot > length:
+            raise ValueError(f"document {d} of {n} tokens does not fit a slot of {slot} at {at} of {length}")
+        ids[at : at + n] = toks
+        labels[at : at + n - 1] = toks[1:]
+        loss[at : at + n - 1] = target[1:]
+        pos[at : at + slot] = np.arange(slot)
+        at += slot
+        cu.append(at)
+    if at < length:
+        pos[at:] = np.arange(length - at)
+        cu.append(length)
+    return PackedSample(ids, labels, loss, pos, np.asarray(cu, np.int32))
 
 
 # --- tokenisation cache ----------------------------------------------------------------------
@@ -263,30 +303,17 @@ class SFTDataset:
         return len(self.plan(0))
 
     def build(self, sample_ids: list[int]) -> PackedSample:
-        """Assemble one packed sequence from sample indices."""
+        """Assemble one packed sequence of ``seq_len`` tokens from sample indices."""
         L = self.cfg.seq_len
-        ids = np.zeros(L, np.int64)
-        labels = np.zeros(L, np.int64)
-        loss = np.zeros(L, np.float32)
-        pos = np.zeros(L, np.int64)
-        cu = [0]
-        at = 0
+        docs, slots, at = [], [], 0
         for i in sample_ids:
             c, j = self.refs[i]
             toks, mask = self.caches[c].sample(j)
-            n = min(len(toks), L - at)
-            toks, mask = toks[:n], mask[:n]
-            ids[at : at + n] = toks
-            labels[at : at + n - 1] = toks[1:]
-            loss[at : at + n - 1] = mask[1:]  # predicting an assistant token
-            slot = int(self.slots[i])  # n rounded up to the alignment; the padding stays in the document
-            pos[at : at + slot] = np.arange(slot)
-            at += slot
-            cu.append(at)
-        if at < L:  # padding is a document of its own, with no loss
-            pos[at:] = np.arange(L - at)
-            cu.append(L)
-        return PackedSample(ids, labels, loss, pos, np.asarray(cu, np.int32))
+            n = min(len(toks), L - at)  # overlong samples are truncated to the pack
+            docs.append((toks[:n], mask[:n]))
+            slots.append(min(int(self.slots[i]), L - at))  # rounded up to the alignment
+            at += slots[-1]
+        return assemble_pack(docs, L, slots)
 
     def iterate(self, start_epoch: int = 0, start_pack: int = 0) -> Iterator[tuple[int, int, PackedSample]]:
         """Yield ``(epoch, pack_index, sample)`` forever from a data position."""

@@ -56,15 +56,30 @@ def _check_finite(name: str, t: torch.Tensor, mask: torch.Tensor, nan_policy: st
         bad[name] = n
 
 
+def sequence_sums(values: torch.Tensor, seq_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sums of ``values`` ``[batch, len]`` per sequence: per row, or with ``seq_ids`` (same
+    shape, int64 >= 0) per sequence id, so packed rows that hold several sequences aggregate
+    like one row per sequence. Returns ``[n_sequences]``; differentiable w.r.t. ``values``."""
+    if seq_ids is None:
+        return values.sum(-1)
+    n = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
+    return values.new_zeros(n).index_add(0, seq_ids.reshape(-1), values.reshape(-1))
+
+
 def _aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, agg: str, num_tokens: Optional[float], num_seqs: Optional[float]
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str,
+    num_tokens: Optional[float],
+    num_seqs: Optional[float],
+    seq_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     masked = torch.where(mask > 0, per_token, torch.zeros((), dtype=per_token.dtype))
     if agg == "token-mean":
         denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype)
         return masked.sum() / denom.clamp_min(1)
-    seq_tokens = mask.sum(-1)
-    per_seq = masked.sum(-1)
+    seq_tokens = sequence_sums(mask, seq_ids)
+    per_seq = sequence_sums(masked, seq_ids)
     if agg == "seq-mean-token-mean":
         per_seq = per_seq / seq_tokens.clamp_min(1)
     has_tokens = (seq_tokens > 0).to(per_token.dtype)
@@ -116,6 +131,7 @@ def policy_loss(
     num_tokens: Optional[float] = None,
     num_seqs: Optional[float] = None,
     nan_policy: str = "raise",
+    seq_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy-gradient loss over ``[batch, response_len]`` token log-probs.
 
@@ -130,6 +146,8 @@ def policy_loss(
             one response token in the mini-batch); default: this call's count.
         nan_policy: ``"raise"`` on non-finite inputs at response tokens, or ``"report"``
             (counted in ``metrics["nonfinite"]``, and the loss is NaN, never silently finite).
+        seq_ids: ``[batch, response_len]`` int64 sequence index of every token, for the
+            ``seq-mean-*`` modes when a row packs several sequences (default: one per row).
 
     Returns:
         ``(loss, metrics)``; metrics are Python floats over this call's response tokens:
@@ -154,6 +172,8 @@ def policy_loss(
     if advantages.shape not in (shape, (shape[0], 1)):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected {(shape[0], 1)} or {tuple(shape)}")
     _check_tensor("advantages", advantages, advantages.shape)
+    if seq_ids is not None and (not isinstance(seq_ids, torch.Tensor) or seq_ids.shape != shape):
+        raise ValueError(f"seq_ids must be a tensor of shape {tuple(shape)}")
     mask = mask.to(logprobs.dtype)
     bad: dict[str, int] = {}
     for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages.expand(shape))):
@@ -186,7 +206,7 @@ def policy_loss(
         ratio_term = torch.where(high, high_branch, torch.where(low, low_branch, torch.where(dual, dual_branch, delta)))
         per_token = -A * ratio_term
 
-    loss = _aggregate(per_token, mask, agg, num_tokens, num_seqs)
+    loss = _aggregate(per_token, mask, agg, num_tokens, num_seqs, seq_ids)
     if bad:
         loss = loss + float("nan")
     n = mask.sum().clamp_min(1)

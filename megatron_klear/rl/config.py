@@ -45,7 +45,12 @@ class RLDataConfig:
     # recomputation under the newer weights alone.
     surplus: str = "discard"
     min_code_tests: int = 16
-    micro_batch_size: int = 1  # sequences per micro-batch
+    # Token budget of one micro-batch: the mini-batch's sequences are packed (no padding
+    # between them) into micro-batches of at most this many tokens, balanced over DP ranks.
+    # Must hold the longest prompt + response. Unset: micro_batch_size sequences per
+    # micro-batch, right-padded to the mini-batch's longest sequence.
+    max_tokens_per_micro_batch: Optional[int] = None
+    micro_batch_size: int = 1  # sequences per micro-batch when max_tokens_per_micro_batch is unset
     seed: int = 1234
 
     def validate(self, where: str = "data") -> None:
@@ -58,6 +63,8 @@ class RLDataConfig:
             raise ConfigError(f"{where}.gen_batch_prompts must be >= 1, got {self.gen_batch_prompts}")
         if self.surplus not in SURPLUS:
             raise ConfigError(f"{where}.surplus must be one of {SURPLUS}, got {self.surplus!r}")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ConfigError(f"{where}.max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
         if self.prompts_per_step % self.mini_batch_prompts:
             raise ConfigError(
                 f"{where}.prompts_per_step={self.prompts_per_step} is not a multiple of "
@@ -230,6 +237,13 @@ class RLConfig(RunConfig):
             raise ConfigError(
                 "rollout.sglang.mode=colocated needs parallel.pp=1 (each GPU sends its own copy of the "
                 "weights); use rollout.sglang.mode=distributed with pipeline parallelism"
+            )
+        budget, r = self.data.max_tokens_per_micro_batch, self.rollout
+        longest = r.max_prompt_len + r.max_response_len
+        if budget is not None and budget < longest:
+            raise ConfigError(
+                f"data.max_tokens_per_micro_batch={budget} is smaller than the longest sequence, "
+                f"rollout.max_prompt_len + rollout.max_response_len = {longest}"
             )
 
     def sglang_config(self, **fields: Any) -> SGLangConfig:

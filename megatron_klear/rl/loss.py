@@ -5,6 +5,8 @@ Per micro-batch the loss returns ``(sum, count, report)`` with ``count`` = this 
 share of the aggregation's normaliser (response tokens for token-mean, sequences otherwise),
 so the final gradient is GPPO aggregated over the whole mini-batch plus
 ``alpha x`` the token-mean NLL of the correct responses (rescaled by the global counts).
+Every input is per token (``rl.batch``): a row may pack several sequences, told apart by
+``seq_ids``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from megatron_klear.ops.logprobs import model_output_logprobs
-from megatron_klear.ops.loss import policy_loss
+from megatron_klear.ops.loss import policy_loss, sequence_sums
 from megatron_klear.rl.batch import MiniBatch
 from megatron_klear.rl.config import AlgoConfig
 
@@ -39,7 +41,7 @@ def old_logprob_fn(vocab_size: int, temperature: float, impl: str):
         with torch.no_grad():
             logp, _ = model_output_logprobs(logits, mb["labels"], vocab_size, temperature=temperature, impl=impl)
         zero = logits.sum() * 0.0
-        return zero, mb["mask"].sum().to(torch.int), {"logp": logp.float().cpu()}
+        return zero, mb["loss_mask"].sum().to(torch.int), {"logp": logp.float().cpu()}
 
     return fn
 
@@ -47,12 +49,12 @@ def old_logprob_fn(vocab_size: int, temperature: float, impl: str):
 def ratio_baseline(algo: AlgoConfig, mb: dict, dtype: torch.dtype) -> torch.Tensor:
     """The old log-probs the ratio is taken against: the trainer's recomputation
     (``algo.old_logprobs=trainer``) or the engine's (``engine``). Rows of kept surplus groups
-    (``stale``, ``data.surplus=keep``) were sampled by the policy before the previous step's
+    (``stale``, per token, ``data.surplus=keep``) were sampled by the policy before the previous step's
     updates: they take the engine's log-probs of that policy, unless ``algo.tis_cap`` is set,
     whose truncated IS weight (trainer / engine) corrects them instead."""
     old = mb["engine_lp"] if algo.old_logprobs == "engine" else mb["old_lp"]
     if algo.tis_cap is None:
-        old = torch.where(mb["stale"][:, None] > 0, mb["engine_lp"], old)
+        old = torch.where(mb["stale"] > 0, mb["engine_lp"], old)
     return old.to(dtype)
 
 
@@ -65,9 +67,9 @@ def rl_loss_fn(vocab_size: int, algo: AlgoConfig, mini: MiniBatch, temperature: 
         logp, ent = model_output_logprobs(
             logits, mb["labels"], vocab_size, temperature=temperature, with_entropy=True, impl=impl
         )
-        mask = mb["mask"].to(logp.dtype)
+        mask = mb["loss_mask"].to(logp.dtype)
         old = ratio_baseline(algo, mb, logp.dtype)
-        adv = mb["adv"].to(logp.dtype)[:, None].expand_as(logp)
+        adv = mb["adv"].to(logp.dtype)
         if algo.tis_cap is not None:  # truncated IS: the engine sampled, the trainer is the target
             w = torch.exp(mb["old_lp"].to(logp.dtype) - mb["engine_lp"].to(logp.dtype)).clamp(max=algo.tis_cap)
             adv = adv * w.detach()
@@ -86,11 +88,12 @@ def rl_loss_fn(vocab_size: int, algo: AlgoConfig, mini: MiniBatch, temperature: 
             num_tokens=1.0,  # sums: Megatron divides by the global count
             num_seqs=1.0,
             nan_policy="report",
+            seq_ids=mb["seq_ids"],
         )
         ntok = mask.sum()
-        nseq = (mask.sum(-1) > 0).sum()
+        nseq = (sequence_sums(mask, mb["seq_ids"]) > 0).sum()
         total = pg
-        correct_mask = mask * mb["correct"].to(logp.dtype)[:, None]
+        correct_mask = mask * mb["correct"].to(logp.dtype)
         nll = -(logp * correct_mask).sum()
         if algo.sft_alpha > 0 and mini.correct_tokens > 0:
             total = total + algo.sft_alpha * nll * (norm / mini.correct_tokens)

@@ -34,7 +34,7 @@ from megatron_klear.inference.hf import HFEngine
 from megatron_klear.inference.sglang import SGLangEngine
 from megatron_klear.models.config import Qwen3Config, validate_parallel
 from megatron_klear.rewards.code import CodeRewardConfig, check_sandbox
-from megatron_klear.rl.batch import minibatches
+from megatron_klear.rl.batch import PAD_TO, layout_metrics, minibatches
 from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.evaluate import evaluate
 from megatron_klear.rl.rollout import Collector, Group, PromptStream, groups_from_json, groups_to_json
@@ -203,9 +203,15 @@ class RLRun:
             f"RL: {len(train_prompts)} train prompts {curation}, {len(self.eval_prompts)} eval prompts | "
             f"{cfg.data.prompts_per_step} prompts x {r.n_samples} samples per step, mini-batches of "
             f"{cfg.data.mini_batch_prompts} | dp={self.dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp} | "
-            f"algo={a.loss} alpha={a.sft_alpha} | engine={r.engine}",
+            f"algo={a.loss} alpha={a.sft_alpha} | engine={r.engine} | micro-batches: {self._layout_name()}",
             flush=True,
         )
+
+    def _layout_name(self) -> str:
+        d = self.cfg.data
+        if d.max_tokens_per_micro_batch is None:
+            return f"{d.micro_batch_size} padded sequences"
+        return f"packed, at most {d.max_tokens_per_micro_batch} tokens"
 
     def start(self) -> None:
         """The first weight sync (the engine then holds the trainer's weights) and the step-0 eval."""
@@ -253,11 +259,22 @@ class RLRun:
 
     def update(self, groups: list[Group], rollout_metrics: dict) -> dict:
         """Old log-probs and the mini-batch updates on this step's groups."""
-        d = self.cfg.data
-        minis = minibatches(groups, d.mini_batch_prompts, self.dp, self.dp_rank, d.micro_batch_size)
+        d, par = self.cfg.data, self.cfg.parallel
+        minis = minibatches(
+            groups,
+            d.mini_batch_prompts,
+            self.dp,
+            self.dp_rank,
+            d.micro_batch_size,
+            max_tokens=d.max_tokens_per_micro_batch,
+            pad_to=PAD_TO * (par.tp if par.sequence_parallel else 1),  # sequence parallel splits rows over TP
+            max_seq_len=self.hf_cfg.max_position_embeddings,
+            use_te=self.train_state.use_te,
+        )
         metrics = update_policy(
             self.train_state, minis, self.cfg, self.hf_cfg.vocab_size, self.out, self.step + 1, rollout_metrics
         )
+        metrics.update(layout_metrics(minis))
         if not minis and self.rank0:
             print(f"step {self.step + 1}: every group was filtered; no update this step", flush=True)
         return metrics

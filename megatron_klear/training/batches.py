@@ -1,19 +1,34 @@
 """Packed sequences -> the tensors Megatron's forward takes.
 
-Document boundaries are enforced in attention either by a block-diagonal causal mask (the
-torch-native layers: CPU and GPUs without Transformer Engine) or by ``PackedSeqParams``
-with ``cu_seqlens`` (Transformer Engine's THD attention, micro-batch size 1). Under context
-parallel each rank takes its load-balanced share of every document (``context_parallel_index``).
+A micro-batch holds token-aligned tensors (ids, labels, loss mask, position ids and any extra
+per-token fields) plus, for packed rows, each row's document boundaries ``cu_seqlens``. The
+attention inputs are built only when the micro-batch runs (``attention_inputs``), on the
+device, so no ``[L, L]`` mask is held per micro-batch in advance:
+
+* Transformer Engine: packed rows go through THD attention with ``PackedSeqParams`` (one row
+  per micro-batch; RoPE restarts at every document); plain rows pass no mask at all (TE's
+  causal attention does not read one).
+* torch-native layers (CPU, GPUs without TE): a block-diagonal causal mask per packed
+  micro-batch, or for plain rows one causal mask per sequence length, shared by every
+  micro-batch of that length. These layers rotate by the absolute offset in the row, which
+  within a document differs from a restarted position by a constant shift: RoPE attention
+  depends only on the relative offset, so the result is the same up to float rounding.
+
+Under context parallel each rank takes its load-balanced share of every document
+(``context_parallel_index``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from megatron_klear.data.sft import PackedSample
+from megatron_klear.models.forward import causal_mask
+
+ROW_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")
 
 
 def document_ids(cu_seqlens: np.ndarray, length: int) -> np.ndarray:
@@ -24,26 +39,49 @@ def document_ids(cu_seqlens: np.ndarray, length: int) -> np.ndarray:
     return ids
 
 
-def packed_attention_mask(cu_seqlens: np.ndarray, length: int) -> torch.Tensor:
-    """``[1, 1, L, L]`` bool mask, True where attention is NOT allowed (Megatron's convention):
-    causal, and never across a document boundary."""
-    doc = torch.from_numpy(document_ids(cu_seqlens, length))
+def packed_attention_mask(cu_seqlens: np.ndarray, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[1, 1, L, L]`` bool mask on ``device``, True where attention is NOT allowed (Megatron's
+    convention): causal, and never across a document boundary."""
+    cu = torch.as_tensor(np.asarray(cu_seqlens), dtype=torch.long, device=device)
+    doc = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), cu[1:] - cu[:-1])
+    if doc.numel() != length:
+        raise ValueError(f"cu_seqlens cover {doc.numel()} positions, the row has {length}")
     same = doc[:, None] == doc[None, :]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     return ~(same & causal)[None, None]
 
 
-def packed_seq_params(cu_seqlens: np.ndarray):
-    """Transformer Engine THD parameters for one packed sequence."""
+def packed_seq_params(cu_seqlens: np.ndarray, device: Optional[torch.device | str] = None):
+    """Transformer Engine THD parameters for one packed sequence (``cu_seqlens`` on ``device``,
+    default: the GPU when there is one)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = torch.as_tensor(cu_seqlens, dtype=torch.int32)
-    if torch.cuda.is_available():
-        cu = cu.cuda()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cu = torch.as_tensor(np.asarray(cu_seqlens), dtype=torch.int32).to(device)
     max_len = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
     )
+
+
+def attention_inputs(mb: dict, use_te: bool, device: torch.device | str, causal_masks: dict) -> dict:
+    """The attention keyword arguments of the model's forward for micro-batch ``mb``, built now
+    on ``device``: ``attention_mask`` and, for packed rows under Transformer Engine,
+    ``packed_seq_params``. ``causal_masks`` caches the plain causal masks by length (at most
+    one per shape); the caller decides how long it lives."""
+    cu = mb.get("cu_seqlens")
+    if use_te:
+        if cu is None:
+            return {"attention_mask": None}
+        return {"attention_mask": None, "packed_seq_params": packed_seq_params(cu[0], device)}
+    length = mb["input_ids"].shape[1]
+    if cu is None:
+        key = (length, str(device))
+        if key not in causal_masks:
+            causal_masks[key] = causal_mask(length, device)
+        return {"attention_mask": causal_masks[key]}
+    return {"attention_mask": torch.cat([packed_attention_mask(c, length, device) for c in cu])}
 
 
 def context_parallel_index(cu_seqlens: np.ndarray, cp_size: int, cp_rank: int) -> np.ndarray:
@@ -65,25 +103,29 @@ def context_parallel_index(cu_seqlens: np.ndarray, cp_size: int, cp_rank: int) -
 
 
 def micro_batch(samples: Sequence[PackedSample], use_te: bool = False, cp_size: int = 1, cp_rank: int = 0) -> dict:
-    """Stack packed samples into one micro-batch (this rank's share of it under context parallel)."""
-    batch = {
-        "input_ids": torch.from_numpy(np.stack([s.input_ids for s in samples])),
-        "labels": torch.from_numpy(np.stack([s.labels for s in samples])),
-        "loss_mask": torch.from_numpy(np.stack([s.loss_mask for s in samples])),
-        "position_ids": torch.from_numpy(np.stack([s.position_ids for s in samples])),
-    }
-    L = batch["input_ids"].shape[1]
-    if use_te:
-        if len(samples) != 1:
-            raise ValueError("packed sequences with Transformer Engine need micro_batch_size=1")
-        batch["packed_seq_params"] = packed_seq_params(samples[0].cu_seqlens)  # global boundaries, also under CP
-        batch["attention_mask"] = None
-        if cp_size > 1:
-            index = torch.from_numpy(context_parallel_index(samples[0].cu_seqlens, cp_size, cp_rank))
-            for k in ("input_ids", "labels", "loss_mask", "position_ids"):
-                batch[k] = batch[k][:, index]
-    elif cp_size > 1:
-        raise ValueError("context parallel needs Transformer Engine's THD attention (use_te)")
-    else:
-        batch["attention_mask"] = torch.cat([packed_attention_mask(s.cu_seqlens, L) for s in samples])
+    """Stack rows into one micro-batch (this rank's share of it under context parallel).
+
+    Every row's token-aligned arrays (``extra`` included) are stacked; packed rows keep their
+    global ``cu_seqlens`` (a list, one per row) for ``attention_inputs``.
+    """
+    packed = samples[0].cu_seqlens is not None
+    if any((s.cu_seqlens is not None) != packed for s in samples):
+        raise ValueError("a micro-batch mixes packed rows and plain rows")
+    keys = ROW_KEYS + tuple(samples[0].extra)
+    batch = {k: torch.from_numpy(np.stack([_field(s, k) for s in samples])) for k in keys}
+    batch["cu_seqlens"] = [s.cu_seqlens for s in samples] if packed else None
+    if use_te and packed and len(samples) != 1:
+        raise ValueError("packed sequences with Transformer Engine need micro_batch_size=1")
+    if cp_size > 1:
+        if not use_te:
+            raise ValueError("context parallel needs Transformer Engine's THD attention (use_te)")
+        if not packed or len(samples) != 1:
+            raise ValueError("context parallel needs one packed row per micro-batch")
+        index = torch.from_numpy(context_parallel_index(samples[0].cu_seqlens, cp_size, cp_rank))
+        for k in keys:
+            batch[k] = batch[k][:, index]
     return batch
+
+
+def _field(sample: PackedSample, key: str) -> np.ndarray:
+    return getattr(sample, key) if key in ROW_KEYS else sample.extra[key]

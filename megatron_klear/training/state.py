@@ -12,7 +12,7 @@ import torch
 
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import Qwen3Config
-from megatron_klear.models.qwen3 import ModelOptions, build_model
+from megatron_klear.models.qwen3 import ModelOptions, build_model, uses_transformer_engine
 
 
 @dataclass
@@ -61,6 +61,7 @@ class TrainState:
     optimizer: Any
     scheduler: Any
     hf_config: Qwen3Config
+    use_te: bool = False  # Transformer Engine layers: THD attention for packed rows, no masks
 
     @property
     def module(self):
@@ -131,4 +132,4 @@ def build_train_state(
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
     )
-    return TrainState(model, optimizer, scheduler, hf_cfg)
+    return TrainState(model, optimizer, scheduler, hf_cfg, use_te=uses_transformer_engine(opts))

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_klear.distributed import comm_device
+from megatron_klear.training.batches import attention_inputs
 from megatron_klear.training.state import TrainState
 
 # A micro-batch loss: (logits of this micro-batch [b, s, V/TP], the micro-batch) ->
@@ -24,21 +25,27 @@ LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 def forward_backward(
     train_state: TrainState, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool = False
 ) -> list[dict]:
-    """Run Megatron's pipeline schedule over ``micro_batches``; returns the loss dicts.
+    """Collective: run Megatron's pipeline schedule over ``micro_batches``; returns the loss dicts.
 
-    Each micro-batch holds ``input_ids``, ``position_ids`` and ``attention_mask`` tensors
-    (plus whatever ``loss_fn`` needs); all micro-batches have the same shape.
+    Each micro-batch holds ``input_ids`` and ``position_ids`` ``[b, s]`` (plus ``cu_seqlens``
+    for packed rows, see ``training.batches``, and whatever ``loss_fn`` needs). Attention
+    masks are built as each micro-batch runs. Shapes may differ between micro-batches: at
+    PP > 1 the stages then exchange each activation's shape first (``variable_seq_lengths``).
+    Every rank of a pipeline must pass micro-batches of the same shapes in the same order.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    b, s = micro_batches[0]["input_ids"].shape  # s: this context-parallel rank's share
+    shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
+    b, s = max(shapes, key=lambda shape: shape[0] * shape[1])  # s: this context-parallel rank's share
     dev = next(train_state.model.parameters()).device
+    train_state.module.config.variable_seq_lengths = len(shapes) > 1
+    causal_masks: dict = {}  # one plain causal mask per length, for this call only
 
     def step(data_iter, model):
         mb = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in next(data_iter).items()}
-        extra = {"packed_seq_params": mb["packed_seq_params"]} if mb.get("packed_seq_params") is not None else {}
-        logits = model(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), **extra)
+        attn = attention_inputs(mb, train_state.use_te, dev, causal_masks)
+        logits = model(mb["input_ids"], mb["position_ids"], **attn)
 
         def loss(output):
             total, count, report = loss_fn(output, mb)

@@ -1,8 +1,9 @@
-"""RL pieces without a training job: group advantages, mini-batch layout and normalisers,
-config errors that name the field."""
+"""RL pieces without a training job: group advantages, mini-batch layouts (padded and packed)
+and normalisers, config errors that name the field."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,7 +51,7 @@ def test_stale_rows_take_the_engine_logprobs_as_old_unless_tis():
     mb = {
         "old_lp": torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]),
         "engine_lp": torch.tensor([[-1.5, -2.5], [-3.5, -4.5]]),
-        "stale": torch.tensor([0.0, 1.0]),
+        "stale": torch.tensor([[0.0, 0.0], [1.0, 1.0]]),  # per token: the second sequence is stale
     }
     trainer = AlgoConfig()
     old = ratio_baseline(trainer, mb, torch.float64)
@@ -69,17 +70,102 @@ def test_minibatches_normalisers_masks_and_dp_split():
         [mb] = minis[r]
         assert (mb.num_tokens, mb.num_seqs, mb.correct_tokens) == (13, 4, 5)
     rows = [m for r in range(2) for m in minis[r][0].micro]
-    assert len(rows) == 4 and sum(int(m["mask"].sum()) for m in rows) == 13  # every response token once
+    assert len(rows) == 4 and sum(int(m["loss_mask"].sum()) for m in rows) == 13  # every response token once
     first = rows[0]  # prompt 1 2 3, response 50..53: positions 2..5 predict the response tokens
-    assert first["mask"][0].nonzero().flatten().tolist() == [2, 3, 4, 5]
+    assert first["loss_mask"][0].nonzero().flatten().tolist() == [2, 3, 4, 5]
+    assert first["cu_seqlens"] is None  # a plain row: causal attention, no mask built here
     assert first["labels"][0, 2:6].tolist() == [50, 51, 52, 53]
     assert torch.allclose(first["engine_lp"][0, 2:6], torch.tensor([-0.1, -0.2, -0.3, -0.4]))
     # a mini-batch of 3 sequences at dp=2 gains one empty sequence, not a loss token
     odd = minibatches([groups[0] + [_sample(2, 2, 0.0, False)]], 1, dp=2, dp_rank=1, mbs=1)[0]
-    assert odd.num_seqs == 3 and sum(int(m["mask"].sum()) for m in odd.micro) == 2
+    assert odd.num_seqs == 3 and sum(int(m["loss_mask"].sum()) for m in odd.micro) == 2
+
+
+def test_packed_layout_balances_ranks_and_keeps_every_field_with_its_tokens():
+    g = torch.Generator().manual_seed(3)
+    lengths = [
+        (int(torch.randint(2, 9, (), generator=g)), int(torch.randint(1, 40, (), generator=g))) for _ in range(14)
+    ]
+    groups = [[_sample(p, r, 0.1 * k - 0.5, k % 3 == 0) for k, (p, r) in enumerate(lengths[i : i + 7])] for i in (0, 7)]
+    seqs = [s for grp in groups for s in grp]
+    budget, dp = 64, 2
+    minis = [minibatches(groups, 2, dp=dp, dp_rank=r, max_tokens=budget)[0] for r in range(dp)]
+    padded = minibatches(groups, 2, dp=dp, dp_rank=0, mbs=2)[0]
+
+    def normalisers(m):
+        return m.num_tokens, m.num_seqs, m.correct_tokens
+
+    # the normalisers come from the whole mini-batch, not from the layout
+    assert normalisers(minis[0]) == normalisers(minis[1]) == normalisers(padded)
+    assert len(minis[0].micro) == len(minis[1].micro) == minis[0].layout.micro_batches  # Megatron's schedule
+    placed = sorted(i for m in minis for i in m.placement)
+    assert placed == list(range(len(seqs)))  # every sequence on exactly one rank
+    rank_tokens = minis[0].layout.rank_tokens
+    assert sum(rank_tokens) == sum(p + r for p, r in lengths)
+    assert max(rank_tokens) - min(rank_tokens) <= max(p + r for p, r in lengths)  # longest-first balance
+    fill = sum(rank_tokens) / sum(mb["input_ids"].numel() for m in minis for mb in m.micro)
+    assert minis[0].layout.fill == pytest.approx(fill) and fill > 0.85
+    for m in minis:
+        used = [0] * len(m.micro)
+        for i, (k, _, _) in m.placement.items():
+            used[k] += len(seqs[i].prompt_ids) + len(seqs[i].response_ids)
+        assert max(used) <= budget  # sequence tokens within the budget
+        for mb, n in zip(m.micro, used):
+            assert mb["input_ids"].shape[0] == 1 and mb["input_ids"].shape[1] == -(-n // 8) * 8
+        for i, (k, row, a) in m.placement.items():
+            s, mb = seqs[i], m.micro[k]
+            p, r = len(s.prompt_ids), len(s.response_ids)
+            n = p + r
+            assert mb["input_ids"][row, a : a + n].tolist() == s.prompt_ids + s.response_ids
+            assert mb["position_ids"][row, a : a + n].tolist() == list(range(n))  # restart per sequence
+            assert int(a) in mb["cu_seqlens"][row].tolist() and int(a + n) in mb["cu_seqlens"][row].tolist()
+            assert mb["labels"][row, a + p - 1 : a + n - 1].tolist() == s.response_ids
+            assert int(mb["labels"][row, a + n - 1]) == 0  # the last token predicts nothing across the boundary
+            loss = mb["loss_mask"][row, a : a + n]
+            assert loss.nonzero().flatten().tolist() == list(range(p - 1, n - 1))
+            assert torch.allclose(mb["engine_lp"][row, a + p - 1 : a + n - 1], torch.tensor(s.engine_logprobs))
+            assert torch.all(mb["adv"][row, a : a + n] == torch.tensor(s.advantage, dtype=torch.float32))
+            assert torch.all(mb["correct"][row, a : a + n] == float(s.correct))
+            ids = mb["seq_ids"][row, a : a + n]
+            assert torch.all(ids == ids[0]) and int((mb["seq_ids"] == ids[0]).sum()) == n  # its own sequence id
+
+
+def test_budget_edges_long_sequences_empty_micro_batches_and_the_context():
+    # Two 30-token sequences (longer than the budget of 16: a micro-batch each) and a 6-token one.
+    # Rank 0 holds a long one and the short one in two micro-batches; rank 1 holds the other long
+    # one and so gets an empty micro-batch as its second, to run the same schedule.
+    groups = [[_sample(5, 25, 1.0, True), _sample(10, 20, -1.0, False), _sample(2, 4, 0.0, False)]]
+    minis = [minibatches(groups, 1, dp=2, dp_rank=r, max_tokens=16)[0] for r in range(2)]
+    assert [len(m.micro) for m in minis] == [2, 2]
+    assert minis[0].placement == {0: (0, 0, 0), 2: (1, 0, 0)} and minis[1].placement == {1: (0, 0, 0)}
+    assert [mb["input_ids"].shape[1] for m in minis for mb in m.micro] == [32, 8, 32, 8]
+    empty = minis[1].micro[1]
+    assert not empty["loss_mask"].any() and empty["cu_seqlens"][0].tolist() == [0, 8]
+    with pytest.raises(ConfigError, match="30 tokens .* exceeds the model's context max_position_embeddings=24"):
+        minibatches(groups, 1, dp=1, dp_rank=0, max_tokens=64, max_seq_len=24)
+
+
+def test_block_diagonal_mask_never_crosses_a_document():
+    from megatron_klear.training.batches import attention_inputs
+
+    cu = np.array([0, 3, 5, 8], np.int32)
+    mb = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "cu_seqlens": [cu]}
+    blocked = attention_inputs(mb, use_te=False, device="cpu", causal_masks={})["attention_mask"][0, 0]
+    doc = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(8, 8, dtype=torch.bool).tril()
+    assert torch.equal(~blocked, allowed)
+    plain, cache = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "cu_seqlens": None}, {}
+    first = attention_inputs(plain, use_te=False, device="cpu", causal_masks=cache)["attention_mask"]
+    assert attention_inputs(plain, use_te=False, device="cpu", causal_masks=cache)["attention_mask"] is first
+    assert len(cache) == 1 and first.shape == (1, 1, 8, 8)  # one mask per length, shared
+    assert attention_inputs(plain, use_te=True, device="cpu", causal_masks={}) == {"attention_mask": None}
 
 
 def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="data.max_tokens_per_micro_batch=100 is smaller than the longest sequence"):
+        load_config(RLConfig, ROOT / CONFIG, ["data.max_tokens_per_micro_batch=100"])
+    with pytest.raises(ConfigError, match="data.max_tokens_per_micro_batch must be >= 1"):
+        load_config(RLConfig, ROOT / CONFIG, ["data.max_tokens_per_micro_batch=0"])
     with pytest.raises(ConfigError, match="prompts_per_step=6 is not a multiple of data.mini_batch_prompts=4"):
         load_config(RLConfig, ROOT / CONFIG, ["data.prompts_per_step=6"])
     with pytest.raises(ConfigError, match="algo.loss"):
@@ -137,8 +223,10 @@ def test_surplus_groups_discarded_by_default_or_kept_as_stale(hf_models, surplus
     assert all(s.stale for g in rest for s in g)
     nxt, m2, _, _ = col.collect(2, pos, rest)
     assert nxt[:2] == rest and m2["rollout/groups_stale"] == 2  # trained first, marked stale
-    stale = minibatches(nxt, 2, dp=1, dp_rank=0, mbs=4)[0].micro[0]["stale"]
-    assert stale.tolist() == [1.0] * 4
+    mb = minibatches(nxt, 2, dp=1, dp_rank=0, mbs=4)[0].micro[0]
+    response = mb["loss_mask"] > 0  # four rows of one sequence each; staleness travels per token
+    assert mb["stale"].shape == (4, mb["input_ids"].shape[1]) and response.sum(-1).min() > 0
+    assert mb["stale"][response].eq(1.0).all()
 
 
 def _sample(p: int, r: int, adv: float, correct: bool, reward: float | None = None) -> Sample:

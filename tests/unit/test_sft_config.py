@@ -35,7 +35,7 @@ def test_context_parallel_shares_are_load_balanced_and_keep_the_targets(tmp_path
     import torch
 
     from megatron_klear.data.sft import PackedSample
-    from megatron_klear.training.batches import context_parallel_index, micro_batch
+    from megatron_klear.training.batches import attention_inputs, context_parallel_index, micro_batch
 
     cu = np.array([0, 8, 12, 16], np.int32)
     assert context_parallel_index(cu, 2, 0).tolist() == [0, 1, 6, 7, 8, 11, 12, 15]
@@ -67,7 +67,9 @@ def test_context_parallel_shares_are_load_balanced_and_keep_the_targets(tmp_path
         index = torch.from_numpy(context_parallel_index(cu, 2, rank))
         for k in ("input_ids", "labels", "loss_mask", "position_ids"):
             assert torch.equal(share[k], full[k][:, index])
-        assert share["packed_seq_params"].cu_seqlens_q.tolist() == cu.tolist()  # global boundaries
+        thd = attention_inputs(share, use_te=True, device="cpu", causal_masks={})  # built as the step runs
+        assert thd["attention_mask"] is None
+        assert thd["packed_seq_params"].cu_seqlens_q.tolist() == cu.tolist()  # global boundaries
         part, n, _ = loss(logits[:, index], share)
         parts, counts, seen = parts + part, counts + n, seen + index.tolist()
     assert sorted(seen) == list(range(L))
