@@ -13,6 +13,19 @@ Random weights of the named Qwen3 shape (no download).
 ``--mode rl`` runs that RL config for ``--steps`` steps (no evaluation, no export, a fresh
 output directory) and reports the time per phase (generate, reward wait, old log-probs,
 train, sync) and the generated tokens/s of each step, from the run's own metrics.
+
+    python tools/bench_throughput.py --mode rl-train [--shape tiny|small|0.6b] [--max-len 2048]
+        [--seqs 64] [--budgets 1,2] [--dp 1 --tp 1 --pp 1] [--repeats 2] [--json OUT.json]
+
+``--mode rl-train`` times the RL update of one mini-batch (old log-probs, then one optimizer
+step of the GPPO loss) on random weights, with long-CoT-like lengths: responses log-normal
+(median 1/6 of the longest, sigma 1), prompts uniform up to 1/9 of ``--max-len``, and 1 in 32
+sequences (at least one) at the cap of ``--max-len`` tokens. Layouts: padded (one sequence
+per micro-batch, right-padded to the longest, as ``micro_batch_size: 1`` does) and packed with
+token budgets of ``--budgets`` x ``--max-len``. Each layout runs in fresh processes; reported:
+sequence tokens/s, pack fill, micro-batches per rank, and peak memory (GPU: max allocated;
+CPU: the peak resident memory above the process's resident memory before the update, sampled
+every 2 ms; the most over the repeats).
 """
 
 from __future__ import annotations
@@ -70,9 +83,164 @@ def bench_rl(a) -> int:
     return 0
 
 
+def rl_train_lengths(n: int, max_len: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt, response) lengths of a long-CoT-like mini-batch (see the module docstring)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    max_prompt = max_len // 9  # 4K prompts + 32K responses in the paper's runs
+    max_response = max_len - max_prompt
+    responses = np.clip(np.round(rng.lognormal(np.log(max_response / 6), 1.0, n)), 1, max_response)
+    prompts = rng.integers(max(1, max_prompt // 8), max_prompt + 1, n)
+    capped = rng.choice(n, max(1, n // 32), replace=False)  # a few hit the length cap, prompt included
+    responses[capped], prompts[capped] = max_response, max_prompt
+    return [(int(p), int(r)) for p, r in zip(prompts, responses)]
+
+
+def rl_train_groups(lengths: list[tuple[int, int]], vocab: int, seed: int = 0) -> list:
+    """Groups of 8 samples with random tokens and engine log-probs, advantages +-1."""
+    import numpy as np
+
+    from megatron_klear.rl.rollout import Sample
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for k, (p, r) in enumerate(lengths):
+        ids = rng.integers(0, vocab, p + r).tolist()
+        eng = (-rng.random(r) * 3).tolist()
+        correct = bool(k % 2)
+        adv = 1.0 if correct else -1.0
+        samples.append(Sample(f"u{k // 8}", ids[:p], ids[p:], eng, "stop", float(correct), correct, "", adv))
+    return [samples[i : i + 8] for i in range(0, len(samples), 8)]
+
+
+class PeakRSS:
+    """The peak resident memory of this process above its level at start, sampled in a thread."""
+
+    def __init__(self, every_s: float = 0.002):
+        import os
+        import threading
+
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self) -> float:
+        """Stop sampling; returns the peak above the start in GB."""
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        return (self.peak - self.base) / 1e9
+
+
+def rl_train_child(a: dict, layout: dict, out: str) -> None:
+    """One layout in fresh processes: build the model, time ``a['repeats']`` RL updates of the
+    mini-batch, and write the row (rank 0)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_klear.rl.batch import minibatches
+    from megatron_klear.rl.update import update_policy
+
+    init_distributed(ParallelConfig(a["tp"], a["pp"]))
+    try:
+        gpu = torch.cuda.is_available()
+        dtype = a["dtype"] or ("bfloat16" if gpu else "float32")
+        hf = Qwen3Config.from_dict(qwen3_config_dict(a["shape"], dtype, max(40960, a["max_len"])))
+        use_te = have_transformer_engine()
+        optim = OptimConfig(lr=1e-6, min_lr=1e-6, decay_style="constant")
+        state = build_train_state(hf, ModelOptions(use_te=use_te), optim, a["repeats"])
+        groups = rl_train_groups(rl_train_lengths(a["seqs"], a["max_len"]), hf.vocab_size)
+        cfg = RLConfig(output_dir=a["out_dir"])  # the default algorithm: GPPO, token-mean, alpha 0.1
+        cfg.model.logprob_impl = a["logprob_impl"]
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
+        times, peaks = [], []
+        for _ in range(a["repeats"]):
+            [mini] = minibatches(groups, len(groups), dp, dp_rank, 1, max_seq_len=hf.max_position_embeddings,
+                                 use_te=use_te, max_tokens=layout["budget"])  # fmt: skip
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            rss = PeakRSS()
+            m = update_policy(state, [mini], cfg, hf.vocab_size, Path(a["out_dir"]), 1, {})
+            sync()
+            cpu_peak = rss.stop()
+            peaks.append(torch.cuda.max_memory_allocated() / 1e9 if gpu else cpu_peak)
+            times.append((m["time/old_logprobs_s"], m["time/train_s"]))
+        old_s, train_s = (statistics.median(t[i] for t in (times[1:] or times)) for i in (0, 1))
+        tokens = sum(mini.layout.rank_tokens)
+        row = dict(
+            layout=layout["name"],
+            budget=layout["budget"],
+            micro_batches_per_rank=mini.layout.micro_batches,
+            fill=mini.layout.fill,
+            rank_tokens_max=max(mini.layout.rank_tokens),
+            tokens=tokens,
+            old_logprobs_s=old_s,
+            train_s=train_s,
+            tokens_per_s=tokens / (old_s + train_s),
+            peak_memory_gb=max(peaks),
+            memory="max allocated (GPU)" if gpu else "peak RSS above the start of the update (CPU)",
+            dtype=dtype,
+            device=torch.cuda.get_device_name() if gpu else "cpu",
+            transformer_engine=use_te,
+        )
+        if dist.get_rank() == 0:
+            Path(out).write_text(json.dumps(row))
+    finally:
+        destroy_distributed()
+
+
+def bench_rl_train(a) -> int:
+    """Padded vs packed RL updates of one long-tailed mini-batch; prints a table, writes JSON."""
+    import tempfile
+
+    from megatron_klear.distributed import spawn
+
+    lengths = rl_train_lengths(a.seqs, a.max_len)
+    layouts = [dict(name="padded, 1 sequence per micro-batch", budget=None)]
+    layouts += [dict(name=f"packed, {b} x max-len", budget=int(float(b) * a.max_len)) for b in a.budgets.split(",")]
+    args = dict(vars(a), out_dir=tempfile.mkdtemp(prefix="bench_rl_train_"))
+    rows = []
+    for layout in layouts:
+        out = Path(args["out_dir"]) / "row.json"
+        spawn(rl_train_child, a.dp * a.tp * a.pp, args, layout, str(out))
+        rows.append(json.loads(out.read_text()))
+    total = sum(p + r for p, r in lengths)
+    print(
+        f"RL update of one mini-batch: {a.shape}, {a.seqs} sequences, {total} tokens (longest allowed {a.max_len}, "
+        f"median {statistics.median(p + r for p, r in lengths):.0f}, {sum(p + r == a.max_len for p, r in lengths)} "
+        f"at the cap), dp={a.dp} tp={a.tp} pp={a.pp}, {rows[0]['device']}, {rows[0]['dtype']}"
+    )
+    print("| layout | micro-batches/rank | fill | old log-probs s | train s | tokens/s | vs padded | peak memory GB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['layout']} | {r['micro_batches_per_rank']} | {r['fill']:.3f} | {r['old_logprobs_s']:.2f} | "
+            f"{r['train_s']:.2f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x | "
+            f"{r['peak_memory_gb']:.2f} |"
+        )
+    result = dict(mode="rl-train", shape=a.shape, max_len=a.max_len, seqs=a.seqs, dp=a.dp, tp=a.tp, pp=a.pp,
+                  repeats=a.repeats, lengths=lengths, rows=rows)  # fmt: skip
+    Path(a.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["sft", "rl"], default="sft")
+    p.add_argument("--mode", choices=["sft", "rl", "rl-train"], default="sft")
     p.add_argument("--shape", choices=sorted(QWEN3_SHAPES), default="tiny")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batches", type=int, default=2)
@@ -85,9 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench_throughput.json")
     p.add_argument("--config", default="examples/tiny/rl_math.yaml", help="--mode rl: the RL config")
     p.add_argument("overrides", nargs="*", help="--mode rl: config overrides key=value")
+    p.add_argument("--max-len", type=int, default=2048, help="--mode rl-train: longest prompt + response")
+    p.add_argument("--seqs", type=int, default=64, help="--mode rl-train: sequences in the mini-batch")
+    p.add_argument("--budgets", default="1,2", help="--mode rl-train: token budgets, multiples of --max-len")
+    p.add_argument("--dp", type=int, default=1, help="--mode rl-train: data-parallel ranks")
+    p.add_argument("--repeats", type=int, default=2, help="--mode rl-train: updates per layout (first is warm-up)")
     a = p.parse_args(argv)
     if a.mode == "rl":
         return bench_rl(a)
+    if a.mode == "rl-train":
+        return bench_rl_train(a)
 
     import numpy as np
     import torch

@@ -27,6 +27,17 @@ QWEN3_SHAPES: dict[str, dict] = {
         vocab_size=512,
         tie_word_embeddings=False,
     ),
+    # the real vocabulary on a small body: what a CPU can train at a few thousand tokens
+    "small": dict(
+        _QWEN3_0_6B,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=False,
+    ),
     "0.6b": _QWEN3_0_6B,
     "1.7b": dict(_QWEN3_0_6B, hidden_size=2048, intermediate_size=6144),
     "8b": dict(

@@ -253,10 +253,8 @@ def _padded_row(sample: Optional[Sample], length: int, row: int) -> PackedSample
 def layout_metrics(minis: Sequence[MiniBatch]) -> dict[str, float]:
     """A step's ``pack/*`` metrics: the fill (sequence tokens / positions, over all mini-batches
     and ranks), and per mini-batch (averaged over the step's mini-batches) the micro-batches per
-    rank and the most and the mean sequence tokens a DP rank holds."""
-    if not minis:
-        return {}
-    n = len(minis)
+    rank and the most and the mean sequence tokens a DP rank holds (all 0 without an update)."""
+    n = max(len(minis), 1)
     stats = [m.layout for m in minis]
     return {
         "pack/fill": sum(sum(s.rank_tokens) for s in stats) / max(sum(s.positions for s in stats), 1),

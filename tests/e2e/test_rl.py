@@ -1,5 +1,6 @@
 """The GPPO RL loop on CPU with gloo and the HF engine: the numbers that flow between phases,
-dynamic sampling when everything is filtered, TP2 x PP2, exact resume after a kill mid-step."""
+dynamic sampling when everything is filtered, TP2 x PP2, exact resume after a kill mid-step.
+The tiny config packs micro-batches into a token budget; the TP=1 run uses the padded fallback."""
 
 from __future__ import annotations
 
@@ -83,6 +84,10 @@ METRIC_NAMES = (
     "time/train_s",
     "time/sync_s",
     "perf/tokens_per_s",
+    "pack/fill",
+    "pack/micro_batches_per_rank",
+    "pack/rank_tokens_max",
+    "pack/rank_tokens_mean",
 )
 
 
@@ -112,15 +117,20 @@ def check_step(out: Path, step: int = 1, max_diff: float = 1e-4) -> None:
 
 def test_one_step_tp1(sft_model, tmp_path):
     out = tmp_path / "rl"
-    torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, out))
+    padded = ["data.max_tokens_per_micro_batch=null"]  # micro_batch_size=2 padded sequences per micro-batch
+    torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, out) + padded)
     check_step(out)
     assert (out / "checkpoints" / "iter_0000001").is_dir()
+    assert metrics(out)[1]["pack/fill"] < 1.0  # right padding
 
 
 def test_one_step_tp2_pp2(sft_model, tmp_path):
     out = tmp_path / "rl22"
-    torchrun("megatron_klear.rl", CONFIG, 4, rl_overrides(sft_model, out) + ["parallel.tp=2", "parallel.pp=2"])
+    small = ["data.max_tokens_per_micro_batch=200"]  # several packs per mini-batch cross the pipeline
+    torchrun("megatron_klear.rl", CONFIG, 4, rl_overrides(sft_model, out) + ["parallel.tp=2", "parallel.pp=2"] + small)
     check_step(out)
+    m = metrics(out)[1]
+    assert m["pack/micro_batches_per_rank"] > 1 and m["pack/fill"] > 0.9
 
 
 def test_every_group_filtered_still_runs(sft_model, tmp_path):
