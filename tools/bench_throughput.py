@@ -40,13 +40,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_klear.config import load_config
 from megatron_klear.data.sft import PackedSample
-from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed, is_main
+from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed, is_main, spawn
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.models.hf_mapping import num_params
 from megatron_klear.models.qwen3 import ModelOptions, have_transformer_engine
 from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict
+from megatron_klear.rl.batch import minibatches
 from megatron_klear.rl.config import RLConfig
+from megatron_klear.rl.rollout import Sample
 from megatron_klear.rl.trainer import train
+from megatron_klear.rl.update import update_policy
 from megatron_klear.sft import nll_loss
 from megatron_klear.training.batches import micro_batch
 from megatron_klear.training.metrics import model_flops_per_token
@@ -101,8 +104,6 @@ def rl_train_groups(lengths: list[tuple[int, int]], vocab: int, seed: int = 0) -
     """Groups of 8 samples with random tokens and engine log-probs, advantages +-1."""
     import numpy as np
 
-    from megatron_klear.rl.rollout import Sample
-
     rng = np.random.default_rng(seed)
     samples = []
     for k, (p, r) in enumerate(lengths):
@@ -149,9 +150,6 @@ def rl_train_child(a: dict, layout: dict, out: str) -> None:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-
-    from megatron_klear.rl.batch import minibatches
-    from megatron_klear.rl.update import update_policy
 
     init_distributed(ParallelConfig(a["tp"], a["pp"]))
     try:
@@ -206,8 +204,6 @@ def rl_train_child(a: dict, layout: dict, out: str) -> None:
 def bench_rl_train(a) -> int:
     """Padded vs packed RL updates of one long-tailed mini-batch; prints a table, writes JSON."""
     import tempfile
-
-    from megatron_klear.distributed import spawn
 
     lengths = rl_train_lengths(a.seqs, a.max_len)
     layouts = [dict(name="padded, 1 sequence per micro-batch", budget=None)]

@@ -47,8 +47,11 @@ class RLDataConfig:
     min_code_tests: int = 16
     # Token budget of one micro-batch: the mini-batch's sequences are packed (no padding
     # between them) into micro-batches of at most this many tokens, balanced over DP ranks.
-    # Must hold the longest prompt + response. Unset: micro_batch_size sequences per
-    # micro-batch, right-padded to the mini-batch's longest sequence.
+    # Must hold the longest prompt + response. Transformer Engine's THD attention costs per
+    # sequence, so a budget of a few longest sequences only saves micro-batches; torch-native
+    # layers attend densely over the whole pack (cost ~ budget^2), so there a budget near the
+    # longest sequence is fastest. Unset: micro_batch_size sequences per micro-batch,
+    # right-padded to the mini-batch's longest sequence.
     max_tokens_per_micro_batch: Optional[int] = None
     micro_batch_size: int = 1  # sequences per micro-batch when max_tokens_per_micro_batch is unset
     seed: int = 1234

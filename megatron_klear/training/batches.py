@@ -58,8 +58,9 @@ def packed_seq_params(cu_seqlens: np.ndarray, device: Optional[torch.device | st
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cu = torch.as_tensor(np.asarray(cu_seqlens), dtype=torch.int32).to(device)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    bounds = np.asarray(cu_seqlens, np.int32)
+    max_len = int(np.diff(bounds).max())  # from the host copy: no device sync
+    cu = torch.from_numpy(bounds).to(device)
     return PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
     )
