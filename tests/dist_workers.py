@@ -152,3 +152,25 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         torch.save(result, f"{out}.{torch.distributed.get_rank()}")
     finally:
         destroy_distributed()
+
+
+def env_worker(timeout_minutes: int, out: str) -> None:
+    """Record what a spawned child sees: its CUDA_VISIBLE_DEVICES, GPU count, group timeouts."""
+    import os
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+
+    init_distributed(ParallelConfig(timeout_minutes=timeout_minutes))
+    try:
+        groups = {
+            "world": torch.distributed.group.WORLD,
+            "tp": ps.get_tensor_model_parallel_group(),
+            "dp": ps.get_data_parallel_group(),
+        }
+        timeouts = {k: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for k, g in groups.items()}
+        seen = dict(cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"), gpus=torch.cuda.device_count())
+        torch.save(dict(seen, timeouts=timeouts), out)
+    finally:
+        destroy_distributed()

@@ -51,6 +51,8 @@ def test_every_example_config_loads(path):
         ("reward.code.timeout_s=fast", "reward.code.timeout_s: expected a number"),
         ("model.create_tiny={layerz: 3}", "unknown config key model.create_tiny.layerz"),
         ("model.fp8=e5m2", "model.fp8 must be null or one of"),
+        ("model.fp8=hybrid", "model.fp8='hybrid' is not supported in RL"),
+        ("parallel.timeout_minutes=0", "parallel.timeout_minutes must be >= 1"),
         ("model.logprob_impl=cuda", "model.logprob_impl must be 'torch' or 'triton'"),
         ("algo.eps_low=1.5", "algo.eps_low must be < 1"),
         ("algo.eps_high=-0.1", "algo.eps_high must be >= 0"),
@@ -69,6 +71,15 @@ def test_every_example_config_loads(path):
 def test_rl_section_errors_at_load_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(RLConfig, RL, [override])
+
+
+def test_rl_waits_hours_in_collectives_sft_minutes():
+    """Rank 0 evaluates while the other RL ranks wait in a collective: RL's default is hours.
+    A ``parallel`` section in the file keeps the run's own default for keys it leaves out."""
+    rl = load_config(RLConfig, RL, ["parallel.tp=1"])
+    assert rl.parallel.timeout_minutes == 240
+    assert load_config(RLConfig, RL, ["parallel.timeout_minutes=600"]).parallel.timeout_minutes == 600
+    assert load_config(SFTConfig, SFT, ["parallel.tp=1"]).parallel.timeout_minutes == 30
 
 
 def test_sft_section_errors_at_load_name_the_key():
