@@ -91,7 +91,9 @@ def sync_weights(
 
 
 def trainer_logprobs(model: torch.nn.Module, cfg: Qwen3Config, ids: list[int], temperature: float = 1.0):
-    """Collective: log p(ids[t] | ids[<t]) for t >= 1 under the trainer, on global rank 0."""
+    """Collective: log p(ids[t] | ids[<t]) for t >= 1 under the trainer, on global rank 0
+    (only the real tokens: ``forward_logits`` pads the sequence for sequence parallel and
+    returns the real positions)."""
 
     logits = send_to_rank0(forward_logits(model, torch.tensor([ids]), cfg.vocab_size))
     model.train()
