@@ -177,3 +177,51 @@ def env_worker(timeout_minutes: int, out: str) -> None:
         torch.save(dict(seen, timeouts=timeouts), out)
     finally:
         destroy_distributed()
+
+
+class _TENormLike(torch.nn.RMSNorm):
+    """A torch RMSNorm with the extra state Transformer Engine's RMSNorm has (TE 2.9-2.11
+    ``ops/op.py``: an empty uint8 tensor without FP8), so Megatron's own sharded-state-dict code
+    adds the ``_extra_state`` entries a TE model has. TE itself does not install on CPU."""
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        pass
+
+
+def te_extra_state_worker(ckpt: str, out: str) -> None:
+    """Load a converted (local-spec) checkpoint into a model whose norms carry TE's extra state."""
+    from megatron_klear.checkpoint.megatron_ckpt import load_model
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.errors import CheckpointError
+    from megatron_klear.models.config import Qwen3Config
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
+
+    init_distributed(ParallelConfig())
+    try:
+        cfg = Qwen3Config.from_dict(json.loads((Path(ckpt) / "config.json").read_text()))
+        plain = build_model(cfg, ModelOptions(use_te=False), init_weights=False)
+        load_model(plain, ckpt)
+        model = build_model(cfg, ModelOptions(use_te=False))
+        # TE's spec builds these three as TENorm (te.pytorch.RMSNorm); its linears' extra state
+        # is in local-spec checkpoints already (Megatron's parallel linears keep a None there).
+        norms = [model.decoder.final_layernorm]
+        for layer in model.decoder.layers:
+            norms += [layer.self_attention.q_layernorm, layer.self_attention.k_layernorm]
+        for norm in norms:
+            norm.__class__ = _TENormLike
+        extra = sorted(k for k, v in model.sharded_state_dict().items() if k.endswith("._extra_state"))
+        load_model(model, ckpt)
+        same = all(torch.equal(a, b) for a, b in zip(plain.parameters(), model.parameters()))
+        # anything else the checkpoint lacks is still an error
+        model.decoder.final_layernorm.register_buffer("scale", torch.ones(cfg.hidden_size))
+        try:
+            load_model(model, ckpt)
+            error = None
+        except CheckpointError as e:
+            error = str(e)
+        torch.save(dict(extra=extra, same=same, error=error), out)
+    finally:
+        destroy_distributed()
