@@ -76,6 +76,11 @@ class PackedSample:
     loss_mask: np.ndarray  # [seq_len] float32, 1 where the label is an assistant token
     position_ids: np.ndarray  # [seq_len] int64, restarting at each document
     cu_seqlens: np.ndarray  # [n_docs + 1] int32 document boundaries (padding is its own doc)
+    doc_tokens: Optional[np.ndarray] = None  # [n real docs] real tokens of each (None: no padding)
+
+    def document_lengths(self) -> np.ndarray:
+        """Real tokens of each document: alignment padding and the padding document left out."""
+        return np.diff(self.cu_seqlens) if self.doc_tokens is None else self.doc_tokens
 
 
 # --- tokenisation cache ----------------------------------------------------------------------
@@ -269,7 +274,7 @@ class SFTDataset:
         labels = np.zeros(L, np.int64)
         loss = np.zeros(L, np.float32)
         pos = np.zeros(L, np.int64)
-        cu = [0]
+        cu, real = [0], []
         at = 0
         for i in sample_ids:
             c, j = self.refs[i]
@@ -283,10 +288,11 @@ class SFTDataset:
             pos[at : at + slot] = np.arange(slot)
             at += slot
             cu.append(at)
+            real.append(n)
         if at < L:  # padding is a document of its own, with no loss
             pos[at:] = np.arange(L - at)
             cu.append(L)
-        return PackedSample(ids, labels, loss, pos, np.asarray(cu, np.int32))
+        return PackedSample(ids, labels, loss, pos, np.asarray(cu, np.int32), np.asarray(real, np.int64))
 
     def iterate(self, start_epoch: int = 0, start_pack: int = 0) -> Iterator[tuple[int, int, PackedSample]]:
         """Yield ``(epoch, pack_index, sample)`` forever from a data position."""
