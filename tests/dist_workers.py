@@ -225,3 +225,51 @@ def te_extra_state_worker(ckpt: str, out: str) -> None:
         torch.save(dict(extra=extra, same=same, error=error), out)
     finally:
         destroy_distributed()
+
+
+def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
+    """DP=2 with the overlapped parameter all-gather: one step, then a checkpoint save (outside
+    any forward); the saved weights must be the updated ones on every rank's shard."""
+    from megatron_klear.checkpoint.hf_io import HFReader
+    from megatron_klear.checkpoint.megatron_ckpt import load_model
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.config import load_hf_config
+    from megatron_klear.models.forward import causal_mask
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
+    from megatron_klear.models.weights import load_hf_weights
+    from megatron_klear.sft import nll_loss
+    from megatron_klear.training.checkpoint import save_checkpoint
+    from megatron_klear.training.state import OptimConfig, build_train_state
+    from megatron_klear.training.step import forward_backward, optimizer_step
+
+    init_distributed(ParallelConfig(), seed=3)
+    try:
+        cfg = load_hf_config(hf_dir)
+        ts = build_train_state(
+            cfg,
+            ModelOptions(),
+            OptimConfig(lr=1e-2, min_lr=1e-2, decay_style="constant"),
+            10,
+            init_weights=lambda m: load_hf_weights(m, cfg, HFReader(hf_dir).get),
+        )
+        assert ts.model.ddp_config.overlap_param_gather and ts.model.ddp_config.overlap_grad_reduce
+        g = torch.Generator().manual_seed(torch.distributed.get_rank())
+        ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=g)
+        mb = dict(input_ids=ids, position_ids=torch.arange(16)[None], attention_mask=causal_mask(16))
+        mb.update(labels=torch.roll(ids, -1, 1), loss_mask=torch.ones(1, 16))
+        forward_backward(ts, [mb], nll_loss(cfg.vocab_size, "torch"))
+        optimizer_step(ts)
+        before_sync = [p.detach().clone() for p in ts.module.parameters()]
+        ckpt = save_checkpoint(ts, Path(root), 1, {})
+        current = [p.detach().clone() for p in ts.module.parameters()]
+        saved = build_model(cfg, ModelOptions(), init_weights=False)
+        load_model(saved, ckpt)
+        torch.save(
+            dict(
+                stale=sum(not torch.equal(a, b) for a, b in zip(before_sync, current)),
+                saved_equal=all(torch.equal(a, b) for a, b in zip(saved.parameters(), current)),
+            ),
+            f"{out}.{torch.distributed.get_rank()}",
+        )
+    finally:
+        destroy_distributed()

@@ -89,6 +89,34 @@ def test_sft_section_errors_at_load_name_the_key():
         load_config(SFTConfig, SFT, ["model.recompute=some"])
 
 
+def test_recompute_options_reach_megatron_and_misuse_is_named():
+    """``model.recompute*`` become Megatron's TransformerConfig fields; misuse fails at load."""
+    from megatron_klear.models.config import Qwen3Config
+    from megatron_klear.models.qwen3 import transformer_config
+    from megatron_klear.models.shapes import qwen3_config_dict
+
+    hf = Qwen3Config.from_dict(qwen3_config_dict("tiny"))  # 2 layers
+    sel = load_config(SFTConfig, SFT, ["model.recompute=selective", "model.recompute_modules=[mlp]"]).model
+    tc = transformer_config(hf, 1, 1, sel)
+    assert (tc.recompute_granularity, tc.recompute_modules) == ("selective", ["mlp"])
+    full = load_config(
+        SFTConfig, SFT, ["model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=2"]
+    ).model
+    tc = transformer_config(hf, 1, 1, full)
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "block", 2)
+    assert not tc.apply_rope_fusion and not tc.gradient_accumulation_fusion  # no TE, no apex, no GPU here
+    with pytest.raises(ConfigError, match="recompute_num_layers=2 exceeds the 1 layers of a pipeline stage"):
+        transformer_config(hf, 1, 2, full)
+    for overrides, message in [
+        (["model.recompute_modules=[mlp]"], "model.recompute_modules needs model.recompute=selective"),
+        (["model.recompute=selective", "model.recompute_modules=[attn]"], "model.recompute_modules must be"),
+        (["model.recompute_method=block"], "need model.recompute=full"),
+        (["model.recompute=full", "model.recompute_method=block"], "model.recompute_method=block needs"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(SFTConfig, SFT, overrides)
+
+
 def test_loss_and_config_accept_the_same_gppo_bounds():
     """One check serves both: what the loss rejects, the config rejects, with the same words."""
     import torch
