@@ -99,7 +99,7 @@ def trainer_logprobs(model: torch.nn.Module, cfg: Qwen3Config, ids: list[int], t
     model.train()
     if logits is None:
         return None
-    lp = (logits[0, :-1].double() / temperature).log_softmax(-1)
+    lp = (logits[0, :-1].cpu().double() / temperature).log_softmax(-1)  # on the GPU when rank 0 holds it
     return lp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
 
 
