@@ -91,10 +91,13 @@ def transformer_config(
     *,
     sequence_parallel: bool = False,
     init_weights: bool = True,
+    ddp: bool = False,
 ):
     """Megatron ``TransformerConfig`` for a Qwen3 model at the given parallel sizes.
 
     ``init_weights=False`` skips the random initialisation when every weight is loaded next.
+    ``ddp=True``: the model trains inside Megatron DDP, whose ``main_grad`` buffers fused
+    gradient accumulation writes into (a bare model's backward has none).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -129,7 +132,7 @@ def transformer_config(
         bias_activation_fusion=use_te,
         masked_softmax_fusion=False,
         apply_rope_fusion=use_te,  # TE's fused RoPE kernels (sbhd and thd)
-        gradient_accumulation_fusion=on_gpu and have_grad_accum_fusion(),
+        gradient_accumulation_fusion=ddp and on_gpu and have_grad_accum_fusion(),
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -188,10 +191,12 @@ def build_model(
     *,
     sequence_parallel: bool = False,
     init_weights: bool = True,
+    ddp: bool = False,
 ):
     """The ``GPTModel`` stage of this rank (Megatron's parallel state must be initialised).
 
-    ``init_weights=False`` when every weight is loaded right after (saves the random init).
+    ``init_weights=False`` when every weight is loaded right after (saves the random init);
+    ``ddp=True`` when it will train inside Megatron DDP (see ``transformer_config``).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -200,7 +205,9 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
-    tcfg = transformer_config(cfg, tp, pp, opts, cp, sequence_parallel=sequence_parallel, init_weights=init_weights)
+    tcfg = transformer_config(
+        cfg, tp, pp, opts, cp, sequence_parallel=sequence_parallel, init_weights=init_weights, ddp=ddp
+    )
     use_te = uses_transformer_engine(opts)
     model = GPTModel(
         config=tcfg,

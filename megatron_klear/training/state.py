@@ -96,7 +96,7 @@ def build_train_state(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    gpt = build_model(hf_cfg, opts, sequence_parallel=sequence_parallel, init_weights=init_weights is None)
+    gpt = build_model(hf_cfg, opts, sequence_parallel=sequence_parallel, init_weights=init_weights is None, ddp=True)
     if init_weights is not None:
         init_weights(gpt)
     cfg = gpt.config
