@@ -3,7 +3,8 @@
 Every test here carries the ``gpu`` marker and is skipped without CUDA (tests/conftest.py):
 the Megatron model on CUDA (torch-native spec) against HF transformers, the Triton log-prob
 kernels compiled and run against the torch reference and float64, 20 SFT steps, 3 RL steps
-with the HF engine on the GPU, and the weight gather of a converted checkpoint.
+with the HF engine on the GPU, the weight gather of a converted checkpoint, and the colocated
+sync's CUDA IPC payloads read back by another process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from megatron_klear.distributed import spawn
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
 from megatron_klear.ops.logprobs import vocab_parallel_logprobs
 from tests.dist_workers import gather_worker
-from tests.gpu.workers import model_fwd_bwd_worker
+from tests.gpu.workers import ipc_sender_worker, model_fwd_bwd_worker
 from tests.jobs import torchrun
 from tests.references import reference_f64
 
@@ -147,3 +148,22 @@ def test_weight_gather_on_gpu(hf_model, tmp_path):
     assert sorted(got) == sorted(ref)
     for n in ref:
         assert got[n].dtype == ref[n].dtype and torch.equal(got[n].cpu(), ref[n]), n
+
+
+def test_colocated_cuda_ipc_payloads_rebuild_in_another_process(hf_model, tmp_path):
+    """The colocated SGLang sync's payloads (local buckets on this GPU, byte-flattened,
+    ForkingPickler): another process on the GPU rebuilds every HF tensor exactly from the IPC
+    handles, and the pickle names only what SGLang's unpickler allows. (SGLang itself is not
+    on the GPU machine; its reading side is tested against the real server on CPU.)"""
+    from megatron_klear.inference import sglang_api as api
+
+    out = str(tmp_path / "ipc.pt")
+    spawn(ipc_sender_worker, 1, str(hf_model), out)
+    sender, received = torch.load(out + ".sender"), torch.load(out)
+    assert sender["exitcode"] == 0 and sender["sent"].startswith("cuda")
+    assert received["devices"] and all(d.startswith("cuda") for d in received["devices"])
+    assert all(n.startswith(api.PAYLOAD_GLOBAL_PREFIXES) for n in sender["globals"])
+    ref = load_file(hf_model / "model.safetensors")
+    assert sorted(received["tensors"]) == sorted(ref)
+    for n, t in ref.items():
+        assert torch.equal(received["tensors"][n], t), n

@@ -37,3 +37,50 @@ def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, 
         torch.save(result, out)
     finally:
         destroy_distributed()
+
+
+def ipc_receiver(payloads: list[str], out: str) -> None:
+    """What an SGLang TP rank on the same GPU does with a colocated payload: unpickle it (the
+    flat CUDA tensor comes back from its IPC handle) and slice the tensors out of it
+    (``FlattenedTensorBucket.reconstruct_tensors``). Saves the tensors on the CPU."""
+    import base64
+    import pickle
+
+    got, devices = {}, set()
+    for payload in payloads:
+        obj = pickle.loads(base64.b64decode(payload))
+        flat = obj["flattened_tensor"]
+        devices.add(str(flat.device))
+        for m in obj["metadata"]:
+            got[m.name] = flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape).cpu()
+    torch.save(dict(tensors=got, devices=sorted(devices)), out)
+
+
+def ipc_sender_worker(hf_dir: str, out: str) -> None:
+    """The colocated sync's payloads from a model on this GPU (``sync.colocated``: local buckets,
+    SGLang's byte-flattened layout, ForkingPickler), read by another process while they live."""
+    from megatron_klear.checkpoint.hf_io import HFReader
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.inference import sglang_api as api
+    from megatron_klear.models.config import load_hf_config
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
+    from megatron_klear.models.weights import load_hf_weights
+    from megatron_klear.sync.gather import local_hf_buckets
+
+    init_distributed(ParallelConfig())
+    try:
+        cfg = load_hf_config(hf_dir)
+        model = build_model(cfg, ModelOptions(), init_weights=False)
+        load_hf_weights(model, cfg, HFReader(hf_dir).get)
+        flats, payloads, names = [], [], set()
+        for bucket in local_hf_buckets(model, cfg, 200_000):
+            flat, meta = api.flatten_bucket(api.bucket_order(bucket))
+            flats.append(flat)  # alive until the receiver has read every payload
+            payloads.append(api.serialize_payload(flat, meta))
+            names |= api.payload_globals(payloads[-1])
+        receiver = torch.multiprocessing.get_context("spawn").Process(target=ipc_receiver, args=(payloads, out))
+        receiver.start()
+        receiver.join(120)
+        torch.save(dict(exitcode=receiver.exitcode, globals=sorted(names), sent=str(flats[0].device)), out + ".sender")
+    finally:
+        destroy_distributed()
