@@ -132,10 +132,10 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         before = {n: p.detach().clone() for n, p in engine.params.items()} if rank0 else None
         stats = sync_weights(engine, eng.module, cfg, "step-3", bucket_bytes=30_000)
         ref = {n: t.clone() for b in gather_hf_buckets(eng.module, cfg) for n, t in b}
-        probe = ids[0, :13].tolist()  # not a multiple of TP: the forward must see it padded
+        probe = ids[0, :13].tolist()  # + 4 sampled tokens: 17, not a multiple of TP=2
         seen = []
         hook = eng.module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
-        diff = probe_logprob_diff(engine, eng.module, cfg, probe)
+        diff = probe_logprob_diff(engine, eng.module, cfg, probe, new_tokens=4)
         hook.remove()
         wrong = HFEngine(wrong_hf_dir) if rank0 else None
         try:

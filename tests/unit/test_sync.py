@@ -50,7 +50,7 @@ def test_sync_into_hf_engine_after_training_tp2_pp2(hf_models, tmp_path):
     assert r0["version"] == "step-3" and r0["buckets"] > 1
     for r in results:  # every rank agrees on the probe and on the failure
         assert r["diff"] == r0["diff"] and r["diff"] < 1e-4
-        assert r["probe_lengths"] == [14], "the 13-token probe runs padded to a multiple of TP=2"
+        assert r["probe_lengths"] == [18], "the 17-token probe runs padded to a multiple of TP=2"
         assert r["failure"] is not None and "engine shape" in r["failure"]
     assert r0["wrong_stale"]
 
