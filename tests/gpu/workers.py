@@ -12,7 +12,7 @@ def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, 
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
     from megatron_klear.models.config import load_hf_config
     from megatron_klear.models.forward import causal_mask
-    from megatron_klear.models.qwen3 import ModelOptions, build_model, uses_transformer_engine
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
     from megatron_klear.models.weights import load_hf_weights
 
     init_distributed(ParallelConfig())
@@ -20,7 +20,7 @@ def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, 
         cfg = load_hf_config(hf_dir)
         result = {}
         for dtype in ("float32", "bfloat16"):
-            opts = ModelOptions(params_dtype=dtype)
+            opts = ModelOptions(params_dtype=dtype, use_te=False)  # the torch-native spec, TE or not
             model = build_model(cfg, opts, init_weights=False)
             load_hf_weights(model, cfg, HFReader(hf_dir).get)
             dev = next(model.parameters()).device
@@ -28,7 +28,6 @@ def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, 
             pos = torch.arange(s, device=dev)[None].expand(b, -1)
             logits = model(ids.to(dev), pos, causal_mask(s, dev))[..., : cfg.vocab_size].float()
             result[f"logits_{dtype}"] = logits.detach().cpu()
-            result["te"] = uses_transformer_engine(opts)
             result["device"] = str(dev)
             if dtype == "float32":
                 (logits * weights.to(dev)).sum().backward()
