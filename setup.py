@@ -33,6 +33,7 @@ setup(
         # sglang/sglang-router: the versions the real_sglang tests run. sglang 0.5.23 pins
         # torch==2.14.1 and transformers==5.19.0; where that clashes with the trainer's stack,
         # install them in their own venv and set rollout.sglang.python (README, "SGLang").
-        "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23", "sglang-router==0.3.2"],
+        # transformer-engine: the range megatron-core 0.16.1 declares (its "dev" extra).
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "sglang==0.5.23", "sglang-router==0.3.2"],
     },
 )

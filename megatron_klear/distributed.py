@@ -24,9 +24,13 @@ class ParallelConfig:
     pp: int = 1
     sequence_parallel: bool = False  # Transformer Engine only; needs tp > 1
     context_parallel: int = 1  # Transformer Engine only; splits every packed sequence over cp ranks
+    # How long a collective may wait for a peer before the job fails. It must cover the longest
+    # time one rank works alone while the others wait (a checkpoint save, rank 0's HF export;
+    # in RL, rank 0's evaluation: see RLParallelConfig).
+    timeout_minutes: int = 30
 
     def validate(self, where: str = "parallel") -> None:
-        for name in ("tp", "pp", "context_parallel"):
+        for name in ("tp", "pp", "context_parallel", "timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
         if self.sequence_parallel and self.tp == 1:
@@ -83,11 +87,12 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_min: int = 30) -> DistEnv:
+def init_distributed(parallel: ParallelConfig, *, seed: int = 1234) -> DistEnv:
     """Initialise torch.distributed and Megatron's model-parallel groups.
 
     Uses NCCL on GPUs and gloo on CPU (with the CPU compatibility layer). The parallel
-    layout is validated before any collective is created.
+    layout is validated before any collective is created; every group gets
+    ``parallel.timeout_minutes``.
     """
     env = DistEnv.from_environ()
     parallel.data_parallel_size(env.world_size)
@@ -104,7 +109,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_min:
             backend=backend,
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_min),
+            timeout=datetime.timedelta(minutes=parallel.timeout_minutes),
         )
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -114,6 +119,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_min:
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             context_parallel_size=parallel.context_parallel,
+            distributed_timeout_minutes=parallel.timeout_minutes,
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -156,9 +162,15 @@ def is_main() -> bool:
 _LAUNCHER_VARS = ("TORCHELASTIC_", "GROUP_", "ROLE_", "LOCAL_WORLD_SIZE", "MASTER_")
 
 
-def _child(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+# For a child that must not touch a GPU (the HF export beside a trainer that holds GPU 0's memory).
+NO_GPU_ENV = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def _child(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple, env: dict) -> None:
     for key in [k for k in os.environ if k.startswith(_LAUNCHER_VARS)]:
         del os.environ[key]
+    # Before anything initialises CUDA (torch reads CUDA_VISIBLE_DEVICES at its first CUDA call).
+    os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -169,10 +181,12 @@ def _child(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
     fn(*args)
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, env: Optional[dict] = None) -> None:
     """Call ``fn(*args)`` in ``world_size`` fresh processes; raises if any of them fails.
 
     Fresh processes also for ``world_size == 1``: Megatron's global parallel state must not
-    leak into the caller.
+    leak into the caller. ``env`` is set in each child before ``fn`` runs (``NO_GPU_ENV``: the
+    child sees no GPU).
     """
-    mp.start_processes(_child, args=(fn, world_size, free_port(), args), nprocs=world_size, start_method="spawn")
+    child_args = (fn, world_size, free_port(), args, dict(env or {}))
+    mp.start_processes(_child, args=child_args, nprocs=world_size, start_method="spawn")

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_klear.cli import run_config_entry
 from megatron_klear.config import to_dict
 from megatron_klear.data.sft import SFTDataConfig, SFTDataset
-from megatron_klear.distributed import init_distributed, is_main
+from megatron_klear.distributed import ParallelConfig, comm_device, init_distributed, is_main
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import validate_parallel
 from megatron_klear.models.qwen3 import uses_transformer_engine
@@ -32,10 +33,26 @@ from megatron_klear.ops.logprobs import model_output_logprobs
 from megatron_klear.training.batches import micro_batch
 from megatron_klear.training.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_klear.training.guards import maybe_crash, stop_on_nonfinite
-from megatron_klear.training.metrics import MetricsLogger, model_flops_per_token
+from megatron_klear.training.metrics import MetricsLogger, model_flops
 from megatron_klear.training.run import RunConfig, model_source, prepare_assets
 from megatron_klear.training.state import build_train_state
 from megatron_klear.training.step import forward_backward, optimizer_step, reduce_reports
+
+
+def check_sequence_layout(seq_len: int, par: ParallelConfig, where: str = "data.seq_len") -> None:
+    """A packed sequence of ``seq_len`` splits over context parallel (2 x cp chunks per document)
+    and, under sequence parallel, each CP share over the TP ranks; errors name the numbers."""
+    cp = par.context_parallel
+    if cp > 1 and seq_len % (2 * cp):
+        raise ConfigError(
+            f"{where}={seq_len} must be a multiple of 2 x parallel.context_parallel = {2 * cp} "
+            "(each document is split into 2 x cp chunks)"
+        )
+    if par.sequence_parallel and (seq_len // cp) % par.tp:
+        raise ConfigError(
+            f"{where} / parallel.context_parallel = {seq_len // cp} must be a multiple of parallel.tp={par.tp} "
+            "with parallel.sequence_parallel"
+        )
 
 
 @dataclass
@@ -51,16 +68,7 @@ class SFTConfig(RunConfig):
         d, par = self.data, self.parallel
         if (self.train_steps is None) == (self.epochs is None):
             raise ConfigError("set exactly one of train_steps and epochs")
-        if par.context_parallel > 1 and d.seq_len % (2 * par.context_parallel):
-            raise ConfigError(
-                f"data.seq_len={d.seq_len} must be a multiple of 2 x parallel.context_parallel = "
-                f"{2 * par.context_parallel} (each document is split into 2 x cp chunks)"
-            )
-        if par.sequence_parallel and (d.seq_len // par.context_parallel) % par.tp:
-            raise ConfigError(
-                f"data.seq_len / parallel.context_parallel = {d.seq_len // par.context_parallel} must be a multiple "
-                f"of parallel.tp={par.tp} with parallel.sequence_parallel"
-            )
+        check_sequence_layout(d.seq_len, par)
 
     def batch_layout(self, dp: int) -> tuple[int, int]:
         """(sequences per global batch, micro-batches per rank); errors name the numbers."""
@@ -111,7 +119,8 @@ class BatchStream:
         self.cp_size, self.cp_rank = cp  # the ranks of one context-parallel group share each sequence
 
     def global_batch(self, epoch: int, pack: int):
-        """Micro-batches of the global batch starting at (epoch, pack), and the next position."""
+        """Micro-batches of the global batch starting at (epoch, pack), the next position, and
+        the real document lengths of this rank's packs (padding excluded)."""
 
         positions = []
         e, k = epoch, pack
@@ -128,7 +137,19 @@ class BatchStream:
         ]
         if k >= len(self.ds.plan(e)):
             e, k = e + 1, 0
-        return micro, (e, k)
+        return micro, (e, k), [s.document_lengths() for s in samples]
+
+
+def batch_work(hf_cfg, lengths: list) -> tuple[float, float]:
+    """Collective over data parallel: (real tokens, model FLOPs) of a global batch, from the
+    document lengths of each rank's packs (``BatchStream.global_batch``)."""
+    from megatron.core import parallel_state as ps
+
+    local = [sum(int(np.sum(d)) for d in lengths), sum(model_flops(hf_cfg, d) for d in lengths)]
+    work = torch.tensor(local, dtype=torch.float64, device=comm_device())
+    if dist.is_initialized():  # the CP ranks of a group hold shares of the same packs: DP only
+        dist.all_reduce(work, group=ps.get_data_parallel_group())
+    return float(work[0]), float(work[1])
 
 
 def evaluate(train_state, dataset, stream_args: dict, cfg: SFTConfig, loss_fn) -> float:
@@ -136,7 +157,7 @@ def evaluate(train_state, dataset, stream_args: dict, cfg: SFTConfig, loss_fn) -
     total = {"loss_sum": 0.0, "tokens": 0.0}
     pos = (0, 0)
     for _ in range(cfg.log.eval_batches):
-        micro, pos = stream.global_batch(*pos)
+        micro, pos, _ = stream.global_batch(*pos)
         rep = reduce_reports(forward_backward(train_state, micro, loss_fn, forward_only=True), total)
         for k in total:
             total[k] += rep[k]
@@ -224,13 +245,12 @@ def train(cfg: SFTConfig) -> dict:
         config=to_dict(cfg),
         desc="sft",
     )
-    flops_per_token = model_flops_per_token(hf_cfg, cfg.data.seq_len)
     metrics: dict = {}
     step = state["step"]
     try:
         while step < total_steps:
             t0 = time.time()
-            micro, next_pos = stream.global_batch(state["data_epoch"], state["data_pack"])
+            micro, next_pos, lengths = stream.global_batch(state["data_epoch"], state["data_pack"])
             reports = forward_backward(train_state, micro, loss_fn)
             applied, grad_norm = optimizer_step(train_state)
             rep = reduce_reports(reports, ("loss_sum", "tokens"))
@@ -244,16 +264,12 @@ def train(cfg: SFTConfig) -> dict:
                     data_epoch=state["data_epoch"],
                     data_pack=state["data_pack"],
                 )
+            real_tokens, flops = batch_work(hf_cfg, lengths)  # padding counts for neither
             step += 1
-            state.update(
-                step=step,
-                data_epoch=next_pos[0],
-                data_pack=next_pos[1],
-                tokens=state["tokens"] + seqs * cfg.data.seq_len,
-            )
+            state.update(step=step, data_epoch=next_pos[0], data_pack=next_pos[1], tokens=state["tokens"] + real_tokens)
             dt = time.time() - t0
             world = dist.get_world_size()
-            tok_s = seqs * cfg.data.seq_len / dt
+            tok_s = real_tokens / dt
             metrics = {
                 "loss": loss,
                 "lr": train_state.optimizer.param_groups[0]["lr"],
@@ -262,11 +278,12 @@ def train(cfg: SFTConfig) -> dict:
                 "tokens_per_s_per_device": tok_s / world,
                 "step_time_s": dt,
                 "supervised_tokens": rep["tokens"],
+                "pack_fill": real_tokens / (seqs * cfg.data.seq_len),
                 "epoch": state["data_epoch"],
                 "skipped_update": not applied,
             }
             if cfg.log.peak_tflops:
-                metrics["mfu"] = tok_s / world * flops_per_token / (cfg.log.peak_tflops * 1e12)
+                metrics["mfu"] = flops / dt / world / (cfg.log.peak_tflops * 1e12)
             if torch.cuda.is_available():
                 metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if valid_ds is not None and cfg.log.eval_interval and step % cfg.log.eval_interval == 0:

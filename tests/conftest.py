@@ -39,15 +39,20 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers", "real_sglang: drives a real SGLang server and sglang-router (installed by tools/test.sh)"
     )
+    config.addinivalue_line("markers", "gpu: needs CUDA, skipped without it (tests/gpu, run by tools/gpu_check.sh)")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark every test by its folder, so ``-m unit`` / ``-m e2e`` select a tier."""
+    """Mark every test by its folder, so ``-m unit`` / ``-m e2e`` / ``-m gpu`` select a tier;
+    the ``gpu`` tier is skipped where CUDA is not available."""
+    no_gpu = pytest.mark.skip(reason="needs CUDA (run tools/gpu_check.sh on a GPU machine)")
     for item in items:
         parts = Path(str(item.fspath)).parts
-        for tier in ("unit", "e2e"):
+        for tier in ("unit", "e2e", "gpu"):
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
+        if "gpu" in parts and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(scope="session")

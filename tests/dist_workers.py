@@ -129,15 +129,18 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         before = {n: p.detach().clone() for n, p in engine.params.items()} if rank0 else None
         stats = sync_weights(engine, eng.module, cfg, "step-3", bucket_bytes=30_000)
         ref = {n: t.clone() for b in gather_hf_buckets(eng.module, cfg) for n, t in b}
-        probe = ids[0].tolist()
-        diff = probe_logprob_diff(engine, eng.module, cfg, probe)
+        probe = ids[0, :13].tolist()  # + 4 sampled tokens: 17, not a multiple of TP=2
+        seen = []
+        hook = eng.module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+        diff = probe_logprob_diff(engine, eng.module, cfg, probe, new_tokens=4)
+        hook.remove()
         wrong = HFEngine(wrong_hf_dir) if rank0 else None
         try:
             sync_weights(wrong, eng.module, cfg, "step-3")
             failure = None
         except SyncError as e:
             failure = str(e)
-        result = dict(diff=diff, failure=failure, buckets=stats.buckets, bytes=stats.bytes)
+        result = dict(diff=diff, failure=failure, buckets=stats.buckets, bytes=stats.bytes, probe_lengths=seen)
         if rank0:
             result.update(
                 engine={n: p.detach().clone() for n, p in engine.params.items()},
@@ -240,5 +243,123 @@ def rl_layout_worker(tp: int, pp: int, hf_dir: str, cases: dict, out: str) -> No
                 shapes=[tuple(mb["input_ids"].shape) for mb in mini.micro],
             )
         torch.save(result, f"{out}.{torch.distributed.get_rank()}")
+    finally:
+        destroy_distributed()
+
+
+def env_worker(timeout_minutes: int, out: str) -> None:
+    """Record what a spawned child sees: its CUDA_VISIBLE_DEVICES, GPU count, group timeouts."""
+    import os
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+
+    init_distributed(ParallelConfig(timeout_minutes=timeout_minutes))
+    try:
+        groups = {
+            "world": torch.distributed.group.WORLD,
+            "tp": ps.get_tensor_model_parallel_group(),
+            "dp": ps.get_data_parallel_group(),
+        }
+        timeouts = {k: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for k, g in groups.items()}
+        seen = dict(cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"), gpus=torch.cuda.device_count())
+        torch.save(dict(seen, timeouts=timeouts), out)
+    finally:
+        destroy_distributed()
+
+
+class _TENormLike(torch.nn.RMSNorm):
+    """A torch RMSNorm with the extra state Transformer Engine's RMSNorm has (TE 2.9-2.11
+    ``ops/op.py``: an empty uint8 tensor without FP8), so Megatron's own sharded-state-dict code
+    adds the ``_extra_state`` entries a TE model has. TE itself does not install on CPU."""
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        pass
+
+
+def te_extra_state_worker(ckpt: str, out: str) -> None:
+    """Load a converted (local-spec) checkpoint into a model whose norms carry TE's extra state."""
+    from megatron_klear.checkpoint.megatron_ckpt import load_model
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.errors import CheckpointError
+    from megatron_klear.models.config import Qwen3Config
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
+
+    init_distributed(ParallelConfig())
+    try:
+        cfg = Qwen3Config.from_dict(json.loads((Path(ckpt) / "config.json").read_text()))
+        plain = build_model(cfg, ModelOptions(use_te=False), init_weights=False)
+        load_model(plain, ckpt)
+        model = build_model(cfg, ModelOptions(use_te=False))
+        # TE's spec builds these three as TENorm (te.pytorch.RMSNorm); its linears' extra state
+        # is in local-spec checkpoints already (Megatron's parallel linears keep a None there).
+        norms = [model.decoder.final_layernorm]
+        for layer in model.decoder.layers:
+            norms += [layer.self_attention.q_layernorm, layer.self_attention.k_layernorm]
+        for norm in norms:
+            norm.__class__ = _TENormLike
+        extra = sorted(k for k, v in model.sharded_state_dict().items() if k.endswith("._extra_state"))
+        load_model(model, ckpt)
+        same = all(torch.equal(a, b) for a, b in zip(plain.parameters(), model.parameters()))
+        # anything else the checkpoint lacks is still an error
+        model.decoder.final_layernorm.register_buffer("scale", torch.ones(cfg.hidden_size))
+        try:
+            load_model(model, ckpt)
+            error = None
+        except CheckpointError as e:
+            error = str(e)
+        torch.save(dict(extra=extra, same=same, error=error), out)
+    finally:
+        destroy_distributed()
+
+
+def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
+    """DP=2 with the overlapped parameter all-gather: one step, then a checkpoint save (outside
+    any forward); the saved weights must be the updated ones on every rank's shard."""
+    from megatron_klear.checkpoint.hf_io import HFReader
+    from megatron_klear.checkpoint.megatron_ckpt import load_model
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.config import load_hf_config
+    from megatron_klear.models.forward import causal_mask
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
+    from megatron_klear.models.weights import load_hf_weights
+    from megatron_klear.sft import nll_loss
+    from megatron_klear.training.checkpoint import save_checkpoint
+    from megatron_klear.training.state import OptimConfig, build_train_state
+    from megatron_klear.training.step import forward_backward, optimizer_step
+
+    init_distributed(ParallelConfig(), seed=3)
+    try:
+        cfg = load_hf_config(hf_dir)
+        ts = build_train_state(
+            cfg,
+            ModelOptions(),
+            OptimConfig(lr=1e-2, min_lr=1e-2, decay_style="constant"),
+            10,
+            init_weights=lambda m: load_hf_weights(m, cfg, HFReader(hf_dir).get),
+        )
+        assert ts.model.ddp_config.overlap_param_gather and ts.model.ddp_config.overlap_grad_reduce
+        g = torch.Generator().manual_seed(torch.distributed.get_rank())
+        ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=g)
+        mb = dict(input_ids=ids, position_ids=torch.arange(16)[None], attention_mask=causal_mask(16))
+        mb.update(labels=torch.roll(ids, -1, 1), loss_mask=torch.ones(1, 16))
+        forward_backward(ts, [mb], nll_loss(cfg.vocab_size, "torch"))
+        optimizer_step(ts)
+        before_sync = [p.detach().clone() for p in ts.module.parameters()]
+        ckpt = save_checkpoint(ts, Path(root), 1, {})
+        current = [p.detach().clone() for p in ts.module.parameters()]
+        saved = build_model(cfg, ModelOptions(), init_weights=False)
+        load_model(saved, ckpt)
+        torch.save(
+            dict(
+                stale=sum(not torch.equal(a, b) for a, b in zip(before_sync, current)),
+                saved_equal=all(torch.equal(a, b) for a, b in zip(saved.parameters(), current)),
+            ),
+            f"{out}.{torch.distributed.get_rank()}",
+        )
     finally:
         destroy_distributed()

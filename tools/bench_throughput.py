@@ -3,9 +3,14 @@
 breakdown, and model FLOPs utilisation.
 
     torchrun --nproc-per-node N tools/bench_throughput.py --mode sft [--shape tiny|0.6b|1.7b|8b]
-        [--seq-len 4096] [--steps 6] [--tp 1 --pp 1] [--peak-tflops 989] [--json OUT.json]
+        [--seq-len 4096] [--steps 6] [--tp 1 --pp 1 --cp 1] [--sequence-parallel]
+        [--recompute full|selective] [--recompute-modules mlp] [--recompute-method uniform|block]
+        [--recompute-num-layers N] [--fp8 hybrid|e4m3] [--peak-tflops 989] [--json OUT.json]
 
-Random weights of the named Qwen3 shape (no download).
+Random weights of the named Qwen3 shape (no download). Each packed sequence holds three
+documents (1/3, 1/6 and 1/2 of it, aligned to 2 x cp): model FLOPs count causal attention within
+documents (``training.metrics.model_flops``). Sequence parallel, context parallel and FP8 need
+Transformer Engine; without it the torch-native layers run.
 
     torchrun --nproc-per-node N tools/bench_throughput.py --mode rl --config examples/tiny/rl_math.yaml
         [--steps 2] [--json OUT.json] [key=value ...]
@@ -41,18 +46,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_klear.config import load_config
 from megatron_klear.data.sft import PackedSample
 from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed, is_main, spawn
+from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.models.hf_mapping import num_params
-from megatron_klear.models.qwen3 import ModelOptions, have_transformer_engine
+from megatron_klear.models.qwen3 import (
+    FP8_RECIPES,
+    RECOMPUTE,
+    RECOMPUTE_METHODS,
+    RECOMPUTE_MODULES,
+    ModelOptions,
+    have_transformer_engine,
+)
 from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict
 from megatron_klear.rl.batch import minibatches
 from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.rollout import Sample
 from megatron_klear.rl.trainer import train
 from megatron_klear.rl.update import update_policy
-from megatron_klear.sft import nll_loss
+from megatron_klear.sft import check_sequence_layout, nll_loss
 from megatron_klear.training.batches import micro_batch
-from megatron_klear.training.metrics import model_flops_per_token
+from megatron_klear.training.metrics import model_flops
 from megatron_klear.training.state import OptimConfig, build_train_state
 from megatron_klear.training.step import forward_backward, optimizer_step
 
@@ -243,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1, help="context parallel (Transformer Engine)")
+    p.add_argument("--sequence-parallel", action="store_true", help="needs --tp > 1 (Transformer Engine)")
+    p.add_argument("--recompute", choices=RECOMPUTE, default=None)
+    p.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None)
+    p.add_argument("--recompute-method", choices=RECOMPUTE_METHODS, default="uniform")
+    p.add_argument("--recompute-num-layers", type=int, default=None)
+    p.add_argument("--fp8", choices=FP8_RECIPES, default=None, help="Transformer Engine FP8 recipe")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--logprob-impl", default="torch", choices=["torch", "triton"])
     p.add_argument("--peak-tflops", type=float, default=None, help="per device, for MFU (H100 SXM bf16: 989)")
@@ -265,21 +285,41 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    init_distributed(ParallelConfig(a.tp, a.pp))
+    par = ParallelConfig(a.tp, a.pp, sequence_parallel=a.sequence_parallel, context_parallel=a.cp)
+    opts = ModelOptions(
+        use_te=have_transformer_engine(),
+        fp8=a.fp8,
+        recompute=a.recompute,
+        recompute_method=a.recompute_method,
+        recompute_num_layers=a.recompute_num_layers,
+        recompute_modules=a.recompute_modules,
+    )
+    L = a.seq_len
+    try:  # every layout error before the process group starts
+        par.validate()
+        opts.validate()
+        check_sequence_layout(L, par, "--seq-len")
+    except ConfigError as e:
+        p.error(str(e))
+    init_distributed(par)
     dtype = a.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     hf = Qwen3Config.from_dict(qwen3_config_dict(a.shape, dtype, max(40960, a.seq_len)))
-    use_te = have_transformer_engine()
-    engine = build_train_state(hf, ModelOptions(use_te=use_te), OptimConfig(lr=1e-5, min_lr=1e-5), a.steps)
+    use_te = opts.use_te
+    engine = build_train_state(
+        hf, opts, OptimConfig(lr=1e-5, min_lr=1e-5), a.steps, sequence_parallel=a.sequence_parallel
+    )
     rng = np.random.default_rng(0)
-    L = a.seq_len
-    docs = [0, L // 3, L // 2, L]  # three packed documents per sequence
+    align = 2 * a.cp if a.cp > 1 else 1
+    docs = [0] + [int(L * f) // align * align for f in (1 / 3, 1 / 2)] + [L]  # three packed documents
+    lengths = np.diff(docs)
 
     def sample():
         ids = rng.integers(0, hf.vocab_size, L)
-        pos = np.concatenate([np.arange(b - s) for s, b in zip(docs[:-1], docs[1:])])
+        pos = np.concatenate([np.arange(n) for n in lengths])
         return PackedSample(ids, np.roll(ids, -1), np.ones(L, np.float32), pos, np.asarray(docs, np.int32))
 
-    micro = [micro_batch([sample()], use_te) for _ in range(a.micro_batches)]
+    cp_rank = ps.get_context_parallel_rank()
+    micro = [micro_batch([sample()], use_te, a.cp, cp_rank) for _ in range(a.micro_batches)]
     loss_fn = nll_loss(hf.vocab_size, a.logprob_impl)
     times = {"forward_backward": [], "optimizer": [], "step": []}
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -298,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     warm = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
     world = dist.get_world_size()
     dp = ps.get_data_parallel_world_size()
-    tokens = L * a.micro_batches * dp
-    tok_s_dev = tokens / warm["step"] / world
-    flops = model_flops_per_token(hf, L)
+    packs = a.micro_batches * dp  # in the global batch, each with `lengths` real tokens
+    tok_s_dev = packs * int(lengths.sum()) / warm["step"] / world
+    flops_s_dev = packs * model_flops(hf, lengths) / warm["step"] / world
     result = dict(
         mode=a.mode,
         shape=a.shape,
@@ -309,7 +349,15 @@ def main(argv: list[str] | None = None) -> int:
         micro_batches=a.micro_batches,
         tp=a.tp,
         pp=a.pp,
+        cp=a.cp,
         dp=dp,
+        sequence_parallel=a.sequence_parallel,
+        recompute=a.recompute,
+        recompute_modules=a.recompute_modules,
+        recompute_method=a.recompute_method if a.recompute == "full" else None,
+        recompute_num_layers=a.recompute_num_layers,
+        fp8=a.fp8,
+        documents=lengths.tolist(),
         devices=world,
         dtype=dtype,
         transformer_engine=use_te,
@@ -318,14 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         forward_backward_s=warm["forward_backward"],
         optimizer_s=warm["optimizer"],
         tokens_per_s_per_device=tok_s_dev,
-        model_tflops_per_device=tok_s_dev * flops / 1e12,
-        mfu=(tok_s_dev * flops / (a.peak_tflops * 1e12)) if a.peak_tflops else None,
+        model_tflops_per_device=flops_s_dev / 1e12,
+        mfu=(flops_s_dev / (a.peak_tflops * 1e12)) if a.peak_tflops else None,
         max_memory_gb=torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
     )
     if is_main():
         print(
             f"{a.shape} ({num_params(hf) / 1e6:.2f}M params) seq {L} x {a.micro_batches} micro-batches, "
-            f"tp={a.tp} pp={a.pp} dp={dp} on {result['device']}, {dtype}, TE={use_te}"
+            f"tp={a.tp} pp={a.pp} cp={a.cp} dp={dp} sp={a.sequence_parallel} recompute={a.recompute} "
+            f"{a.recompute_modules or ''} fp8={a.fp8} on {result['device']}, {dtype}, TE={use_te}"
         )
         print("| step s | fwd+bwd s | optimizer s | tokens/s/device | model TFLOP/s/device | MFU |")
         print("|---:|---:|---:|---:|---:|---:|")

@@ -18,7 +18,7 @@ from megatron_klear.checkpoint.megatron_ckpt import (
     save_model,
     write_marker,
 )
-from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed, is_main, spawn
+from megatron_klear.distributed import NO_GPU_ENV, ParallelConfig, destroy_distributed, init_distributed, is_main, spawn
 from megatron_klear.models import hf_mapping
 from megatron_klear.models.config import Qwen3Config, load_hf_config, validate_parallel
 from megatron_klear.models.qwen3 import ModelOptions, build_model
@@ -85,8 +85,13 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool 
 
 def _megatron_to_hf_worker(load: str, tmp: str, max_shard_bytes: int) -> None:
     import json
+    import os
     from pathlib import Path
 
+    # The export runs on the CPU: at the end of a run it sits beside the trainer's processes,
+    # whose cached memory still fills GPU 0.
+    if os.environ.get("CUDA_VISIBLE_DEVICES") != "":
+        raise RuntimeError("the Megatron -> HF worker must be spawned with NO_GPU_ENV (no GPU visible)")
     init_distributed(ParallelConfig())
     try:
         raw = json.loads((Path(load) / "config.json").read_text())
@@ -107,9 +112,13 @@ def _megatron_to_hf_worker(load: str, tmp: str, max_shard_bytes: int) -> None:
 
 
 def megatron_to_hf(load: str, out: str, force: bool = False, max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Convert a Megatron checkpoint (written at any TP/PP) back into an HF directory."""
+    """Convert a Megatron checkpoint (written at any TP/PP) back into an HF directory.
+
+    The conversion runs in one child process that sees no GPU (the end-of-run export must not
+    allocate on GPU 0 beside the trainer; a CPU reads and writes the tensors as fast as the disk).
+    """
 
     read_marker(load)
     check_output_dir(out, force)
     with atomic_dir(out, force, collective=False) as tmp:
-        spawn(_megatron_to_hf_worker, 1, load, str(tmp), max_shard_bytes)
+        spawn(_megatron_to_hf_worker, 1, load, str(tmp), max_shard_bytes, env=NO_GPU_ENV)

@@ -129,14 +129,39 @@ def save_sharded(state: dict, target: Path) -> None:
     dist_checkpointing.save(state, str(target), sharded_strategy=strategy)
 
 
+# Transformer Engine layers (norms, linears) keep FP8 metadata in ``<module>._extra_state``. A
+# checkpoint written by a model without those layers (conversion uses the local spec) lacks some
+# of these keys; they carry no weights, so a TE model loads such a checkpoint with its own.
+EXTRA_STATE_SUFFIX = "._extra_state"
+
+
 def load_sharded(sharded: dict, path: str | Path) -> dict:
-    """Megatron ``dist_checkpointing.load`` from ``path/model``; failures name the checkpoint."""
+    """Megatron ``dist_checkpointing.load`` from ``path/model``; failures name the checkpoint.
+
+    Collective. Keys the model asks for and the checkpoint lacks are an error (naming them),
+    except Transformer Engine ``_extra_state`` entries, which keep the model's own value.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     try:
-        return dist_checkpointing.load(sharded, str(Path(path) / "model"))
+        state, _, absent = dist_checkpointing.load(
+            sharded, str(Path(path) / "model"), strict=StrictHandling.RETURN_UNEXPECTED
+        )
     except (Exception, CheckpointException) as e:  # torch DCP's CheckpointException is a BaseException
         raise CheckpointError(f"{path}: cannot load into this model: {e}") from e
+    lacking = sorted(k for k in absent if not k.endswith(EXTRA_STATE_SUFFIX))
+    verdicts = [lacking]
+    if dist.is_initialized():  # ranks hold different keys: all of them fail together
+        verdicts = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, lacking)
+    lacking = sorted({k for v in verdicts for k in v})
+    if lacking:
+        raise CheckpointError(
+            f"{path}: cannot load into this model: the checkpoint lacks {len(lacking)} of its tensors, "
+            f"e.g. {', '.join(lacking[:3])}"
+        )
+    return state
 
 
 def load_state_checked(model: torch.nn.Module, state: dict, path: str | Path) -> None:

@@ -82,6 +82,11 @@ class PackedSample:
     position_ids: np.ndarray  # [seq_len] int64, restarting at each document
     cu_seqlens: Optional[np.ndarray]  # [n_docs + 1] int32 document boundaries (padding is its own doc)
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # more [seq_len] arrays
+    doc_tokens: Optional[np.ndarray] = None  # [n real docs] real tokens of each (None: no padding)
+
+    def document_lengths(self) -> np.ndarray:
+        """Real tokens of each document: alignment padding and the padding document left out."""
+        return np.diff(self.cu_seqlens) if self.doc_tokens is None else self.doc_tokens
 
 
 def assemble_pack(
@@ -115,7 +120,8 @@ def assemble_pack(
     if at < length:
         pos[at:] = np.arange(length - at)
         cu.append(length)
-    return PackedSample(ids, labels, loss, pos, np.asarray(cu, np.int32))
+    real = np.asarray([len(toks) for toks, _ in documents], np.int64)
+    return PackedSample(ids, labels, loss, pos, np.asarray(cu, np.int32), doc_tokens=real)
 
 
 # --- tokenisation cache ----------------------------------------------------------------------

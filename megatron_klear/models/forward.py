@@ -25,20 +25,34 @@ def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits[..., :vocab_size]
 
 
+def padded_length(seq_len: int, tp: int, cp: int = 1) -> int:
+    """``seq_len`` rounded up to a multiple of TP x CP: under sequence parallel Megatron scatters
+    each (context-parallel share of a) sequence over the TP ranks, and asserts that it divides."""
+    multiple = tp * cp
+    return -(-seq_len // multiple) * multiple
+
+
 @torch.no_grad()
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, vocab_size: int) -> Optional[torch.Tensor]:
     """Full ``[batch, seq, vocab]`` float32 logits of ``input_ids``.
 
-    Runs through Megatron's pipeline schedule, so it works at any PP. Returns the logits on
-    every rank of the last pipeline stage and None elsewhere. All ranks must call it.
+    Collective. Runs through Megatron's pipeline schedule, so it works at any PP. The
+    sequence is right-padded to a multiple of TP x CP (``padded_length``; causal attention
+    keeps the padding out of the real positions) and the logits of the real positions are
+    returned, on every rank of the last pipeline stage; None elsewhere.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:  # every rank would hold the whole sequence, where context parallel expects shares
+        raise ValueError(f"forward_logits runs whole sequences; context_parallel={cp} is not supported")
     model.eval()
-    b, s = input_ids.shape
+    real = input_ids.shape[1]
+    pad = padded_length(real, ps.get_tensor_model_parallel_world_size(), cp) - real
+    b, s = input_ids.shape[0], real + pad
     dev = next(model.parameters()).device
-    input_ids = input_ids.to(dev)
+    input_ids = torch.nn.functional.pad(input_ids.to(dev), (0, pad))  # token 0 after the real ones
     position_ids = torch.arange(s, device=dev).unsqueeze(0).expand(b, -1)
     mask = causal_mask(s, dev)
 
@@ -63,7 +77,7 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, vocab_size: 
     )
     if not ps.is_pipeline_last_stage():
         return None
-    return gather_vocab(store[0].float(), vocab_size)
+    return gather_vocab(store[0][:, :real].float(), vocab_size)
 
 
 def send_to_rank0(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -17,6 +17,9 @@ from megatron_klear.models.config import DTYPES, Qwen3Config, padded_vocab_size,
 
 FP8_RECIPES = ("hybrid", "e4m3")
 RECOMPUTE = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# Megatron-Core 0.16's recompute_modules that exist in a dense model (the others are MoE / MLA).
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
 
 @dataclass
@@ -27,7 +30,15 @@ class ModelOptions:
     params_dtype: Optional[str] = None  # default: the HF config's dtype
     use_te: Optional[bool] = None  # default: when Transformer Engine is importable
     fp8: Optional[str] = None  # "hybrid" or "e4m3"; Transformer Engine only
-    recompute: Optional[str] = None  # None, "full" or "selective"
+    # Activation recompute: None, "full" (whole layers) or "selective" (recompute_modules).
+    recompute: Optional[str] = None
+    # "full": "uniform" recomputes every layer in units of recompute_num_layers (default 1);
+    # "block" recomputes the first recompute_num_layers layers of each pipeline stage.
+    recompute_method: str = "uniform"
+    recompute_num_layers: Optional[int] = None
+    # "selective": which parts of each layer (Megatron's default: ["core_attn"], which a fused
+    # TE attention does not need; ["mlp"] frees the most at long sequence lengths).
+    recompute_modules: Optional[list[str]] = None
 
     def validate(self, where: str = "model") -> None:
         if self.params_dtype is not None and self.params_dtype not in DTYPES:
@@ -36,6 +47,25 @@ class ModelOptions:
             raise ConfigError(f"{where}.fp8 must be null or one of {FP8_RECIPES}, got {self.fp8!r}")
         if self.recompute is not None and self.recompute not in RECOMPUTE:
             raise ConfigError(f"{where}.recompute must be null, 'full' or 'selective', got {self.recompute!r}")
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise ConfigError(f"{where}.recompute_method must be 'uniform' or 'block', got {self.recompute_method!r}")
+        if self.recompute != "full" and (self.recompute_num_layers is not None or self.recompute_method != "uniform"):
+            raise ConfigError(f"{where}.recompute_method and {where}.recompute_num_layers need {where}.recompute=full")
+        if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
+            raise ConfigError(f"{where}.recompute_num_layers must be >= 1, got {self.recompute_num_layers}")
+        if self.recompute_method == "block" and self.recompute_num_layers is None:
+            raise ConfigError(f"{where}.recompute_method=block needs {where}.recompute_num_layers (layers per stage)")
+        if self.recompute_modules is not None:
+            if self.recompute != "selective":
+                raise ConfigError(f"{where}.recompute_modules needs {where}.recompute=selective")
+            bad = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+            if bad or not self.recompute_modules:
+                raise ConfigError(
+                    f"{where}.recompute_modules must be a non-empty list of {RECOMPUTE_MODULES}, got "
+                    f"{self.recompute_modules!r}"
+                )
+            if self.fp8 and "layernorm" in self.recompute_modules:  # Megatron: not with delayed scaling
+                raise ConfigError(f"{where}.recompute_modules 'layernorm' does not work with {where}.fp8")
 
 
 def have_transformer_engine() -> bool:
@@ -61,14 +91,18 @@ def transformer_config(
     *,
     sequence_parallel: bool = False,
     init_weights: bool = True,
+    ddp: bool = False,
 ):
     """Megatron ``TransformerConfig`` for a Qwen3 model at the given parallel sizes.
 
     ``init_weights=False`` skips the random initialisation when every weight is loaded next.
+    ``ddp=True``: the model trains inside Megatron DDP, whose ``main_grad`` buffers fused
+    gradient accumulation writes into (a bare model's backward has none).
     """
     from megatron.core.transformer import TransformerConfig
 
     validate_parallel(cfg, tp, pp)
+    ModelOptions.validate(opts)  # the option fields (a run's ModelConfig checked them at load too)
     use_te = uses_transformer_engine(opts)
     if opts.fp8 and not use_te:
         raise ConfigError("model.fp8 needs Transformer Engine, which is not installed")
@@ -77,13 +111,7 @@ def transformer_config(
     if cp > 1 and not use_te:  # Megatron's torch-native attention has no context-parallel path
         raise ConfigError(f"parallel.context_parallel={cp} needs Transformer Engine attention, which is not in use")
     dtype = DTYPES[opts.params_dtype or cfg.dtype]
-    recompute = {}
-    if opts.recompute == "full":
-        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif opts.recompute == "selective":
-        recompute = dict(recompute_granularity="selective")
-    elif opts.recompute is not None:
-        raise ConfigError(f"model.recompute must be null, 'full' or 'selective', got {opts.recompute!r}")
+    recompute = recompute_options(opts, cfg.num_hidden_layers // pp)
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=cfg.num_hidden_layers,
@@ -103,8 +131,8 @@ def transformer_config(
         attention_dropout=0.0,
         bias_activation_fusion=use_te,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        apply_rope_fusion=use_te,  # TE's fused RoPE kernels (sbhd and thd)
+        gradient_accumulation_fusion=ddp and on_gpu and have_grad_accum_fusion(),
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -119,6 +147,33 @@ def transformer_config(
         fp8=opts.fp8,
         **recompute,
     )
+
+
+def recompute_options(opts: ModelOptions, layers_per_stage: int) -> dict:
+    """Megatron ``TransformerConfig`` recompute fields for ``opts``."""
+    if opts.recompute == "full":
+        n = opts.recompute_num_layers or 1
+        if opts.recompute_method == "block" and n > layers_per_stage:
+            raise ConfigError(
+                f"model.recompute_num_layers={n} exceeds the {layers_per_stage} layers of a pipeline stage"
+            )
+        return dict(recompute_granularity="full", recompute_method=opts.recompute_method, recompute_num_layers=n)
+    if opts.recompute == "selective":
+        modules = {} if opts.recompute_modules is None else dict(recompute_modules=list(opts.recompute_modules))
+        return dict(recompute_granularity="selective", **modules)
+    return {}
+
+
+def have_grad_accum_fusion() -> bool:
+    """True when Megatron can fuse weight-gradient accumulation into its GEMMs. That needs apex's
+    ``fused_weight_gradient_mlp_cuda`` extension: Transformer Engine fuses it in its own linears,
+    but the model's output layer is always Megatron's ColumnParallelLinear, which refuses
+    ``gradient_accumulation_fusion`` without that extension."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def layer_spec(use_te: bool):
@@ -136,10 +191,12 @@ def build_model(
     *,
     sequence_parallel: bool = False,
     init_weights: bool = True,
+    ddp: bool = False,
 ):
     """The ``GPTModel`` stage of this rank (Megatron's parallel state must be initialised).
 
-    ``init_weights=False`` when every weight is loaded right after (saves the random init).
+    ``init_weights=False`` when every weight is loaded right after (saves the random init);
+    ``ddp=True`` when it will train inside Megatron DDP (see ``transformer_config``).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -148,7 +205,9 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
-    tcfg = transformer_config(cfg, tp, pp, opts, cp, sequence_parallel=sequence_parallel, init_weights=init_weights)
+    tcfg = transformer_config(
+        cfg, tp, pp, opts, cp, sequence_parallel=sequence_parallel, init_weights=init_weights, ddp=ddp
+    )
     use_te = uses_transformer_engine(opts)
     model = GPTModel(
         config=tcfg,

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 IMPLS = ("torch", "triton")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _tp(group) -> tuple[int, int]:
@@ -104,7 +105,7 @@ def vocab_parallel_logprobs(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError("logits must be a 2-D tensor [tokens, vocab/TP]")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if logits.dtype not in LOGIT_DTYPES:
         raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:1]:
         raise ValueError(f"targets must be a tensor of shape {(logits.shape[0],)}")

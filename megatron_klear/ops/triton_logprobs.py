@@ -6,7 +6,9 @@ shift-invariant online statistics in float32 registers:
 Across TP ranks the per-row statistics ``[T, 4]`` are all-gathered once and combined in a
 fixed rank order (bitwise identical on every rank). Backward: one program per row recomputes
 p = e^(z - lse) from the logits and writes the logits gradient in the logits' dtype.
-Memory beyond logits and gradient: O(tokens). On CPU the kernels run under TRITON_INTERPRET=1.
+Memory beyond logits and gradient: O(tokens). On CPU the kernels run under TRITON_INTERPRET=1;
+``compile_cases()`` lists every launch for the compile check (``ops.triton_launch``), which
+compiles them for sm_90 and sm_80 with the real Triton compiler.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-_NEG = -1.0e30  # finite "minus infinity": keeps (m - m_new) * s at 0 instead of NaN
+from megatron_klear.ops.logprobs import LOGIT_DTYPES
+from megatron_klear.ops.triton_launch import KernelLaunch
+
+# Finite "minus infinity": keeps (m - m_new) * s at 0 instead of NaN. A constexpr, because
+# compiled Triton (unlike the interpreter) refuses to read a plain global inside a kernel.
+_NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -100,6 +107,67 @@ def _block_v(v_local: int) -> int:
     return min(triton.next_power_of_2(max(v_local, 16)), 4096)
 
 
+def stats_launch(logits, targets, stats, n_valid: int, vocab_start: int, inv_temp: float) -> KernelLaunch:
+    """The forward launch over ``[T, V_local]`` logits (one program per row)."""
+    args = dict(
+        logits_ptr=logits,
+        targets_ptr=targets,
+        stats_ptr=stats,
+        stride_row=logits.stride(0),
+        v_valid=n_valid,
+        vocab_start=vocab_start,
+        inv_temp=inv_temp,
+    )
+    return KernelLaunch(_stats_kernel, args, dict(BLOCK_V=_block_v(logits.shape[1])))
+
+
+def grad_launch(
+    logits, targets, lse, entropy, g_logp, g_ent, grad, n_valid: int, vocab_start: int, inv_temp: float
+) -> KernelLaunch:
+    """The backward launch; ``g_ent=None`` compiles the variant without the entropy gradient
+    (its pointer is then a placeholder the kernel never reads)."""
+    has_ent = g_ent is not None
+    args = dict(
+        logits_ptr=logits,
+        targets_ptr=targets,
+        lse_ptr=lse,
+        ent_ptr=entropy,
+        g_logp_ptr=g_logp,
+        g_ent_ptr=g_ent if has_ent else lse,
+        grad_ptr=grad,
+        stride_row=logits.stride(0),
+        grad_stride_row=grad.stride(0),
+        v_local=logits.shape[1],
+        v_valid=n_valid,
+        vocab_start=vocab_start,
+        inv_temp=inv_temp,
+    )
+    return KernelLaunch(_grad_kernel, args, dict(HAS_ENT_GRAD=has_ent, BLOCK_V=_block_v(logits.shape[1])))
+
+
+def compile_cases() -> list[KernelLaunch]:
+    """Every launch this module makes, for the compile check (``ops.triton_launch``): each logits
+    dtype the public function accepts, the backward with and without the entropy gradient, at
+    Qwen3's local vocabulary sizes (TP=1 and TP=4). Meta tensors: nothing is allocated."""
+    cases = []
+    t = 4096
+    for v_local in (151936, 37984):
+        for dtype in LOGIT_DTYPES:
+            logits = torch.empty(t, v_local, dtype=dtype, device="meta")
+            targets = torch.empty(t, dtype=torch.int64, device="meta")
+            rows = torch.empty(t, dtype=torch.float32, device="meta")
+            stats = torch.empty(t, 4, dtype=torch.float32, device="meta")
+            label = f"{str(dtype).removeprefix('torch.')} V_local={v_local}"
+            case = stats_launch(logits, targets, stats, v_local, 0, 1.0)
+            case.label = label
+            cases.append(case)
+            for g_ent in (rows, None):
+                case = grad_launch(logits, targets, rows, rows, rows, g_ent, logits, v_local, 0, 1.0)
+                case.label = f"{label} entropy_grad={g_ent is not None}"
+                cases.append(case)
+    return cases
+
+
 def _gather_stats(stats: torch.Tensor, group) -> torch.Tensor:
     """[T, 4] per rank -> [TP, T, 4] on every rank: the one collective of the forward."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
@@ -130,16 +198,7 @@ class _TritonVocabParallelLogProbs(torch.autograd.Function):
         rank = dist.get_rank(group) if group is not None and dist.is_initialized() else 0
         stats = torch.empty((t, 4), dtype=torch.float32, device=logits.device)
         if t:
-            _stats_kernel[(t,)](
-                logits,
-                targets,
-                stats,
-                logits.stride(0),
-                n_valid,
-                rank * v_local,
-                1.0 / temperature,
-                BLOCK_V=_block_v(v_local),
-            )
+            stats_launch(logits, targets, stats, n_valid, rank * v_local, 1.0 / temperature).launch((t,))
         logp, entropy, lse = combine_stats(_gather_stats(stats, group))
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature, ctx.vocab_start, ctx.n_valid = temperature, rank * v_local, n_valid
@@ -151,26 +210,12 @@ class _TritonVocabParallelLogProbs(torch.autograd.Function):
         t, v_local = logits.shape
         grad = torch.empty_like(logits)
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
-        has_ent = g_ent is not None
-        g_ent = g_ent.float().contiguous() if has_ent else lse  # placeholder pointer, unused
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
         if t:
-            _grad_kernel[(t,)](
-                logits,
-                targets,
-                lse,
-                entropy,
-                g_logp,
-                g_ent,
-                grad,
-                logits.stride(0),
-                grad.stride(0),
-                v_local,
-                ctx.n_valid,
-                ctx.vocab_start,
-                1.0 / ctx.temperature,
-                HAS_ENT_GRAD=has_ent,
-                BLOCK_V=_block_v(v_local),
+            launch = grad_launch(
+                logits, targets, lse, entropy, g_logp, g_ent, grad, ctx.n_valid, ctx.vocab_start, 1.0 / ctx.temperature
             )
+            launch.launch((t,))
         return grad, None, None, None, None, None
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from megatron_klear.data.synthetic import SyntheticDataConfig
+from megatron_klear.distributed import ParallelConfig
 from megatron_klear.errors import ConfigError
 from megatron_klear.inference.sglang import SGLangConfig
 from megatron_klear.ops.loss import AGGS, ALGOS, check_policy_args
@@ -209,6 +210,15 @@ class EvalConfig:
             raise ConfigError(f"{where}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+@dataclass
+class RLParallelConfig(ParallelConfig):
+    """The ``parallel`` section of an RL run. Its collective timeout is hours, not minutes:
+    while rank 0 evaluates (avg@64 over the held-out prompts at up to 32K tokens per sample, on
+    the engine), every other trainer rank waits for it in a collective."""
+
+    timeout_minutes: int = 240
+
+
 def _rl_optim() -> OptimConfig:
     """The recipe's RL optimizer: constant LR 1e-6 after 10 warm-up RL steps, Adam betas
     (0.9, 0.999) as the public RL run used (verl's AdamW default). A config's own ``optim``
@@ -220,6 +230,7 @@ def _rl_optim() -> OptimConfig:
 class RLConfig(RunConfig):
     """An RL run: the YAML file's top level (every section typed and checked at load)."""
 
+    parallel: RLParallelConfig = field(default_factory=RLParallelConfig)
     optim: OptimConfig = field(default_factory=_rl_optim)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save_interval=10))
     data: RLDataConfig = field(default_factory=RLDataConfig)
@@ -247,6 +258,13 @@ class RLConfig(RunConfig):
             raise ConfigError(
                 f"data.max_tokens_per_micro_batch={budget} is smaller than the longest sequence, "
                 f"rollout.max_prompt_len + rollout.max_response_len = {longest}"
+            )
+        if self.model.fp8 is not None:
+            raise ConfigError(
+                f"model.fp8={self.model.fp8!r} is not supported in RL: the old-log-prob and probe forwards would "
+                "score in FP8 against a bf16 inference engine (the ratio and the consistency check would measure "
+                "FP8 error), and FP8 GEMMs under sequence parallel need every sequence length / TP to be a multiple "
+                "of 8 while RL pads to 8; set model.fp8=null (FP8 is for SFT)"
             )
 
     def sglang_config(self, **fields: Any) -> SGLangConfig:

@@ -292,6 +292,7 @@ class RLRun:
             free_trainer_cache()
             if self.rank0:
                 self.engine.resume_memory(("weights",))
+        self.train_state.sync_params()  # the last update's all-gather otherwise waits for a forward
         st = sync_weights(self.engine, self.train_state.module, self.hf_cfg, version, r.bucket_mb * 2**20)
         if self.rank0 and r.release_memory:
             self.engine.resume_memory(("kv_cache", "cuda_graph"))

@@ -91,13 +91,15 @@ def sync_weights(
 
 
 def trainer_logprobs(model: torch.nn.Module, cfg: Qwen3Config, ids: list[int], temperature: float = 1.0):
-    """Collective: log p(ids[t] | ids[<t]) for t >= 1 under the trainer, on global rank 0."""
+    """Collective: log p(ids[t] | ids[<t]) for t >= 1 under the trainer, on global rank 0
+    (only the real tokens: ``forward_logits`` pads the sequence for sequence parallel and
+    returns the real positions)."""
 
     logits = send_to_rank0(forward_logits(model, torch.tensor([ids]), cfg.vocab_size))
     model.train()
     if logits is None:
         return None
-    lp = (logits[0, :-1].double() / temperature).log_softmax(-1)
+    lp = (logits[0, :-1].cpu().double() / temperature).log_softmax(-1)  # on the GPU when rank 0 holds it
     return lp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
 
 

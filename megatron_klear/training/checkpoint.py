@@ -127,6 +127,7 @@ def save_checkpoint(train_state: TrainState, root: Path, step: int, trainer_stat
         (tmp / "model").mkdir(parents=True)
         (tmp / "rng").mkdir()
     barrier()
+    train_state.sync_params()
     _ensure_optimizer_state(train_state)
     save_sharded(_sharded_state(train_state, is_loading=False), tmp / "model")
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank():05d}.pt")

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from megatron_klear.distributed import is_main
 from megatron_klear.errors import ConfigError
@@ -108,10 +108,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def model_flops_per_token(hf, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), dense matmuls + attention."""
+def model_flops(hf, doc_lengths: Iterable[int]) -> float:
+    """Model FLOPs of training (forward + backward = 3x forward) on one packed sequence whose
+    documents have these real lengths (padding excluded: it is not part of any document).
+
+    Per real token: the dense matmuls of every layer (QKV, output projection, SwiGLU MLP) and
+    the LM head, 2 FLOPs per multiply-add. Attention works within each document (THD packing or
+    the block-diagonal mask): causally, a document of d tokens has d^2 / 2 query-key pairs, each
+    costing 2 x (heads x head_dim) multiply-adds (QK^T and PV), i.e. 2 x q_dim x d^2 FLOPs per layer.
+    """
     h, L, hd = hf.hidden_size, hf.num_hidden_layers, hf.head_dim
     q, kv = hf.num_attention_heads * hd, hf.num_key_value_heads * hd
-    per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * hf.intermediate_size
-    attn = 2 * 2 * q * seq_len / 2  # QK^T and PV, causal: half the square on average
-    return 3 * (L * (per_layer + attn) + 2 * h * hf.vocab_size)
+    per_layer_token = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * hf.intermediate_size
+    per_token = L * per_layer_token + 2 * h * hf.vocab_size
+    lengths = [int(d) for d in doc_lengths]
+    attention = L * 2 * q * sum(d * d for d in lengths)
+    return 3 * (sum(lengths) * per_token + attention)

@@ -68,6 +68,14 @@ class TrainState:
         """The bare GPTModel stage (unwrapped from DDP)."""
         return self.model.module
 
+    def sync_params(self) -> None:
+        """Collective over data parallel: make every parameter current now. With
+        ``overlap_param_gather`` an optimizer step updates only this rank's shard and the
+        all-gather waits for the next forward; a checkpoint save or a weight sync reads the
+        parameters outside any forward, so it calls this first."""
+        if self.model.ddp_config.overlap_param_gather:
+            self.model.start_param_sync(force_sync=True)
+
 
 def build_train_state(
     hf_cfg: Qwen3Config,
@@ -89,14 +97,18 @@ def build_train_state(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    gpt = build_model(hf_cfg, opts, sequence_parallel=sequence_parallel, init_weights=init_weights is None)
+    gpt = build_model(hf_cfg, opts, sequence_parallel=sequence_parallel, init_weights=init_weights is None, ddp=True)
     if init_weights is not None:
         init_weights(gpt)
     cfg = gpt.config
     cfg.calculate_per_token_loss = True
+    # Gradient reduce-scatter overlaps the backward and the parameter all-gather overlaps the
+    # next forward (per bucket, in DDP's hooks). The gathered parameters are then current only
+    # inside a forward: anything else that reads them calls TrainState.sync_params first.
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
         use_distributed_optimizer=True,
         check_for_nan_in_grad=False,
     )

@@ -51,6 +51,8 @@ def test_every_example_config_loads(path):
         ("reward.code.timeout_s=fast", "reward.code.timeout_s: expected a number"),
         ("model.create_tiny={layerz: 3}", "unknown config key model.create_tiny.layerz"),
         ("model.fp8=e5m2", "model.fp8 must be null or one of"),
+        ("model.fp8=hybrid", "model.fp8='hybrid' is not supported in RL"),
+        ("parallel.timeout_minutes=0", "parallel.timeout_minutes must be >= 1"),
         ("model.logprob_impl=cuda", "model.logprob_impl must be 'torch' or 'triton'"),
         ("algo.eps_low=1.5", "algo.eps_low must be < 1"),
         ("algo.eps_high=-0.1", "algo.eps_high must be >= 0"),
@@ -71,11 +73,48 @@ def test_rl_section_errors_at_load_name_the_key(override, message):
         load_config(RLConfig, RL, [override])
 
 
+def test_rl_waits_hours_in_collectives_sft_minutes():
+    """Rank 0 evaluates while the other RL ranks wait in a collective: RL's default is hours.
+    A ``parallel`` section in the file keeps the run's own default for keys it leaves out."""
+    rl = load_config(RLConfig, RL, ["parallel.tp=1"])
+    assert rl.parallel.timeout_minutes == 240
+    assert load_config(RLConfig, RL, ["parallel.timeout_minutes=600"]).parallel.timeout_minutes == 600
+    assert load_config(SFTConfig, SFT, ["parallel.tp=1"]).parallel.timeout_minutes == 30
+
+
 def test_sft_section_errors_at_load_name_the_key():
     with pytest.raises(ConfigError, match="data.overlong must be 'truncate' or 'drop'"):
         load_config(SFTConfig, SFT, ["data.overlong=cut"])
     with pytest.raises(ConfigError, match="model.recompute must be null, 'full' or 'selective'"):
         load_config(SFTConfig, SFT, ["model.recompute=some"])
+
+
+def test_recompute_options_reach_megatron_and_misuse_is_named():
+    """``model.recompute*`` become Megatron's TransformerConfig fields; misuse fails at load."""
+    from megatron_klear.models.config import Qwen3Config
+    from megatron_klear.models.qwen3 import transformer_config
+    from megatron_klear.models.shapes import qwen3_config_dict
+
+    hf = Qwen3Config.from_dict(qwen3_config_dict("tiny"))  # 2 layers
+    sel = load_config(SFTConfig, SFT, ["model.recompute=selective", "model.recompute_modules=[mlp]"]).model
+    tc = transformer_config(hf, 1, 1, sel)
+    assert (tc.recompute_granularity, tc.recompute_modules) == ("selective", ["mlp"])
+    full = load_config(
+        SFTConfig, SFT, ["model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=2"]
+    ).model
+    tc = transformer_config(hf, 1, 1, full)
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "block", 2)
+    assert not tc.apply_rope_fusion and not tc.gradient_accumulation_fusion  # no TE, no apex, no GPU here
+    with pytest.raises(ConfigError, match="recompute_num_layers=2 exceeds the 1 layers of a pipeline stage"):
+        transformer_config(hf, 1, 2, full)
+    for overrides, message in [
+        (["model.recompute_modules=[mlp]"], "model.recompute_modules needs model.recompute=selective"),
+        (["model.recompute=selective", "model.recompute_modules=[attn]"], "model.recompute_modules must be"),
+        (["model.recompute_method=block"], "need model.recompute=full"),
+        (["model.recompute=full", "model.recompute_method=block"], "model.recompute_method=block needs"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(SFTConfig, SFT, overrides)
 
 
 def test_loss_and_config_accept_the_same_gppo_bounds():

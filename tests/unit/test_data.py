@@ -124,6 +124,8 @@ def test_aligned_packing_for_context_parallel(tmp_path, tok_dir):
                 )
             if ds.align > 1:
                 assert all(c % 4 == 0 for c in s.cu_seqlens)
+            # real tokens per document: alignment and end-of-pack padding left out (tokens/s, FLOPs)
+            assert s.document_lengths().tolist() == [int(ds.lengths[i]) for i in ids]
             supervised = sum(s.loss_mask[a : a + int(ds.lengths[i])].sum() for i, a in zip(ids, s.cu_seqlens))
             assert s.loss_mask.sum() == supervised  # alignment padding carries no loss
         return docs

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from megatron_klear.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from megatron_klear.checkpoint.megatron_ckpt import is_valid_checkpoint
-from megatron_klear.distributed import ParallelConfig, spawn
+from megatron_klear.distributed import NO_GPU_ENV, ParallelConfig, spawn
 from megatron_klear.errors import CheckpointError, ConfigError
 from megatron_klear.models import hf_mapping
 from megatron_klear.models.config import Qwen3Config, load_hf_config, padded_vocab_size
-from tests.dist_workers import logits_worker
+from tests.dist_workers import env_worker, logits_worker, te_extra_state_worker
 from tests.references import hf_logits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -245,3 +245,26 @@ def test_hf_config_fields(hf_models):
     assert cfg.tie_word_embeddings and cfg.rope_theta == 1_000_000.0
     with pytest.raises(CheckpointError, match="no config.json"):
         load_hf_config(hf_models["gqa4_tied"] / "nothing")
+
+
+def test_spawned_child_env_and_group_timeouts(tmp_path):
+    """``spawn(env=NO_GPU_ENV)`` (the HF export child) hides every GPU before the child starts
+    CUDA; ``parallel.timeout_minutes`` reaches the default group and Megatron's groups."""
+    out = tmp_path / "seen.pt"
+    spawn(env_worker, 1, 123, str(out), env=NO_GPU_ENV)
+    seen = torch.load(out)
+    assert seen["cuda_visible"] == "" and seen["gpus"] == 0
+    assert seen["timeouts"] == {"world": 123 * 60.0, "tp": 123 * 60.0, "dp": 123 * 60.0}
+
+
+def test_te_model_loads_a_local_spec_checkpoint(converted, tmp_path):
+    """A Transformer Engine model's sharded state dict has ``_extra_state`` entries a converted
+    (local-spec) checkpoint lacks: they load with the model's own value, and only they do."""
+    out = tmp_path / "te.pt"
+    spawn(te_extra_state_worker, 1, str(converted["gqa4_tied"]), str(out))
+    r = torch.load(out)
+    for key in ("decoder.final_layernorm", "decoder.layers.0.self_attention.q_layernorm"):
+        assert f"{key}._extra_state" in r["extra"]
+    assert r["same"], "weights loaded into the TE-like model differ from a plain load"
+    assert r["error"] is not None and "lacks 1 of its tensors" in r["error"]
+    assert "decoder.final_layernorm.scale" in r["error"]

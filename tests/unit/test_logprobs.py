@@ -9,17 +9,9 @@ from megatron_klear.distributed import spawn
 from megatron_klear.ops.logprobs import vocab_parallel_logprobs
 from megatron_klear.ops.loss import policy_loss
 from tests.dist_workers import logprobs_tp_worker
+from tests.references import reference_f64
 
 IMPLS = ["torch", "triton"]
-
-
-def reference_f64(logits, targets, temperature, g_logp, g_ent):
-    x = logits.double().detach().requires_grad_()
-    logsm = torch.log_softmax(x / temperature, dim=-1)
-    logp = logsm.gather(-1, targets[:, None]).squeeze(-1)
-    ent = -(logsm.exp() * logsm).sum(-1)
-    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
-    return logp, ent, x.grad
 
 
 def run(impl, logits, targets, temperature, g_logp, g_ent):

@@ -81,3 +81,21 @@ def test_context_parallel_shares_are_load_balanced_and_keep_the_targets(tmp_path
 def test_scientific_notation_is_a_number():
     cfg = load_config(SFTConfig, ROOT / "examples/tiny/sft.yaml", ["optim.lr=1e-5", "optim.min_lr=1e-6"])
     assert cfg.optim.lr == 1e-5 and cfg.optim.min_lr == 1e-6
+
+
+def test_model_flops_count_attention_within_documents():
+    """Hand count for a pack of documents [3, 5] (plus 2 padding tokens, not passed) on a model
+    with hidden 4, 2 layers, 2 heads / 1 KV head of dim 2, FFN 6, vocabulary 10."""
+    from megatron_klear.models.config import Qwen3Config
+    from megatron_klear.models.shapes import qwen3_config_dict
+    from megatron_klear.training.metrics import model_flops
+
+    shape = dict(hidden_size=4, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=2)
+    hf = Qwen3Config.from_dict(qwen3_config_dict("tiny", **shape, intermediate_size=6, vocab_size=10))
+    # per token and layer: QKV 2*4*(4+2+2) = 64, output projection 2*4*4 = 32, SwiGLU 3 * 2*4*6 = 144
+    # -> 240, x 2 layers = 480, + LM head 2*4*10 = 80: 560 per token, 8 real tokens: 4480
+    # attention per layer and document: QK^T over d^2/2 causal pairs, each a dot product of
+    # q_dim = 2 x 2 = 4 (8 FLOPs): 4 d^2; PV the same: 8 d^2. (9 + 25) x 8 = 272, x 2 layers = 544
+    assert model_flops(hf, [3, 5]) == 3 * (4480 + 544)
+    # the same 8 tokens as one document: 64 x 8 x 2 layers = 1024 of attention
+    assert model_flops(hf, [8]) == 3 * (4480 + 1024)

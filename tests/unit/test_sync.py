@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from megatron_klear.checkpoint.convert import hf_to_megatron
 from megatron_klear.distributed import spawn
-from tests.dist_workers import gather_worker, sync_worker
+from tests.dist_workers import gather_worker, overlap_save_worker, sync_worker
 
 
 @pytest.mark.parametrize("name,tp,pp", [("gqa4_tied", 2, 2), ("gqa1_untied", 2, 2), ("gqa4_untied", 1, 1)])
@@ -35,7 +35,8 @@ def test_gathered_weights_equal_the_hf_checkpoint(name, tp, pp, hf_models, tmp_p
 
 def test_sync_into_hf_engine_after_training_tp2_pp2(hf_models, tmp_path):
     """After optimizer steps at TP2 x PP2: every engine parameter equals the trainer's, the
-    log-probs agree, and a sync into an engine of another shape fails on every rank."""
+    log-probs agree on the probe's real tokens (its forward padded to a multiple of TP), and a
+    sync into an engine of another shape fails on every rank."""
     out = str(tmp_path / "sync")
     spawn(sync_worker, 4, 2, 2, str(hf_models["gqa4_untied"]), str(hf_models["gqa1_untied"]), out)
     results = [torch.load(f"{out}.{r}") for r in range(4)]
@@ -49,5 +50,17 @@ def test_sync_into_hf_engine_after_training_tp2_pp2(hf_models, tmp_path):
     assert r0["version"] == "step-3" and r0["buckets"] > 1
     for r in results:  # every rank agrees on the probe and on the failure
         assert r["diff"] == r0["diff"] and r["diff"] < 1e-4
+        assert r["probe_lengths"] == [18], "the 17-token probe runs padded to a multiple of TP=2"
         assert r["failure"] is not None and "engine shape" in r["failure"]
     assert r0["wrong_stale"]
+
+
+def test_checkpoint_after_an_overlapped_step_holds_the_update(hf_models, tmp_path):
+    """With overlap_param_gather a step updates only each DP rank's shard until the next forward.
+    A save reads the parameters outside any forward: it must gather first (TrainState.sync_params)."""
+    out = str(tmp_path / "r")
+    spawn(overlap_save_worker, 2, str(hf_models["gqa4_untied"]), str(tmp_path / "ck"), out)
+    for rank in range(2):
+        r = torch.load(f"{out}.{rank}")
+        assert r["stale"] > 0, "the other rank's shard was current before the save gathered it"
+        assert r["saved_equal"], "the checkpoint holds weights from before the step"
