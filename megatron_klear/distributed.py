@@ -1,27 +1,42 @@
-"""Process groups from torchrun or Slurm environments, device choice, parallel validation."""
+"""Process groups from torchrun or Slurm environments, device choice, parallel validation,
+local worker processes, and helper processes that die with their parent.
+
+A rank that dies (kill -9, a node failure) must not leave its helpers behind: Megatron's
+checkpoint writers (forked) and its results-queue manager (spawned) would otherwise be reparented
+to PID 1 and live on, holding memory and pipes. ``children_die_with_me`` makes every child this
+process forks get SIGKILL when it dies (Linux ``PR_SET_PDEATHSIG``, or a thread watching the
+parent's PID where that is not available); ``die_with_parent`` does the same from inside a
+spawned child.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from megatron_klear.compat import install_cpu_compat
-from megatron_klear.errors import ConfigError
+from megatron_klear.errors import ConfigError, KlearError
 
 
 @dataclass
 class ParallelConfig:
     """The ``parallel`` section: model-parallel layout. Data parallel is what is left of the world."""
 
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
     sequence_parallel: bool = False  # Transformer Engine only; needs tp > 1
     context_parallel: int = 1  # Transformer Engine only; splits every packed sequence over cp ranks
     # How long a collective may wait for a peer before the job fails. It must cover the longest
@@ -111,6 +126,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234) -> DistEnv:
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=parallel.timeout_minutes),
         )
+    children_die_with_me()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -128,6 +144,10 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234) -> DistEnv:
 
 def destroy_distributed() -> None:
     """Tear down Megatron's groups and the default process group."""
+    global _wait_group
+    _wait_group = None
+    if not dist.is_initialized():
+        return
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
@@ -143,6 +163,38 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# Waiting for rank 0 can take longer than the collective timeout (a token cache of a large data
+# set takes most of an hour): the wait goes through a gloo group of its own with a long timeout.
+_WAIT_TIMEOUT = datetime.timedelta(days=2)
+_wait_group = None
+
+
+def rank0_first(fn: Callable[[], Any], what: str) -> Any:
+    """Collective: rank 0 runs ``fn()`` first, then every other rank does (rank 0 builds a cache
+    that the others then read). The others wait however long rank 0 takes (not bounded by the
+    collective timeout); an error on rank 0 is raised on every rank, a ``KlearError`` as is."""
+    global _wait_group
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    if _wait_group is None:
+        _wait_group = dist.new_group(backend="gloo", timeout=_WAIT_TIMEOUT)
+    box: list = [None]
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as e:
+            box[0] = e if isinstance(e, KlearError) else RuntimeError(f"rank 0 failed while {what}: {e!r}")
+            dist.broadcast_object_list(box, src=0, group=_wait_group)
+            raise
+        dist.broadcast_object_list(box, src=0, group=_wait_group)
+        return result
+    print(f"waiting for rank 0: {what}", flush=True)
+    dist.broadcast_object_list(box, src=0, group=_wait_group)
+    if box[0] is not None:
+        raise box[0]
+    return fn()
 
 
 def comm_device() -> torch.device:
@@ -166,7 +218,10 @@ _LAUNCHER_VARS = ("TORCHELASTIC_", "GROUP_", "ROLE_", "LOCAL_WORLD_SIZE", "MASTE
 NO_GPU_ENV = {"CUDA_VISIBLE_DEVICES": ""}
 
 
-def _child(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple, env: dict) -> None:
+def _child(
+    rank: int, fn: Callable[..., Any], world_size: int, port: int, parent: int, errors, args: tuple, env: dict
+) -> None:
+    die_with_parent(parent)
     for key in [k for k in os.environ if k.startswith(_LAUNCHER_VARS)]:
         del os.environ[key]
     # Before anything initialises CUDA (torch reads CUDA_VISIBLE_DEVICES at its first CUDA call).
@@ -178,15 +233,94 @@ def _child(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    fn(*args)
+    try:
+        fn(*args)
+    except (KlearError, OSError) as e:  # the user's (or the disk's) error: the parent raises it as is
+        errors.put(e)
+        raise SystemExit(2) from None
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, env: Optional[dict] = None) -> None:
     """Call ``fn(*args)`` in ``world_size`` fresh processes; raises if any of them fails.
 
+    A ``KlearError`` (or ``OSError``) in a worker is raised here as the same error (the tools
+    print it as one line); anything else keeps the worker's traceback. The workers die with this process.
     Fresh processes also for ``world_size == 1``: Megatron's global parallel state must not
     leak into the caller. ``env`` is set in each child before ``fn`` runs (``NO_GPU_ENV``: the
     child sees no GPU).
     """
-    child_args = (fn, world_size, free_port(), args, dict(env or {}))
-    mp.start_processes(_child, args=child_args, nprocs=world_size, start_method="spawn")
+    errors = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.start_processes(
+            _child,
+            args=(fn, world_size, free_port(), os.getpid(), errors, args, dict(env or {})),
+            nprocs=world_size,
+            start_method="spawn",
+        )
+    except ProcessException:
+        if not errors.empty():
+            raise errors.get() from None
+        raise
+
+
+# --- helper processes die with their parent ------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+_hooked = False
+_fork_state = {"from_main_thread": True, "parent": 0}
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit as soon as ``parent`` is no longer this process's parent (it died: we were reparented)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+def die_with_parent(parent: Optional[int] = None) -> None:
+    """This process gets SIGKILL when ``parent`` (default: its parent now) dies.
+
+    Linux ``PR_SET_PDEATHSIG`` (the kernel's signal fires even when the parent is killed -9);
+    elsewhere a daemon thread watches the parent's PID. Exits at once if the parent is already
+    gone (it died before the signal was armed).
+    """
+    parent = parent or os.getppid()
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        _watch_parent(parent)
+
+
+def _before_fork() -> None:
+    _fork_state.update(from_main_thread=threading.current_thread() is threading.main_thread(), parent=os.getpid())
+
+
+def _after_fork_in_child() -> None:
+    # PDEATHSIG fires when the *thread* that forked exits; only the main thread lives as long as
+    # the process, so a child forked from another thread watches the parent's PID instead.
+    if _fork_state["from_main_thread"]:
+        die_with_parent(_fork_state["parent"])
+    else:
+        _watch_parent(_fork_state["parent"])
+
+
+def children_die_with_me() -> None:
+    """Every child this process forks from now on dies with it (idempotent).
+
+    Covers ``multiprocessing`` fork children (Megatron's checkpoint writers); programs started
+    with ``subprocess`` or the spawn method do not run fork hooks (see ``die_with_parent``).
+    """
+    global _hooked
+    if not _hooked:
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+        _hooked = True

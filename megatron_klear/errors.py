@@ -46,3 +46,7 @@ class SandboxError(KlearError, RuntimeError):
 
     Never a failed test: the message names the backend and the reason.
     """
+
+
+class OutputDirError(KlearError, RuntimeError):
+    """The output directory cannot be used: another live run holds it, or it is not writable."""

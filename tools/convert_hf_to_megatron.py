@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_klear.checkpoint.convert import hf_to_megatron
-from megatron_klear.errors import CheckpointError, ConfigError
+from megatron_klear.errors import KlearError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output Megatron checkpoint directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write with")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write with")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output directory (never one that is or contains the input)",
+    )
     a = p.parse_args(argv)
     try:
         hf_to_megatron(a.hf, a.out, tp=a.tp, pp=a.pp, force=a.force)
-    except (CheckpointError, ConfigError) as e:
+    except (KlearError, OSError) as e:  # every user error: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out} (tp={a.tp}, pp={a.pp})")

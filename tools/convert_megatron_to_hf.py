@@ -16,19 +16,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_klear.checkpoint.convert import megatron_to_hf
-from megatron_klear.errors import CheckpointError, ConfigError
+from megatron_klear.errors import KlearError
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="Megatron checkpoint directory")
     p.add_argument("--out", required=True, help="output HF model directory")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output directory (never one that is or contains the input)",
+    )
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard")
     a = p.parse_args(argv)
     try:
         megatron_to_hf(a.load, a.out, force=a.force, max_shard_bytes=int(a.max_shard_gb * 1024**3))
-    except (CheckpointError, ConfigError) as e:
+    except (KlearError, OSError) as e:  # every user error: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}")

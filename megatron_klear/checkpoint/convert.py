@@ -7,9 +7,11 @@ a temporary name and appears only when complete. The tensors move through ``mode
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.distributed as dist
 
-from megatron_klear.checkpoint.hf_io import HFReader, HFWriter, copy_side_files
+from megatron_klear.checkpoint.hf_io import HFReader, HFWriter, copy_side_files, write_generation_config
 from megatron_klear.checkpoint.megatron_ckpt import (
     atomic_dir,
     check_output_dir,
@@ -22,7 +24,7 @@ from megatron_klear.distributed import NO_GPU_ENV, ParallelConfig, destroy_distr
 from megatron_klear.models import hf_mapping
 from megatron_klear.models.config import Qwen3Config, load_hf_config, validate_parallel
 from megatron_klear.models.qwen3 import ModelOptions, build_model
-from megatron_klear.models.weights import iter_hf_weights, load_hf_weights
+from megatron_klear.models.weights import check_hf_shapes, iter_hf_weights, load_hf_weights
 
 # --- offline conversion (the tools are thin wrappers around these) -----------------------------
 
@@ -55,7 +57,7 @@ def _hf_to_megatron_worker(hf_dir: str, tmp: str, tp: int, pp: int) -> None:
         _log_rss("built model")
         n = sum(1 for _ in model.parameters())
         with _progress(n, f"load HF (rank 0 of {tp * pp})", is_main()) as bar:
-            load_hf_weights(model, cfg, reader.get, on_param=lambda _: bar.update())
+            load_hf_weights(model, cfg, reader.get, on_param=lambda _: bar.update(), source=hf_dir)
         _log_rss("loaded HF weights")
         save_model(model, Path(tmp))
         _log_rss("saved")
@@ -75,15 +77,17 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool 
     complete. ``tp * pp`` local processes each read only their shard of every tensor.
     """
 
+    check_output_dir(out, force, inputs=(hf_dir,))
     cfg = load_hf_config(hf_dir)
     validate_parallel(cfg, tp, pp)
-    HFReader(hf_dir).require(hf_mapping.hf_tensor_names(cfg))
-    check_output_dir(out, force)
+    reader = HFReader(hf_dir)
+    reader.require(hf_mapping.hf_tensor_names(cfg))
+    check_hf_shapes(cfg, reader.shape, hf_dir)
     with atomic_dir(out, force, collective=False) as tmp:
         spawn(_hf_to_megatron_worker, tp * pp, hf_dir, str(tmp), tp, pp)
 
 
-def _megatron_to_hf_worker(load: str, tmp: str, max_shard_bytes: int) -> None:
+def _megatron_to_hf_worker(load: str, tmp: str, max_shard_bytes: int, sampling: Optional[dict]) -> None:
     import json
     import os
     from pathlib import Path
@@ -107,18 +111,29 @@ def _megatron_to_hf_worker(load: str, tmp: str, max_shard_bytes: int) -> None:
         writer.close()
         (Path(tmp) / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
         copy_side_files(load, tmp)
+        if sampling is not None:
+            write_generation_config(tmp, **sampling)
     finally:
         destroy_distributed()
 
 
-def megatron_to_hf(load: str, out: str, force: bool = False, max_shard_bytes: int = 2 * 1024**3) -> None:
+def megatron_to_hf(
+    load: str,
+    out: str,
+    force: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    sampling: Optional[dict] = None,
+) -> None:
     """Convert a Megatron checkpoint (written at any TP/PP) back into an HF directory.
 
     The conversion runs in one child process that sees no GPU (the end-of-run export must not
     allocate on GPU 0 beside the trainer; a CPU reads and writes the tensors as fast as the disk).
+
+    ``sampling`` (``temperature``, ``top_p``, ``top_k``): written into the exported
+    generation_config.json (see ``hf_io.write_generation_config``); None copies the source's.
     """
 
+    check_output_dir(out, force, inputs=(load,))
     read_marker(load)
-    check_output_dir(out, force)
     with atomic_dir(out, force, collective=False) as tmp:
-        spawn(_megatron_to_hf_worker, 1, load, str(tmp), max_shard_bytes, env=NO_GPU_ENV)
+        spawn(_megatron_to_hf_worker, 1, load, str(tmp), max_shard_bytes, sampling, env=NO_GPU_ENV)

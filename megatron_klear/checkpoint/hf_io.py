@@ -1,11 +1,13 @@
-"""Streaming reads and writes of HF safetensors checkpoints (sharded, with index)."""
+"""Streaming reads and writes of HF safetensors checkpoints (sharded, with index), and the
+generation config an exported model is served with."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -92,6 +94,18 @@ class HFReader:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CheckpointError(f"{self.dir}: partial checkpoint, missing tensors {', '.join(missing[:5])}{more}")
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` from its file's header (nothing is loaded)."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} not found (partial checkpoint?)")
+        fname = self.weight_map[name]
+        if fname not in self._headers:
+            self._headers[fname] = read_safetensors_header(self.dir / fname)
+        header = self._headers[fname][1]
+        if name not in header:
+            raise CheckpointError(f"{self.dir / fname}: tensor {name!r} is listed in the index but not in the file")
+        return tuple(header[name]["shape"])
+
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from disk now."""
         if name not in self.weight_map:
@@ -156,10 +170,24 @@ class HFWriter:
         for i, (tmp, names) in enumerate(self._shards):
             final = SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             (self.dir / tmp).rename(self.dir / final)
+            (self.dir / final).chmod(file_mode())  # safetensors writes 0600; a served model is shared
             weight_map.update({k: final for k in names})
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def file_mode() -> int:
+    """The mode an ordinary new file gets here: 0666 minus the umask (0644 with the usual 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
@@ -171,6 +199,58 @@ def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
             shutil.copy2(p, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def _token_id(model_dir: Path, token: str) -> Optional[int]:
+    """The id of special token ``token`` from tokenizer.json / tokenizer_config.json, if listed."""
+    tok = model_dir / "tokenizer.json"
+    if tok.is_file():
+        for t in json.loads(tok.read_text()).get("added_tokens", []):
+            if t.get("content") == token:
+                return int(t["id"])
+    cfg = model_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        for i, t in json.loads(cfg.read_text()).get("added_tokens_decoder", {}).items():
+            if t.get("content") == token:
+                return int(i)
+    return None
+
+
+def _chat_template(model_dir: Path) -> str:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = model_dir / "tokenizer_config.json"
+    template = json.loads(cfg.read_text()).get("chat_template", "") if cfg.is_file() else ""
+    return template if isinstance(template, str) else json.dumps(template)
+
+
+def _ids(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def write_generation_config(model_dir: str | Path, temperature: float, top_p: float, top_k: int = -1) -> dict:
+    """Make ``model_dir/generation_config.json`` sample as our evaluation does, and stop at the
+    end of a chat turn: its eos ids are those of the model and of any generation config already
+    there, plus ``<|im_end|>`` when the chat template ends turns with it. Returns what it wrote."""
+    d = Path(model_dir)
+    path = d / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    model_cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    eos = _ids(gen.get("eos_token_id")) + _ids(model_cfg.get("eos_token_id"))
+    im_end = _token_id(d, "<|im_end|>")
+    if im_end is not None and "<|im_end|>" in _chat_template(d):
+        eos.insert(0, im_end)
+    gen.update(do_sample=temperature > 0, temperature=temperature, top_p=top_p)
+    if top_k > 0:
+        gen["top_k"] = top_k
+    if eos:
+        gen["eos_token_id"] = list(dict.fromkeys(eos))
+    for key in ("bos_token_id", "pad_token_id"):
+        if key not in gen and model_cfg.get(key) is not None:
+            gen[key] = model_cfg[key]
+    path.write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    return gen
 
 
 def iter_tensors(reader: HFReader, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_klear.distributed import broadcast_object
+from megatron_klear.distributed import broadcast_object, die_with_parent
 from megatron_klear.errors import CheckpointError
 from megatron_klear.models.config import Qwen3Config
 
@@ -52,26 +52,74 @@ def _broadcast_str(value: Optional[str], collective: bool = True) -> str:
 
 
 def is_valid_checkpoint(path: str | Path) -> bool:
-    """True if ``path`` is a completely written checkpoint."""
+    """True if ``path`` is a completely written checkpoint (its marker was written last)."""
     p = Path(path)
     return (p / MARKER).is_file() and (p / "model" / "metadata.json").is_file()
 
 
-def read_marker(path: str | Path) -> dict:
-    """The metadata of a complete checkpoint; a clear error otherwise."""
+def _storage_sizes(model_dir: Path) -> dict[str, int]:
+    """Bytes each data file of a torch_dist checkpoint must hold, from its ``.metadata``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(model_dir)).read_metadata()
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    return need
+
+
+def checkpoint_problem(path: str | Path) -> Optional[str]:
+    """What is missing or broken in the checkpoint at ``path``, naming the file; None when every
+    file is there, readable and as long as the metadata says. Reads metadata only (cheap at any
+    model size); corruption inside a data file of the right length shows only when loading."""
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(f"{p}: checkpoint directory does not exist")
-    if not is_valid_checkpoint(p):
-        raise CheckpointError(
-            f"{p}: not a complete megatron-klear checkpoint (missing {MARKER} or model/metadata.json; "
-            "an interrupted write?)"
-        )
-    return json.loads((p / MARKER).read_text())
+        return f"{p} does not exist"
+    model = p / "model"
+    for f in (p / MARKER, p / "config.json", model / "metadata.json", model / ".metadata", model / "common.pt"):
+        if not f.is_file():
+            return f"{f} is missing" + (" (an interrupted write?)" if f.name == MARKER else "")
+    for f in (p / MARKER, p / "config.json", model / "metadata.json"):
+        try:
+            json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            return f"{f} is not valid JSON ({e})"
+    try:
+        sizes = _storage_sizes(model)
+    except Exception as e:
+        return f"{model / '.metadata'} is unreadable ({type(e).__name__}: {e})"
+    for name, need in sorted(sizes.items()):
+        f = model / name
+        if not f.is_file():
+            return f"{f} is missing (listed in {model / '.metadata'})"
+        if f.stat().st_size < need:
+            return f"{f} is truncated: {f.stat().st_size} of {need} bytes"
+    try:
+        torch.load(model / "common.pt", map_location="cpu", weights_only=False)
+    except Exception as e:
+        return f"{model / 'common.pt'} is unreadable ({type(e).__name__}: {e})"
+    return None
 
 
-def check_output_dir(out: str | Path, force: bool) -> None:
-    """Refuse to overwrite an existing output unless ``force``."""
+def read_marker(path: str | Path) -> dict:
+    """The metadata of a complete checkpoint; an error naming the missing or broken file otherwise."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: not a loadable megatron-klear checkpoint: {problem}")
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Refuse to overwrite an existing output unless ``force``, and refuse, even with ``force``,
+    an output that is one of ``inputs`` or contains one (replacing it would delete the input)."""
+    target = Path(out).resolve()
+    for src in inputs:
+        source = Path(src).resolve()
+        if source == target or target in source.parents:
+            raise CheckpointError(
+                f"--out {out} {'is' if source == target else 'contains'} the input {src}: "
+                "replacing it would delete the input; choose another --out"
+            )
     if Path(out).exists() and not force:
         raise CheckpointError(f"{out}: output directory exists; pass --force to replace it")
 
@@ -119,10 +167,35 @@ def write_marker(path: Path, cfg: Qwen3Config, **extra) -> None:
     (path / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
+_writer_manager = None
+
+
+def _own_writer_results_queue() -> None:
+    """Give Megatron's checkpoint writer a results queue whose manager process dies with us.
+
+    Megatron-Core 0.16 creates it lazily with ``mp.get_context("spawn").Manager()``: a spawned
+    server process (a full interpreter with our imports, ~0.3-0.5 GB) that nothing stops when
+    the rank is killed; it was reparented to PID 1 and lived on. Ours runs ``die_with_parent``
+    first. ``_results_queue`` is Megatron's module global for exactly this queue.
+    """
+    global _writer_manager
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _writer_manager is None and getattr(filesystem_async, "_results_queue", False) is None:
+        _writer_manager = SyncManager(ctx=mp.get_context("spawn"))
+        _writer_manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = _writer_manager.Queue()
+
+
 def save_sharded(state: dict, target: Path) -> None:
     """Megatron ``dist_checkpointing.save`` of a sharded state dict into ``target`` (collective)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    _own_writer_results_queue()
 
     # One writer process per rank: each extra writer holds its own serialisation buffers.
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
@@ -144,12 +217,15 @@ def load_sharded(sharded: dict, path: str | Path) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: cannot load: {problem}")
     try:
         state, _, absent = dist_checkpointing.load(
             sharded, str(Path(path) / "model"), strict=StrictHandling.RETURN_UNEXPECTED
         )
     except (Exception, CheckpointException) as e:  # torch DCP's CheckpointException is a BaseException
-        raise CheckpointError(f"{path}: cannot load into this model: {e}") from e
+        raise CheckpointError(f"{path}: cannot load into this model: {_reason(e)}") from e
     lacking = sorted(k for k in absent if not k.endswith(EXTRA_STATE_SUFFIX))
     verdicts = [lacking]
     if dist.is_initialized():  # ranks hold different keys: all of them fail together
@@ -162,6 +238,19 @@ def load_sharded(sharded: dict, path: str | Path) -> dict:
             f"e.g. {', '.join(lacking[:3])}"
         )
     return state
+
+
+def _reason(e: BaseException) -> str:
+    """The message of a load failure; torch DCP's names only the failing ranks, so its per-rank
+    causes are spelled out."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException) and failures:
+        parts = []
+        for r, failure in sorted(failures.items()):
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            parts.append(f"rank {r}: {type(exc).__name__}: {exc}")
+        return "; ".join(parts)
+    return f"{type(e).__name__}: {e}" if not str(e).startswith(type(e).__name__) else str(e)
 
 
 def load_state_checked(model: torch.nn.Module, state: dict, path: str | Path) -> None:

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_klear.errors import CheckpointError
 from megatron_klear.models import hf_mapping
 from megatron_klear.models.config import Qwen3Config, padded_vocab_size
 
@@ -45,25 +46,54 @@ def local_params(model: torch.nn.Module, cfg: Qwen3Config) -> Iterator[tuple[str
         yield gname, hf_mapping.spec_for(gname, specs, cfg), param
 
 
+def _shape_error(source: str, hf_name: str, megatron_name: str, found: tuple, expected: tuple) -> CheckpointError:
+    return CheckpointError(
+        f"{source}: HF tensor {hf_name} (Megatron {megatron_name}) has shape {found}, expected {expected} "
+        "from the model's config.json"
+    )
+
+
+def check_hf_shapes(cfg: Qwen3Config, shape_of: Callable[[str], tuple], source: str) -> None:
+    """Every HF tensor has the shape ``cfg`` implies; ``shape_of(name)`` reads it (from the file
+    header: nothing is loaded). The error names the HF and Megatron tensors and both shapes."""
+    expected = hf_mapping.hf_tensor_shapes(cfg)
+    for mname, spec in hf_mapping.param_specs(cfg).items():
+        for name in spec.hf:
+            found = tuple(shape_of(name))
+            if found != expected[name]:
+                raise _shape_error(source, name, mname, found, expected[name])
+
+
 def load_hf_weights(
     model: torch.nn.Module,
     cfg: Qwen3Config,
     get_tensor: Callable[[str], torch.Tensor],
     on_param: Callable[[str], None] | None = None,
+    source: str = "HF checkpoint",
 ) -> None:
     """Fill this rank's model stage from HF tensors fetched one at a time by ``get_tensor``.
 
     Only the tensors this stage needs are read; each full tensor is dropped after its
-    shard is copied, so memory stays at the stage size plus one layer's tensor.
+    shard is copied, so memory stays at the stage size plus one layer's tensor. A tensor of
+    the wrong shape is a ``CheckpointError`` naming ``source``, the HF and the Megatron tensor
+    and the expected and found shapes.
     """
     tp_rank, tp, _ = _parallel()
     padded = padded_vocab_size(cfg.vocab_size, tp)
+    expected = hf_mapping.hf_tensor_shapes(cfg)
     with torch.no_grad():
         for gname, spec, param in local_params(model, cfg):
-            full = hf_mapping.to_megatron(spec, {n: get_tensor(n) for n in spec.hf}, cfg, padded)
+            tensors = {n: get_tensor(n) for n in spec.hf}
+            for n, t in tensors.items():
+                if tuple(t.shape) != expected[n]:
+                    raise _shape_error(source, n, gname, tuple(t.shape), expected[n])
+            full = hf_mapping.to_megatron(spec, tensors, cfg, padded)
             part = hf_mapping.shard(spec, full, tp_rank, tp)
             if tuple(part.shape) != tuple(param.shape):
-                raise ValueError(f"{gname}: HF tensors give shape {tuple(part.shape)}, model has {tuple(param.shape)}")
+                raise CheckpointError(
+                    f"{source}: Megatron tensor {gname} (from HF {', '.join(spec.hf)}) gets shape "
+                    f"{tuple(part.shape)}, the model has {tuple(param.shape)}"
+                )
             param.copy_(part.to(param.dtype))
             if on_param:
                 on_param(gname)

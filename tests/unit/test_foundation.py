@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_klear.checkpoint.convert import hf_to_megatron, megatron_to_hf
-from megatron_klear.checkpoint.megatron_ckpt import is_valid_checkpoint
+from megatron_klear.checkpoint.hf_io import file_mode, write_generation_config
+from megatron_klear.checkpoint.megatron_ckpt import checkpoint_problem, is_valid_checkpoint, read_marker
 from megatron_klear.distributed import NO_GPU_ENV, ParallelConfig, spawn
 from megatron_klear.errors import CheckpointError, ConfigError
 from megatron_klear.models import hf_mapping
@@ -268,3 +271,107 @@ def test_te_model_loads_a_local_spec_checkpoint(converted, tmp_path):
     assert r["same"], "weights loaded into the TE-like model differ from a plain load"
     assert r["error"] is not None and "lacks 1 of its tensors" in r["error"]
     assert "decoder.final_layernorm.scale" in r["error"]
+
+
+def test_checkpoint_problems_name_the_file(converted, tmp_path):
+    """Each way a checkpoint can be damaged after it was written is named, with its file, before
+    anything loads (a resume then falls back to an older one: tests/e2e/test_sft.py)."""
+    src = converted["gqa1_untied"]
+    assert checkpoint_problem(src) is None
+    model = "model"
+
+    def damaged(name: str, damage) -> Path:
+        ck = tmp_path / name
+        shutil.copytree(src, ck)
+        damage(ck / model)
+        return ck
+
+    distcp = sorted((src / model).glob("*.distcp"))[0].name
+    cases = [
+        ("no_marker", lambda m: (m.parent / "megatron_klear.json").unlink(), "megatron_klear.json is missing"),
+        ("no_common", lambda m: (m / "common.pt").unlink(), "common.pt is missing"),
+        ("no_distcp", lambda m: (m / distcp).unlink(), f"{distcp} is missing (listed in"),
+        ("cut_distcp", lambda m: os.truncate(m / distcp, 100), f"{distcp} is truncated: 100 of"),
+        ("cut_metadata", lambda m: os.truncate(m / ".metadata", 10), ".metadata is unreadable"),
+        ("cut_common", lambda m: os.truncate(m / "common.pt", 10), "common.pt is unreadable"),
+    ]
+    for name, damage, message in cases:
+        ck = damaged(name, damage)
+        assert message in checkpoint_problem(ck), name
+        with pytest.raises(CheckpointError, match=re.escape(f"{ck}: not a loadable megatron-klear checkpoint: {ck}")):
+            read_marker(ck)
+
+
+def test_wrong_hf_tensor_shape_names_both_tensors_and_shapes(hf_models, tmp_path):
+    src = hf_models["gqa1_untied"]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:, :-1].contiguous()
+    save_file(tensors, bad / "model.safetensors")
+    h, f = load_hf_config(src).hidden_size, load_hf_config(src).intermediate_size
+    with pytest.raises(CheckpointError) as e:
+        hf_to_megatron(str(bad), str(tmp_path / "o"))
+    assert str(e.value) == (
+        f"{bad}: HF tensor model.layers.1.mlp.up_proj.weight (Megatron decoder.layers.1.mlp.linear_fc1.weight) "
+        f"has shape ({f}, {h - 1}), expected ({f}, {h}) from the model's config.json"
+    )
+
+
+def tool(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"tools/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+
+
+def test_converters_never_replace_their_input_and_report_one_line(converted, hf_models, tmp_path):
+    """`--out` that is or contains the input is refused even with --force; every error, also one
+    raised in a conversion worker, is one line with exit 2."""
+    run = tmp_path / "run"
+    ck = run / "checkpoints" / "iter_0000030"
+    shutil.copytree(converted["gqa1_untied"], ck)
+    (run / "metrics.jsonl").write_text("{}\n")
+    for args, message in [
+        (("--load", str(ck), "--out", str(run), "--force"), f"--out {run} contains the input {ck}"),
+        (("--load", str(ck), "--out", str(ck), "--force"), f"--out {ck} is the input {ck}"),
+    ]:
+        r = tool("convert_megatron_to_hf.py", *args)
+        expected = f"error: {message}: replacing it would delete the input; choose another --out"
+        assert r.returncode == 2 and r.stderr.strip() == expected, r.stderr
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_models["gqa1_untied"], hf)
+    r = tool("convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(tmp_path), "--force")
+    assert r.returncode == 2 and f"--out {tmp_path} contains the input {hf}" in r.stderr
+    assert checkpoint_problem(ck) is None and (run / "metrics.jsonl").is_file() and (hf / "config.json").is_file()
+    # a config.json that does not match the weights fails inside the spawned worker
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=2 * cfg["intermediate_size"])))
+    r = tool("convert_megatron_to_hf.py", "--load", str(ck), "--out", str(tmp_path / "out"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {ck}: cannot load into this model: rank 0:") and "linear_fc1" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_serves_like_the_evaluation(converted, tmp_path):
+    """Exported files are readable by others (0644 with the usual umask), and its generation config
+    samples like the evaluation and stops at the end of a chat turn."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    out = tmp_path / "hf"
+    megatron_to_hf(str(converted["gqa4_tied"]), str(out), sampling={"temperature": 0.6, "top_p": 0.95, "top_k": 20})
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == file_mode(), f
+    gen = GenerationConfig.from_pretrained(out)
+    im_end = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>")
+    assert gen.do_sample and (gen.temperature, gen.top_p, gen.top_k) == (0.6, 0.95, 20)
+    assert gen.eos_token_id[0] == im_end
+    # a base model whose config ends documents with another token keeps it, and gains <|im_end|>
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=im_end - 2)))
+    (out / "generation_config.json").unlink()
+    assert write_generation_config(out, temperature=1.0, top_p=1.0)["eos_token_id"] == [im_end, im_end - 2]
