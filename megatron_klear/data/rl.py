@@ -106,18 +106,24 @@ def parse_row(row: Any, loc: str) -> RLPrompt:
 
 
 def load_rl_prompts(
-    paths: Sequence[str], curation: Optional[CurationConfig] = None, strict: bool = False
+    paths: Sequence[str],
+    curation: Optional[CurationConfig] = None,
+    strict: bool = False,
+    max_bad_fraction: float = 1.0,
 ) -> tuple[list[RLPrompt], dict]:
     """Read and curate RL prompt files; returns ``(prompts, stats)``.
 
-    Malformed rows are skipped and counted with file and row (or raise with ``strict``); an
-    empty result is an error, never a silent zero-step run.
+    Malformed rows (not UTF-8, not JSON, not the schema) are skipped and counted with file and
+    line (or raise with ``strict``); more than ``max_bad_fraction`` of a file's rows is an
+    error, and so is an empty result, never a silent zero-step run.
     """
     cur = curation or CurationConfig()
     skips = SkipCounter()
     prompts: list[RLPrompt] = []
     for path in paths:
+        rows = 0
         for i, row in read_rows(path):
+            rows += 1
             if isinstance(row, Exception):
                 skips.add(str(path), i, str(row), strict)
                 continue
@@ -125,6 +131,7 @@ def load_rl_prompts(
                 prompts.append(parse_row(row, f"{Path(path).name}:{i}"))
             except ValueError as e:
                 skips.add(str(path), i, str(e), strict)
+        skips.check(str(path), rows, max_bad_fraction)
     stats = dict(read=len(prompts) + len(skips), skipped=len(skips), few_tests=0, duplicates=0, contaminated=0)
     kept = []
     seen = set()

@@ -170,20 +170,51 @@ def test_malformed_rows_are_skipped_with_location_or_raise(tmp_path, tok_dir):
         conv(1),
     ]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    ds = dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c"))
+    ds = dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c"), max_bad_fraction=1.0)
     assert ds.stats()["samples"] == 2 and ds.skipped == 4
     rows_skipped = [r for _, r, _ in (tuple(x) for x in ds.caches[0].meta["skipped"])]
     assert rows_skipped == [1, 2, 3, 4]
-    with pytest.raises(DataError, match=r"bad.jsonl: row 1: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: not valid JSON"):
         dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c2"), strict=True)
+    # the same cache, reused under the default limit (1%), is too bad to train on
+    with pytest.raises(DataError, match=r"bad.jsonl: 4 of 6 rows are malformed \(66.7% > data.max_bad_fraction=0.01\)"):
+        dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c"))
+
+
+def test_a_row_that_is_not_utf8_is_skipped_and_named_by_line(tmp_path, tok_dir):
+    """One bad byte costs its row, not the file; the position is the byte's in that line."""
+    lines = [json.dumps(conv(i)).encode() for i in range(30)]
+    lines[6] = lines[6].replace(b"question", b"qu\xffestion")
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    ds = dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c"), max_bad_fraction=0.05)
+    assert ds.stats()["samples"] == 29 and ds.skipped == 1
+    ((_, row, why),) = (tuple(x) for x in ds.caches[0].meta["skipped"])
+    byte = lines[6].index(b"\xff")
+    assert row == 6 and why.startswith(f"not valid UTF-8 (byte {byte} of the line")
+    with pytest.raises(DataError, match=r"latin.jsonl: line 7: not valid UTF-8"):
+        dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c2"), strict=True)
+    with pytest.raises(
+        DataError, match=r"latin.jsonl: 1 of 30 rows are malformed \(3.3% > data.max_bad_fraction=0.01\)"
+    ):
+        dataset([str(path)], tok_dir, seq_len=64, cache_dir=str(tmp_path / "c3"))
+    rl = tmp_path / "rl.jsonl"  # RL prompt files: the same rule
+    good = [json.dumps(r).encode() for r in make_math_rows(20, 3)]
+    rl.write_bytes(b"\n".join(good + [b'{"prompt": "\xff"}']) + b"\n")
+    prompts, stats = load_rl_prompts([str(rl)], CurationConfig(min_code_tests=0), max_bad_fraction=0.1)
+    assert stats["skipped"] == 1 and stats["kept"] == len(prompts) == 20
+    with pytest.raises(DataError, match=r"rl.jsonl: 1 of 21 rows are malformed"):
+        load_rl_prompts([str(rl)], CurationConfig(min_code_tests=0), max_bad_fraction=0.01)
 
 
 def test_missing_unreadable_and_empty_data(tmp_path, tok_dir):
     with pytest.raises(DataError, match="nope.jsonl: data file does not exist"):
         dataset([str(tmp_path / "nope.jsonl")], tok_dir, cache_dir=str(tmp_path / "c"))
     empty = write_jsonl(tmp_path / "empty.jsonl", ["{}"])
-    with pytest.raises(DataError, match="no usable samples"):
+    with pytest.raises(DataError, match="empty.jsonl: 1 of 1 rows are malformed"):
         dataset([str(empty)], tok_dir, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="no usable samples"):
+        dataset([str(empty)], tok_dir, cache_dir=str(tmp_path / "c"), max_bad_fraction=1.0)
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="broken.parquet: cannot read Parquet"):
         load_rl_prompts([str(tmp_path / "broken.parquet")])
@@ -255,7 +286,7 @@ def test_rl_malformed_rows(tmp_path):
     path = write_jsonl(tmp_path / "rl.jsonl", good + bad)
     prompts, stats = load_rl_prompts([str(path)], CurationConfig(min_code_tests=0))
     assert stats["kept"] == 2 and stats["skipped"] == 3
-    with pytest.raises(DataError, match=r"rl.jsonl: row 2: ability must be"):
+    with pytest.raises(DataError, match=r"rl.jsonl: line 3: ability must be"):
         load_rl_prompts([str(path)], strict=True)
     with pytest.raises(DataError, match="no RL prompts left"):
         load_rl_prompts([str(write_jsonl(tmp_path / "none.jsonl", bad))])
