@@ -35,5 +35,7 @@ setup(
         # install them in their own venv and set rollout.sglang.python (README, "SGLang").
         # transformer-engine: the range megatron-core 0.16.1 declares (its "dev" extra).
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "sglang==0.5.23", "sglang-router==0.3.2"],
+        # Weights & Biases for log.wandb_project (offline unless WANDB_MODE / a login says otherwise)
+        "wandb": ["wandb"],
     },
 )

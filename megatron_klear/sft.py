@@ -10,7 +10,6 @@ clip, step the distributed optimizer and the LR schedule; log, validate, checkpo
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -24,17 +23,26 @@ import torch.distributed as dist
 
 from megatron_klear.cli import run_config_entry
 from megatron_klear.config import to_dict
-from megatron_klear.data.sft import SFTDataConfig, SFTDataset
-from megatron_klear.distributed import ParallelConfig, comm_device, init_distributed, is_main
+from megatron_klear.data.sft import SFTDataConfig, SFTDataset, check_sft_rows
+from megatron_klear.distributed import DistEnv, ParallelConfig, comm_device, init_distributed, is_main, rank0_first
 from megatron_klear.errors import ConfigError
-from megatron_klear.models.config import validate_parallel
+from megatron_klear.models.config import Qwen3Config, validate_parallel
 from megatron_klear.models.qwen3 import uses_transformer_engine
 from megatron_klear.ops.logprobs import model_output_logprobs
 from megatron_klear.training.batches import micro_batch
-from megatron_klear.training.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_klear.training.checkpoint import export_hf, load_first, save_checkpoint
 from megatron_klear.training.guards import maybe_crash, stop_on_nonfinite
 from megatron_klear.training.metrics import MetricsLogger, model_flops
-from megatron_klear.training.run import RunConfig, model_source, prepare_assets
+from megatron_klear.training.run import (
+    EVAL_TEMPERATURE,
+    EVAL_TOP_P,
+    RunConfig,
+    model_source,
+    preflight,
+    prepare_assets,
+    starting_config,
+)
+from megatron_klear.training.rundir import open_run, start_logs, writable_problem
 from megatron_klear.training.state import build_train_state
 from megatron_klear.training.step import forward_backward, optimizer_step, reduce_reports
 
@@ -60,7 +68,7 @@ class SFTConfig(RunConfig):
     """An SFT run: the YAML file's top level (every section typed and checked at load)."""
 
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    train_steps: Optional[int] = None
+    train_steps: Optional[int] = None  # optimizer steps to train (or set epochs)
     epochs: Optional[float] = None  # alternative to train_steps
 
     def validate(self) -> None:
@@ -68,6 +76,10 @@ class SFTConfig(RunConfig):
         d, par = self.data, self.parallel
         if (self.train_steps is None) == (self.epochs is None):
             raise ConfigError("set exactly one of train_steps and epochs")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise ConfigError(f"train_steps must be >= 1, got {self.train_steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         check_sequence_layout(d.seq_len, par)
 
     def batch_layout(self, dp: int) -> tuple[int, int]:
@@ -167,33 +179,60 @@ def evaluate(train_state, dataset, stream_args: dict, cfg: SFTConfig, loss_fn) -
     return total["loss_sum"] / max(total["tokens"], 1.0)
 
 
-def train(cfg: SFTConfig) -> dict:
-    """Run (or resume) SFT; returns the last step's metrics."""
-    from megatron.core import parallel_state as ps
-
-    par = cfg.parallel
-    init_distributed(par, seed=cfg.seed)
-    dp = ps.get_data_parallel_world_size()
-    seqs, n_micro = cfg.batch_layout(dp)
-    prepare_assets(cfg.model, cfg.data.generate, cfg.data.train, cfg.data.synthetic)
-    hf_cfg, init_weights = model_source(cfg.model)
+def check_model_fits(cfg: SFTConfig, hf_cfg: Qwen3Config) -> None:
+    """The parallel layout divides the model, and a packed sequence fits its positions."""
     validate_parallel(hf_cfg, cfg.parallel.tp, cfg.parallel.pp)
     if cfg.data.seq_len > hf_cfg.max_position_embeddings:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds the model's "
             f"max_position_embeddings={hf_cfg.max_position_embeddings}"
         )
+
+
+def dry_run(cfg: SFTConfig) -> None:
+    """``--dry-run``: everything an SFT run checks before it trains, without starting anything."""
+    d = cfg.data
+    preflight(cfg, d.train + d.valid, d.generate)
+    problem = writable_problem(Path(cfg.output_dir))
+    if problem:
+        raise ConfigError(f"output_dir {cfg.output_dir}: {problem}")
+    world = DistEnv.from_environ().world_size
+    cfg.batch_layout(cfg.parallel.data_parallel_size(world))
+    hf_cfg = starting_config(cfg.model, may_be_missing=cfg.model.create_tiny is not None)
+    if hf_cfg is not None:
+        check_model_fits(cfg, hf_cfg)
+    for path in d.train + d.valid:
+        if Path(path).is_file():
+            print(f"{path}: {check_sft_rows(path, d)}", flush=True)
+        else:
+            print(f"{path}: written by data.generate={d.generate} first; not read now", flush=True)
+    if hf_cfg is None:
+        print(f"model.hf={cfg.model.hf}: created by model.create_tiny first; not read now", flush=True)
+    print(f"world size {world}: {cfg.batch_layout(cfg.parallel.data_parallel_size(world))[0]} sequences per step")
+
+
+def train(cfg: SFTConfig) -> dict:
+    """Run (or resume) SFT; returns the last step's metrics."""
+    from megatron.core import parallel_state as ps
+
+    par = cfg.parallel
+    preflight(cfg, cfg.data.train + cfg.data.valid, cfg.data.generate)
+    init_distributed(par, seed=cfg.seed)
+    dp = ps.get_data_parallel_world_size()
+    seqs, n_micro = cfg.batch_layout(dp)
+    lock, resume = open_run(cfg)
+    prepare_assets(cfg.model, cfg.data.generate, cfg.data.train, cfg.data.synthetic)
+    hf_cfg, init_weights = model_source(cfg.model)
+    check_model_fits(cfg, hf_cfg)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
 
     def dataset(paths):
         align = 2 * par.context_parallel if par.context_parallel > 1 else 1
-        if not is_main():  # rank 0 builds the token cache, the others then map it
-            dist.barrier()
-        ds = SFTDataset(cfg.data, cfg.model.tokenizer_dir, paths, align)
-        if is_main():
-            dist.barrier()
-        return ds
+        # rank 0 builds the token cache (progress lines as it goes), the others then map it
+        return rank0_first(
+            lambda: SFTDataset(cfg.data, cfg.model.tokenizer_dir, paths, align), f"token cache of {', '.join(paths)}"
+        )
 
     train_ds = dataset(cfg.data.train)
     valid_ds = dataset(cfg.data.valid) if cfg.data.valid else None
@@ -201,23 +240,23 @@ def train(cfg: SFTConfig) -> dict:
     total_steps = cfg.train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     use_te = uses_transformer_engine(cfg.model)
-    resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     train_state = build_train_state(
         hf_cfg,
         cfg.model,
         cfg.optim,
         total_steps,
-        init_weights=None if resume_from else init_weights,
+        init_weights=None if resume.candidates else init_weights,
         sequence_parallel=par.sequence_parallel,
     )
     state = {"step": 0, "data_epoch": 0, "data_pack": 0, "tokens": 0}
-    if resume_from is not None:
-        state.update(load_checkpoint(train_state, resume_from))
+    resume_from = None
+    if resume.candidates:
+        resume_from, loaded = load_first(train_state, resume)
+        state.update(loaded)
         if is_main():
             print(f"resumed from {resume_from} at step {state['step']}", flush=True)
+    start_logs(cfg, state["step"] if resume_from else None)
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         print(
             f"SFT: {train_ds.stats()} | {seqs} sequences x {cfg.data.seq_len} tokens per step, "
             f"dp={dp} tp={par.tp} pp={par.pp} cp={par.context_parallel}, {n_micro} micro-batches per rank, "
@@ -247,7 +286,14 @@ def train(cfg: SFTConfig) -> dict:
     )
     metrics: dict = {}
     step = state["step"]
+
+    def evaluate_now(at: int) -> bool:  # every eval_interval steps, before the first and after the last
+        interval = cfg.log.eval_interval
+        return valid_ds is not None and interval > 0 and (at % interval == 0 or at == total_steps)
+
     try:
+        if step == 0 and evaluate_now(0):
+            logger.log(0, {"val_loss": evaluate(train_state, valid_ds, stream_args, cfg, loss_fn)})
         while step < total_steps:
             t0 = time.time()
             micro, next_pos, lengths = stream.global_batch(state["data_epoch"], state["data_pack"])
@@ -286,24 +332,27 @@ def train(cfg: SFTConfig) -> dict:
                 metrics["mfu"] = flops / dt / world / (cfg.log.peak_tflops * 1e12)
             if torch.cuda.is_available():
                 metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            if valid_ds is not None and cfg.log.eval_interval and step % cfg.log.eval_interval == 0:
+            if evaluate_now(step):
                 metrics["val_loss"] = evaluate(train_state, valid_ds, stream_args, cfg, loss_fn)
             logger.log(step, metrics, console=step % cfg.log.interval == 0 or step == total_steps)
             logger.advance()
             maybe_crash("step", step)
             if step % cfg.checkpoint.save_interval == 0 or step == total_steps:
-                save_checkpoint(train_state, ckpt_root, step, state, cfg.checkpoint.keep_last)
+                save_checkpoint(train_state, ckpt_root, step, state, cfg.checkpoint.keep_last, to_dict(cfg))
     finally:
         logger.close()
     if cfg.checkpoint.export_hf and is_main():
-        export_hf(cfg.model.tokenizer_dir, ckpt_root, out / "hf")
+        sampling = {"temperature": EVAL_TEMPERATURE, "top_p": EVAL_TOP_P}
+        export_hf(cfg.model.tokenizer_dir, ckpt_root, out / "hf", sampling)
     if dist.is_initialized():
         dist.barrier()
+    if lock is not None:
+        lock.release()
     return metrics
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_config_entry(SFTConfig, train, __doc__, argv)
+    return run_config_entry(SFTConfig, train, __doc__, argv, dry_run)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ engine) -> held-out evaluation before and after RL -> HF export -> table and plo
     bash tools/demo.sh [--out runs/demo] [--rl-steps 30] [--seed 1234]
 
 Configs: examples/demo/sft.yaml and examples/demo/rl_math.yaml (paths rewritten under --out).
-Writes OUT/summary.json, OUT/summary.md and OUT/demo.png (reward and accuracy per RL step).
+Writes OUT/summary.json, OUT/summary.md and OUT/demo.png (reward and accuracy per RL step);
+the stages' TensorBoard logs are OUT/sft/tensorboard and OUT/rl/tensorboard
+(``tensorboard --logdir OUT``).
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     md = "\n".join(table) + (
         f"\n\nTimes (s): data {times['data_s']:.0f}, SFT {times['sft_s']:.0f}, RL {times['rl_s']:.0f}, "
-        f"total {summary['total_s']:.0f}. HF export: {rl / 'hf'}. Plot: {out / 'demo.png'}.\n"
+        f"total {summary['total_s']:.0f}. HF export: {rl / 'hf'}. Plot: {out / 'demo.png'}. "
+        f"TensorBoard: tensorboard --logdir {out}.\n"
     )
     (out / "summary.md").write_text(md)
     print(md, flush=True)

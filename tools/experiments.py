@@ -43,7 +43,7 @@ def read_metrics(run: Path) -> list[dict]:
 
 def eval_points(run: Path) -> list[tuple[int, float, float]]:
     """(step, avg@k, pass@k) of every held-out evaluation of an RL run, from the summary rows
-    of its ``eval.jsonl`` (which, unlike metrics.jsonl, also holds the evaluation before step 1)."""
+    of its ``eval.jsonl`` (step 0 is the evaluation before the first update)."""
     out = []
     for line in (run / "eval.jsonl").read_text().splitlines():
         row = json.loads(line) if line.strip() else {}

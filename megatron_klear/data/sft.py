@@ -28,8 +28,10 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from megatron_klear.data.chat import render_chat
-from megatron_klear.data.io import SkipCounter, read_rows
+from megatron_klear.config import FilePath
+from megatron_klear.console import Progress
+from megatron_klear.data.chat import render_chat, validate_messages
+from megatron_klear.data.io import SkipCounter, check_bad_fraction, read_rows
 from megatron_klear.data.synthetic import SyntheticDataConfig
 from megatron_klear.errors import ConfigError, DataError
 
@@ -40,18 +42,19 @@ CACHE_VERSION = 1
 class SFTDataConfig:
     """The ``data`` section of an SFT run: where the data is and how to pack it."""
 
-    train: list[str] = field(default_factory=list)  # conversation files (.jsonl / .parquet)
-    valid: list[str] = field(default_factory=list)
-    generate: Optional[str] = None  # write our synthetic data here first if it is missing
+    train: list[FilePath] = field(default_factory=list)  # conversation files (.jsonl / .parquet)
+    valid: list[FilePath] = field(default_factory=list)  # validation files (log.eval_interval)
+    generate: Optional[FilePath] = None  # write our synthetic data here first if it is missing
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)  # what generate writes
-    seq_len: int = 32768
-    global_batch_tokens: int = 32768 * 128
+    seq_len: int = 32768  # tokens per packed sequence
+    global_batch_tokens: int = 32768 * 128  # tokens per optimizer step (a multiple of seq_len)
     micro_batch_size: int = 1  # packed sequences per micro-batch
     overlong: str = "truncate"  # "truncate" or "drop" samples longer than seq_len
-    cache_dir: str = "~/.cache/megatron_klear/sft"
-    workers: int = 1
-    seed: int = 1234
+    cache_dir: FilePath = "~/.cache/megatron_klear/sft"  # where token caches are kept (reused across runs)
+    workers: int = 1  # tokeniser processes building the cache
+    seed: int = 1234  # packing order (shuffled per epoch)
     strict: bool = False  # a malformed row is an error instead of being skipped
+    max_bad_fraction: float = 0.01  # more malformed rows than this fraction of a file is an error
 
     def validate(self, where: str = "data") -> None:
         if not self.train:
@@ -60,6 +63,15 @@ class SFTDataConfig:
             raise ConfigError(f"{where}.overlong must be 'truncate' or 'drop', got {self.overlong!r}")
         if self.seq_len < 2 or self.micro_batch_size < 1:
             raise ConfigError(f"{where}.seq_len must be >= 2 and {where}.micro_batch_size >= 1")
+        if self.workers < 1:
+            raise ConfigError(f"{where}.workers must be >= 1, got {self.workers}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"{where}.max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
+        if self.global_batch_tokens < self.seq_len:
+            raise ConfigError(
+                f"{where}.global_batch_tokens={self.global_batch_tokens} must be at least "
+                f"{where}.seq_len={self.seq_len} (one packed sequence per step)"
+            )
         if self.global_batch_tokens % self.seq_len:
             raise ConfigError(
                 f"{where}.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
@@ -176,7 +188,9 @@ def build_cache(path: str | Path, cfg: SFTDataConfig, tokenizer: str) -> Path:
     tmp.mkdir()
     skips = SkipCounter()
     offsets = [0]
-    rows = read_rows(path)
+    progress = Progress(f"token cache of {path}", unit="rows", of_what="the file")
+    read = [0.0]  # share of the file read so far (JSONL)
+    rows = read_rows(path, on_bytes=lambda done, total: read.__setitem__(0, done / max(total, 1)))
     try:
         with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm:
             if cfg.workers > 1:
@@ -188,6 +202,7 @@ def build_cache(path: str | Path, cfg: SFTDataConfig, tokenizer: str) -> Path:
                 results = map(_encode, rows)
             try:
                 for row_no, ids, mask, why in results:
+                    progress.update(len(offsets) - 1 + len(skips), read[0] or None)
                     if ids is None:
                         skips.add(str(path), row_no, why, cfg.strict)
                         continue
@@ -197,6 +212,8 @@ def build_cache(path: str | Path, cfg: SFTDataConfig, tokenizer: str) -> Path:
             finally:
                 if pool is not None:
                     pool.terminate()
+        skips.check(str(path), len(offsets) - 1 + len(skips), cfg.max_bad_fraction)
+        progress.finish()
         np.save(tmp / "index.npy", np.asarray(offsets, dtype=np.int64))
         meta = dict(
             source=str(path.resolve()),
@@ -235,6 +252,30 @@ class TokenCache:
         return self.tokens[a:b], self.mask[a:b]
 
 
+def check_sft_rows(path: str | Path, cfg: SFTDataConfig, limit: int = 1000) -> str:
+    """``--dry-run``: the first ``limit`` rows of ``path`` decode and hold valid conversations
+    (no tokenizer needed); raises like a run would on too many bad ones. Returns a summary."""
+    skips, n = SkipCounter(), 0
+    for i, row in read_rows(path):
+        if n >= limit:
+            break
+        n += 1
+        why = str(row) if isinstance(row, Exception) else ""
+        if not why:
+            try:
+                if not isinstance(row, dict) or "messages" not in row:
+                    raise ValueError("missing field 'messages'")
+                validate_messages(list(row["messages"]))
+            except ValueError as e:
+                why = str(e)
+        if why:
+            skips.add(str(path), i, why, cfg.strict)
+    if n == 0:
+        raise DataError(f"{path}: no rows")
+    skips.check(str(path), n, cfg.max_bad_fraction)
+    return f"first {n} rows read, {len(skips)} malformed"
+
+
 # --- packing -----------------------------------------------------------------------------------
 
 
@@ -259,6 +300,12 @@ class SFTDataset:
             raise DataError(f"data.seq_len={cfg.seq_len} is not a multiple of the document alignment {align}")
         self.cfg, self.paths, self.align = cfg, paths, align
         self.caches = [TokenCache(build_cache(p, cfg, tokenizer)) for p in paths]
+        for path, cache in zip(paths, self.caches):  # a cache built under a looser limit is checked too
+            skipped = cache.meta["skipped"]
+            bad = len(skipped)
+            check_bad_fraction(
+                path, bad, len(cache) + bad, cfg.max_bad_fraction, "data.max_bad_fraction", skipped[0] if bad else None
+            )
         self.refs = [(c, i) for c, cache in enumerate(self.caches) for i in range(len(cache))]
         if not self.refs:
             raise DataError(f"no usable samples in {', '.join(paths)} (every row was malformed or empty)")

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from megatron_klear.console import Progress
 from megatron_klear.errors import EngineError, EngineWeightError
 from megatron_klear.inference.base import Bucket, Completion, SamplingParams
 
@@ -326,8 +327,12 @@ def post_checked(url: str, body: dict, timeout: float) -> Any:
 
 
 def wait_healthy(url: str, timeout_s: float, alive=lambda: True, path: str = "/health_generate") -> None:
-    """Poll ``url + path`` until 200; ``alive()`` False (process died) fails at once."""
-    deadline = time.time() + timeout_s
+    """Poll ``url + path`` until 200; ``alive()`` False (process died) fails at once. Prints a
+    progress line every ``MEGATRON_KLEAR_PROGRESS_S`` seconds while it waits (a large model
+    takes minutes to load)."""
+    start = time.time()
+    deadline = start + timeout_s
+    progress = Progress(f"waiting for {url} to become healthy (timeout {timeout_s:.0f} s)", unit="s")
     last = ""
     while time.time() < deadline:
         if not alive():
@@ -338,4 +343,5 @@ def wait_healthy(url: str, timeout_s: float, alive=lambda: True, path: str = "/h
         except HTTPError as e:
             last = str(e)
         time.sleep(1.0)
+        progress.update(time.time() - start)
     raise EngineError(f"{url} not healthy after {timeout_s:.0f} s (last: {last})")

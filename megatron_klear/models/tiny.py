@@ -14,19 +14,19 @@ from megatron_klear.data.tokenizer import build_tokenizer
 class TinyModelArgs:
     """Shape of a tiny Qwen3 model (defaults: a few hundred thousand parameters)."""
 
-    layers: int = 2
-    hidden: int = 64
-    heads: int = 4
-    kv_heads: int = 2
-    head_dim: int = 32
-    ffn: int = 128
-    vocab: int = 512
-    tie_embeddings: bool = False
-    dtype: str = "float32"
-    max_positions: int = 4096
-    seed: int = 0
-    max_shard_size: str = "5GB"
-    with_tokenizer: bool = True
+    layers: int = 2  # transformer layers
+    hidden: int = 64  # hidden size
+    heads: int = 4  # attention heads
+    kv_heads: int = 2  # key/value heads (GQA)
+    head_dim: int = 32  # size of one attention head
+    ffn: int = 128  # MLP intermediate size
+    vocab: int = 512  # vocabulary size (our tiny tokenizer's is 512)
+    tie_embeddings: bool = False  # share input embedding and output layer
+    dtype: str = "float32"  # weights' dtype in the safetensors file
+    max_positions: int = 4096  # max_position_embeddings
+    seed: int = 0  # initialisation seed
+    max_shard_size: str = "5GB"  # largest safetensors shard
+    with_tokenizer: bool = True  # write our tiny tokenizer and chat template next to the weights
 
 
 def qwen3_hf_config(a: TinyModelArgs, tok=None):

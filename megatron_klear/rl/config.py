@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+from megatron_klear.config import FilePath
 from megatron_klear.data.synthetic import SyntheticDataConfig
 from megatron_klear.distributed import ParallelConfig
 from megatron_klear.errors import ConfigError
@@ -17,7 +18,7 @@ from megatron_klear.inference.sglang import SGLangConfig
 from megatron_klear.ops.loss import AGGS, ALGOS, check_policy_args
 from megatron_klear.rewards.code import CodeRewardConfig
 from megatron_klear.rewards.math import MathRewardConfig
-from megatron_klear.training.run import CheckpointConfig, RunConfig
+from megatron_klear.training.run import EVAL_TEMPERATURE, EVAL_TOP_P, CheckpointConfig, RunConfig, require_at_least
 from megatron_klear.training.state import OptimConfig
 
 ENGINES = ("hf", "sglang")
@@ -31,9 +32,9 @@ ADV_STDS = ("population", "sample")
 class RLDataConfig:
     """The ``data`` section: prompt files and how many prompts make a step and an update."""
 
-    train: list[str] = field(default_factory=list)  # RL prompt files (.parquet / .jsonl)
-    eval: list[str] = field(default_factory=list)  # held-out prompts for avg@k
-    generate: Optional[str] = None  # write our synthetic data here first if it is missing
+    train: list[FilePath] = field(default_factory=list)  # RL prompt files (.parquet / .jsonl)
+    eval: list[FilePath] = field(default_factory=list)  # held-out prompts for avg@k
+    generate: Optional[FilePath] = None  # write our synthetic data here first if it is missing
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)  # what generate writes
     prompts_per_step: int = 128  # prompts (groups) per training batch
     mini_batch_prompts: int = 16  # prompts per optimizer step (16 math, 32 code in the paper)
@@ -45,7 +46,7 @@ class RLDataConfig:
     # algo.tis_cap, the trainer's recomputation with a truncated IS weight), never against a
     # recomputation under the newer weights alone.
     surplus: str = "discard"
-    min_code_tests: int = 16
+    min_code_tests: int = 16  # drop code problems with fewer tests (the paper's curation); 0 keeps all
     # Token budget of one micro-batch: the mini-batch's sequences are packed (no padding
     # between them) into micro-batches of at most this many tokens, balanced over DP ranks.
     # Must hold the longest prompt + response. Transformer Engine's THD attention costs per
@@ -55,16 +56,19 @@ class RLDataConfig:
     # right-padded to the mini-batch's longest sequence.
     max_tokens_per_micro_batch: Optional[int] = None
     micro_batch_size: int = 1  # sequences per micro-batch when max_tokens_per_micro_batch is unset
-    seed: int = 1234
+    seed: int = 1234  # prompt order and sampling seed
+    max_bad_fraction: float = 0.01  # more malformed rows than this fraction of a file is an error
 
     def validate(self, where: str = "data") -> None:
         if not self.train:
             raise ConfigError(f"{where}.train is empty")
-        for name in ("prompts_per_step", "mini_batch_prompts", "max_gen_batches", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
-        if self.gen_batch_prompts is not None and self.gen_batch_prompts < 1:
-            raise ConfigError(f"{where}.gen_batch_prompts must be >= 1, got {self.gen_batch_prompts}")
+        require_at_least(
+            self, where, 1, "prompts_per_step", "mini_batch_prompts", "max_gen_batches", "micro_batch_size"
+        )
+        require_at_least(self, where, 1, "gen_batch_prompts")
+        require_at_least(self, where, 0, "min_code_tests")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"{where}.max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
         if self.surplus not in SURPLUS:
             raise ConfigError(f"{where}.surplus must be one of {SURPLUS}, got {self.surplus!r}")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
@@ -85,24 +89,24 @@ class RolloutConfig:
     }
 
     engine: str = "hf"  # "hf" (in-process transformers) or "sglang"
-    hf_device: str = "cpu"
-    hf_dtype: Optional[str] = None
-    hf_max_batch: int = 64
-    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    hf_device: str = "cpu"  # engine=hf: device of the in-process model
+    hf_dtype: Optional[str] = None  # engine=hf: dtype (default: the model's)
+    hf_max_batch: int = 64  # engine=hf: sequences generated together
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)  # the SGLang servers (rollout.engine=sglang)
     n_samples: int = 8  # G, responses per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
+    temperature: float = 1.0  # sampling temperature (> 0: a group needs different samples)
+    top_p: float = 1.0  # nucleus sampling threshold (1: off)
+    top_k: int = -1  # sample among the k most likely tokens (-1: all)
     max_prompt_len: int = 4096  # longer prompts are skipped and counted
-    max_response_len: int = 32768
+    max_response_len: int = 32768  # generated tokens per response; longer ones are cut and counted as clipped
     bucket_mb: int = 512  # weight-sync bucket size
     check_consistency: bool = True  # engine vs trainer log-probs on a probe after every sync
     # ... at the rollout temperature over probe_tokens sampled tokens; a larger mean |diff|
     # fails the sync (the engine does not hold the trainer's weights)
     max_logprob_diff: float = 0.1
-    probe_tokens: int = 16
+    probe_tokens: int = 16  # sampled tokens of the consistency probe
     release_memory: bool = False  # colocated SGLang: free engine memory while training
-    reward_workers: int = 4
+    reward_workers: int = 4  # processes scoring responses
     dump: bool = False  # write every generated group to output_dir/rollouts/step_NNNNNN.jsonl
 
     def validate(self, where: str = "rollout") -> None:
@@ -119,9 +123,9 @@ class RolloutConfig:
             raise ConfigError(f"{where}.top_p must lie in (0, 1], got {self.top_p}")
         if not self.max_logprob_diff > 0:
             raise ConfigError(f"{where}.max_logprob_diff must be > 0, got {self.max_logprob_diff}")
-        for name in ("hf_max_batch", "bucket_mb", "reward_workers", "probe_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"{where}.top_k must be -1 (whole vocabulary) or >= 1, got {self.top_k}")
+        require_at_least(self, where, 1, "hf_max_batch", "bucket_mb", "reward_workers", "probe_tokens")
 
 
 @dataclass
@@ -129,15 +133,15 @@ class AlgoConfig:
     """The ``algo`` section: the policy loss and what it is computed against."""
 
     loss: str = "gppo"  # "gppo", "clip" (clip-higher PPO/GRPO) or "cispo"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    clip_ratio_c: float = 10.0
-    beta1: float = 1.0
-    beta2: float = 1.0
-    agg: str = "token-mean"
+    eps_low: float = 0.2  # lower clip range of the ratio (1 - eps_low)
+    eps_high: float = 0.28  # upper clip range (1 + eps_high, clip-higher)
+    clip_ratio_c: float = 10.0  # dual-clip bound for negative advantages
+    beta1: float = 1.0  # GPPO: gradient scale of clipped tokens with A < 0 (ratio < 1 - eps_low)
+    beta2: float = 1.0  # GPPO: gradient scale of clipped tokens with A > 0 (ratio > 1 + eps_high)
+    agg: str = "token-mean"  # token-mean, seq-mean-token-mean or seq-mean-token-sum
     sft_alpha: float = 0.1  # weight of the NLL on correct responses
-    entropy_coef: float = 0.0
-    adv_eps: float = 1e-6
+    entropy_coef: float = 0.0  # weight of the entropy bonus (0: none)
+    adv_eps: float = 1e-6  # added to the group's reward std before dividing
     # Group advantage (r - mean) / (std + adv_eps): "population" std (paper Eq. 4) or "sample"
     # std (n - 1, the public code's torch.std)
     adv_std: str = "population"
@@ -192,11 +196,11 @@ class EvalConfig:
     """The ``eval`` section: avg@k / pass@k on held-out prompts."""
 
     interval: int = 0  # every N steps (0: only at start / end when enabled)
-    at_start: bool = True
-    at_end: bool = True
+    at_start: bool = True  # evaluate before the first step (step 0)
+    at_end: bool = True  # evaluate after the last step
     k: int = 4  # samples per prompt: avg@k and pass@k
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = EVAL_TEMPERATURE  # also the exported generation_config.json's
+    top_p: float = EVAL_TOP_P  # also the exported generation_config.json's
     max_new_tokens: Optional[int] = None  # default: rollout.max_response_len
     max_prompts: int = 0  # 0: all
     lenient: bool = True  # also report eval/math/lenient_avg@k (the public judge_math.py scoring)
@@ -208,6 +212,10 @@ class EvalConfig:
             raise ConfigError(f"{where}.interval and {where}.max_prompts must be >= 0")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"{where}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"{where}.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{where}.top_p must lie in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -238,13 +246,13 @@ class RLConfig(RunConfig):
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    train_steps: int = 100
-    bootstrap: Optional[str] = None  # SFT / RL config to run first when model.hf does not exist yet
+    train_steps: int = 100  # RL steps (each: rollouts of data.prompts_per_step prompts, then updates)
+    bootstrap: Optional[FilePath] = None  # SFT / RL config to run first when model.hf does not exist yet
 
     def validate(self) -> None:
         """Checks across sections (each section checked itself when it loaded)."""
         if self.train_steps < 1:
-            raise ConfigError("train_steps must be >= 1")
+            raise ConfigError(f"train_steps must be >= 1, got {self.train_steps}")
         if self.parallel.context_parallel != 1:
             raise ConfigError("parallel.context_parallel > 1 is not supported in RL yet")
         if self.rollout.engine == "sglang" and self.rollout.sglang.mode == "colocated" and self.parallel.pp != 1:

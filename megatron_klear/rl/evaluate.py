@@ -7,6 +7,9 @@ Two scorings of the same samples:
 * lenient, math prompts only (``eval/math/lenient_avg@k``, ``eval/math/lenient_pass@k``): scored
   like the public KlearReasoner ``benchmarks/judge_math.py`` (math-verify on the whole response,
   no format rule, truncation not special), for comparison with published numbers.
+
+Both overall, per ability and per data source (AIME24 and AIME25 stay apart). Generation and
+scoring print heartbeat lines while they run.
 """
 
 from __future__ import annotations
@@ -19,12 +22,34 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_klear.console import heartbeat
 from megatron_klear.data.chat import decode_response, render_prompt, stop_token_ids
 from megatron_klear.data.rl import RLPrompt
 from megatron_klear.inference.base import Completion, InferenceEngine, SamplingParams
 from megatron_klear.rewards.math import LENIENT
 from megatron_klear.rl.config import RewardConfig
 from megatron_klear.rl.rollout import score_groups
+
+
+def eval_sampling(
+    tokenizer,
+    k: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: Optional[int],
+    stop_ids: Optional[Sequence[int]] = None,
+) -> SamplingParams:
+    """How an evaluation samples: ``k`` responses per prompt, each ending at one of ``stop_ids``
+    (default: ``stop_token_ids(tokenizer)``)."""
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        n=k,
+        stop_token_ids=list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer),
+        seed=seed,
+    )
 
 
 def evaluate(
@@ -51,16 +76,11 @@ def evaluate(
     the math prompts like ``judge_math.py`` (module docstring)."""
     t0 = time.time()
     ids = [render_prompt(tokenizer, p.messages) for p in prompts]
-    params = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        n=k,
-        stop_token_ids=list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer),
-        seed=seed,
-    )
-    completions = engine.generate(ids, params)
-    results = score_groups(tokenizer, prompts, completions, rewards, workers)
+    params = eval_sampling(tokenizer, k, temperature, top_p, max_new_tokens, seed, stop_ids)
+    with heartbeat(f"eval: generating {k} samples for each of {len(prompts)} prompts"):
+        completions = engine.generate(ids, params)
+    with heartbeat(f"eval: scoring {k * len(prompts)} samples"):
+        results = score_groups(tokenizer, prompts, completions, rewards, workers)
     per_prompt = [[r.correct for r in rs] for rs in results]
     lenient = lenient_math(tokenizer, prompts, completions, rewards, workers) if lenient_scores else {}
     metrics = {
@@ -78,6 +98,10 @@ def evaluate(
     if lenient:
         metrics[f"eval/math/lenient_avg@{k}"] = float(np.mean([np.mean(c) for c in lenient.values()]))
         metrics[f"eval/math/lenient_pass@{k}"] = float(np.mean([any(c) for c in lenient.values()]))
+    for source in sorted({p.data_source for p in prompts if p.data_source}):
+        sel = [c for p, c in zip(prompts, per_prompt) if p.data_source == source]
+        metrics[f"eval/source/{source}/avg@{k}"] = float(np.mean([np.mean(c) for c in sel]))
+        metrics[f"eval/source/{source}/pass@{k}"] = float(np.mean([any(c) for c in sel]))
     if out_jsonl is not None:
         out_jsonl.parent.mkdir(parents=True, exist_ok=True)
         with open(out_jsonl, "a") as f:
@@ -85,11 +109,12 @@ def evaluate(
                 row = dict(
                     step=step,
                     uid=p.uid,
+                    data_source=p.data_source,
                     ability=p.ability,
                     correct=[r.correct for r in rs],
                     scores=[r.score for r in rs],
                     reasons=[r.reason for r in rs],
-                    first_response=decode_response(tokenizer, group[0].output_ids),
+                    responses=[decode_response(tokenizer, c.output_ids) for c in group],
                 )
                 if i in lenient:
                     row["lenient_correct"] = lenient[i]

@@ -15,19 +15,20 @@ names each of these phases.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch.distributed as dist
-import yaml
 
 from megatron_klear.cli import run_config_entry
-from megatron_klear.config import load_config, to_dict
+from megatron_klear.config import load_config, read_yaml, to_dict
 from megatron_klear.data.chat import render_prompt
 from megatron_klear.data.rl import CurationConfig, RLPrompt, load_rl_prompts
-from megatron_klear.distributed import broadcast_object, destroy_distributed, init_distributed, is_main
+from megatron_klear.distributed import DistEnv, broadcast_object, destroy_distributed, init_distributed, is_main
 from megatron_klear.errors import ConfigError, EngineError, SandboxError, StaleEngineError
 from megatron_klear.inference.base import InferenceEngine
 from megatron_klear.inference.hf import HFEngine
@@ -42,15 +43,17 @@ from megatron_klear.rl.update import update_policy
 from megatron_klear.sft import SFTConfig
 from megatron_klear.sft import train as sft_train
 from megatron_klear.sync.weights import free_trainer_cache, probe_logprob_diff, sync_weights
-from megatron_klear.training.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_klear.training.checkpoint import export_hf, load_first, save_checkpoint
 from megatron_klear.training.guards import maybe_crash
 from megatron_klear.training.metrics import MetricsLogger
-from megatron_klear.training.run import model_source, prepare_assets
+from megatron_klear.training.run import model_source, preflight, prepare_assets, starting_config
+from megatron_klear.training.rundir import open_run, start_logs, writable_problem
 from megatron_klear.training.state import build_train_state
 
 
 def train(cfg: RLConfig) -> dict:
     """Run (or resume) RL; returns the last step's metrics."""
+    preflight(cfg, cfg.data.train + cfg.data.eval, cfg.data.generate, model_will_exist=cfg.bootstrap is not None)
     bootstrap(cfg)
     run = RLRun(cfg)
     metrics: dict = {}
@@ -64,14 +67,15 @@ def train(cfg: RLConfig) -> dict:
             metrics.update(run.update(groups, metrics))  # old log-probs, one optimizer step per mini-batch
             run.advance()
             metrics.update(run.sync(f"step-{run.step}"))  # push weights into the engine, check the probe
-            metrics.update(run.evaluate_on_interval())
+            metrics.update(run.evaluate_on_schedule())  # every eval.interval steps, and the final one
             run.log(metrics, time.time() - t0)
             maybe_crash("step", run.step)
             run.save_on_interval()
-        run.finish()  # final eval
+        run.finish()  # final_eval.json
     finally:
         run.close()
     run.export()
+    run.release()
     return metrics
 
 
@@ -100,12 +104,13 @@ def check_code_sandbox(code_cfg: CodeRewardConfig, prompts: list[RLPrompt]) -> N
 def load_prompts(cfg: RLConfig) -> tuple[list[RLPrompt], list[RLPrompt], dict]:
     """(train prompts, eval prompts, curation stats); eval prompts are excluded from training."""
     evals: list = []
+    bad = cfg.data.max_bad_fraction
     if cfg.data.eval:
-        evals, _ = load_rl_prompts(cfg.data.eval, CurationConfig(min_code_tests=0, dedup=False))
+        evals, _ = load_rl_prompts(cfg.data.eval, CurationConfig(min_code_tests=0, dedup=False), max_bad_fraction=bad)
         if cfg.eval.max_prompts:
             evals = evals[: cfg.eval.max_prompts]
     cur = CurationConfig(min_code_tests=cfg.data.min_code_tests, eval_prompts=[p.prompt_text for p in evals])
-    train_prompts, stats = load_rl_prompts(cfg.data.train, cur)
+    train_prompts, stats = load_rl_prompts(cfg.data.train, cur, max_bad_fraction=bad)
     return train_prompts, evals, stats
 
 
@@ -114,7 +119,7 @@ def bootstrap(cfg: RLConfig) -> None:
     ``model.hf`` does not exist yet: its run must export that directory."""
     if cfg.bootstrap is None or cfg.model.hf is None or (Path(cfg.model.hf) / "config.json").is_file():
         return
-    raw = yaml.safe_load(Path(cfg.bootstrap).read_text()) or {}
+    raw = read_yaml(cfg.bootstrap)
     if is_main():
         print(f"{cfg.model.hf} is missing: running {cfg.bootstrap} first", flush=True)
     if "rollout" in raw or "algo" in raw:
@@ -147,6 +152,7 @@ class RLRun:
 
         self.cfg, r = cfg, cfg.rollout
         init_distributed(cfg.parallel, seed=cfg.seed)
+        self.lock, resume = open_run(cfg)  # output_dir is this run's (or an error), the resume point is known
         prepare_assets(cfg.model, cfg.data.generate, cfg.data.train, cfg.data.synthetic)
         self.hf_cfg, init_weights = model_source(cfg.model)
         check_model_fits(cfg, self.hf_cfg)
@@ -156,18 +162,20 @@ class RLRun:
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        resume_from = latest_checkpoint(self.ckpt_root) if cfg.checkpoint.resume else None
         self.train_state = build_train_state(
             self.hf_cfg,
             cfg.model,
             cfg.optim,
             cfg.train_steps,  # the LR schedule counts RL steps (rl.update)
-            init_weights=None if resume_from else init_weights,
+            init_weights=None if resume.candidates else init_weights,
             sequence_parallel=cfg.parallel.sequence_parallel,
         )
         self.state: dict = {"step": 0, "prompt_epoch": 0, "prompt_index": 0, "buffer": []}
-        if resume_from is not None:
-            self.state.update(load_checkpoint(self.train_state, resume_from))
+        resume_from = None
+        if resume.candidates:
+            resume_from, loaded = load_first(self.train_state, resume)
+            self.state.update(loaded)
+        start_logs(cfg, self.step if resume_from else None)
         self.rank0 = is_main()
         if self.rank0:
             self._announce(resume_from, train_prompts, curation)
@@ -195,8 +203,6 @@ class RLRun:
 
     def _announce(self, resume_from: Optional[Path], train_prompts: list, curation: dict) -> None:
         cfg, r, a = self.cfg, self.cfg.rollout, self.cfg.algo
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         if resume_from is not None:
             print(f"resumed from {resume_from} at step {self.step}", flush=True)
         print(
@@ -214,12 +220,14 @@ class RLRun:
         return f"packed, at most {d.max_tokens_per_micro_batch} tokens"
 
     def start(self) -> None:
-        """The first weight sync (the engine then holds the trainer's weights) and the step-0 eval."""
+        """The first weight sync (the engine then holds the trainer's weights) and the step-0 eval,
+        logged with the sync's numbers as the row of step 0."""
         first = self.sync(f"step-{self.step}")
-        if self.cfg.eval.at_start and self.step == 0:
-            first.update(self.evaluate())
         if self.rank0:
             print("initial sync: " + " ".join(f"{k}={v:.4g}" for k, v in first.items()), flush=True)
+        if self.step == 0 and self.cfg.eval.at_start:
+            first.update(self.evaluate())
+            self.logger.log(0, first)
 
     def collect(self) -> tuple[list[Group], dict]:
         """Rollouts for the next step on rank 0, shared with all; a stale engine gets one full
@@ -328,16 +336,21 @@ class RLRun:
             print(f"eval @ step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
         return broadcast_object(res) or {}
 
-    def evaluate_on_interval(self) -> dict:
-        interval = self.cfg.eval.interval
-        if not interval or self.step % interval:
+    def evaluate_on_schedule(self) -> dict:
+        """The evaluation of this step when one is due: every ``eval.interval`` steps, and after
+        the last step (``eval.at_end``), so the final one lands in the last step's row."""
+        ev, step = self.cfg.eval, self.step
+        due = (ev.interval and step % ev.interval == 0) or (ev.at_end and step == self.cfg.train_steps)
+        if not due:
             return {}
-        self.last_eval = (self.step, self.evaluate())
+        self.last_eval = (step, self.evaluate())
         return self.last_eval[1]
 
     def log(self, metrics: dict, step_seconds: float) -> None:
+        """The step's row; throughput counts the step's time without its evaluation."""
         gen_tokens = metrics.get("response/length_mean", 0.0) * metrics.get("rollout/samples", 0)
-        metrics.update({"time/step_s": step_seconds, "perf/tokens_per_s": gen_tokens / step_seconds})
+        work_seconds = max(step_seconds - metrics.get("time/eval_s", 0.0), 1e-9)
+        metrics.update({"time/step_s": step_seconds, "perf/tokens_per_s": gen_tokens / work_seconds})
         last = self.step == self.cfg.train_steps
         self.logger.log(self.step, metrics, console=self.step % self.cfg.log.interval == 0 or last)
         self.logger.advance()
@@ -345,10 +358,11 @@ class RLRun:
     def save_on_interval(self) -> None:
         ck = self.cfg.checkpoint
         if self.step % ck.save_interval == 0 or self.step == self.cfg.train_steps:
-            save_checkpoint(self.train_state, self.ckpt_root, self.step, self.state, ck.keep_last)
+            save_checkpoint(self.train_state, self.ckpt_root, self.step, self.state, ck.keep_last, to_dict(self.cfg))
 
     def finish(self) -> None:
-        """The final evaluation (reusing an interval evaluation of this very step)."""
+        """``final_eval.json``: the final evaluation (that of the last step, or a new one when a
+        resumed run had no step left to run)."""
         if not self.cfg.eval.at_end:
             return
         final = self.last_eval[1] if self.last_eval[0] == self.step else self.evaluate()
@@ -362,12 +376,54 @@ class RLRun:
             self.engine.shutdown()
 
     def export(self) -> None:
-        """The HF export of the last checkpoint (rank 0), then a barrier."""
+        """The HF export of the last checkpoint (rank 0; it samples like the evaluation), then a barrier."""
         if self.cfg.checkpoint.export_hf and self.rank0:
-            export_hf(self.cfg.model.tokenizer_dir, self.ckpt_root, self.out / "hf")
+            sampling = {"temperature": self.cfg.eval.temperature, "top_p": self.cfg.eval.top_p}
+            export_hf(self.cfg.model.tokenizer_dir, self.ckpt_root, self.out / "hf", sampling)
         if dist.is_initialized():
             dist.barrier()
 
+    def release(self) -> None:
+        """Rank 0: the output directory is free for another run."""
+        if self.lock is not None:
+            self.lock.release()
+
+
+def dry_run(cfg: RLConfig) -> None:
+    """``--dry-run``: everything an RL run checks before it starts, without starting anything
+    (no process group, model, engine or server)."""
+    d = cfg.data
+    preflight(cfg, d.train + d.eval, d.generate, model_will_exist=cfg.bootstrap is not None)
+    problem = writable_problem(Path(cfg.output_dir))
+    if problem:
+        raise ConfigError(f"output_dir {cfg.output_dir}: {problem}")
+    world = DistEnv.from_environ().world_size
+    cfg.parallel.data_parallel_size(world)
+    hf_cfg = starting_config(cfg.model, may_be_missing=cfg.model.create_tiny is not None or cfg.bootstrap is not None)
+    if hf_cfg is not None:
+        check_model_fits(cfg, hf_cfg)
+    if cfg.bootstrap is not None and hf_cfg is None:
+        raw = read_yaml(cfg.bootstrap)
+        load_config(RLConfig if "rollout" in raw or "algo" in raw else SFTConfig, cfg.bootstrap, [])
+        print(f"bootstrap {cfg.bootstrap}: config loads (it runs first: model.hf is not there yet)", flush=True)
+    if all(Path(f).is_file() for f in d.train + d.eval):
+        train_prompts, evals, stats = load_prompts(cfg)
+        print(f"prompts: {len(train_prompts)} for training {stats}, {len(evals)} for evaluation", flush=True)
+        if any(p.ability == "code" for p in train_prompts + evals):
+            check_code_sandbox(cfg.reward.code, train_prompts + evals)
+            print(f"sandbox: a known-good program passes, a known-bad one fails ({cfg.reward.code})", flush=True)
+    else:
+        print(f"data: written by data.generate={d.generate} first; not read now", flush=True)
+    if cfg.rollout.engine == "sglang":
+        sg = cfg.sglang_config()
+        if sg.launch and sg.python and shutil.which(sg.python) is None:
+            raise ConfigError(f"rollout.sglang.python={sg.python} is not an executable")
+        if sg.launch and not sg.python and importlib.util.find_spec("sglang") is None:
+            raise ConfigError(
+                "rollout.engine=sglang launches servers but sglang is not installed here (the gpu extra; "
+                "or set rollout.sglang.python to an interpreter that has it)"
+            )
+
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_config_entry(RLConfig, train, __doc__, argv)
+    return run_config_entry(RLConfig, train, __doc__, argv, dry_run)

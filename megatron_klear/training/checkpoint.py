@@ -7,12 +7,17 @@ Layout under ``<output_dir>/checkpoints/``::
       config.json            the HF config of the model
       model/                 Megatron-Core dist checkpoint of model and optimizer (TP/PP-agnostic)
       trainer_state.json     step, LR schedule, data position, anything the loop adds
+      run_config.json        the run's config (a resume compares it with its own)
       rng/rank_00000.pt      each rank's RNG states
     latest                   name of the newest complete checkpoint
     .iter_0000200.tmp/       a save in progress (or one that crashed): never loaded
 
 The model tensors of ``iter_N/`` are keyed as in a converted checkpoint, so
 ``tools/convert_megatron_to_hf.py --load iter_N`` exports it.
+
+A resume takes the newest checkpoint that is complete and loads (``find_resumable``, then
+``load_first``), saying which newer ones it skipped and why: a checkpoint damaged after it was
+written (a missing or truncated file) never stops a run that has an intact older one.
 """
 
 from __future__ import annotations
@@ -21,17 +26,20 @@ import json
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_klear.checkpoint.convert import megatron_to_hf
 from megatron_klear.checkpoint.hf_io import copy_side_files
 from megatron_klear.checkpoint.megatron_ckpt import (
     MARKER,
     barrier,
+    checkpoint_problem,
     is_valid_checkpoint,
     load_sharded,
     load_state_checked,
@@ -39,6 +47,7 @@ from megatron_klear.checkpoint.megatron_ckpt import (
     save_sharded,
     write_marker,
 )
+from megatron_klear.distributed import broadcast_object, comm_device
 from megatron_klear.errors import CheckpointError
 from megatron_klear.training.guards import maybe_crash
 from megatron_klear.training.state import TrainState
@@ -116,8 +125,18 @@ def _ensure_optimizer_state(train_state: TrainState) -> None:
                 }
 
 
-def save_checkpoint(train_state: TrainState, root: Path, step: int, trainer_state: dict, keep_last: int = 3) -> Path:
-    """Collective: every rank must call it. Returns the checkpoint directory."""
+def save_checkpoint(
+    train_state: TrainState,
+    root: Path,
+    step: int,
+    trainer_state: dict,
+    keep_last: int = 3,
+    run_config: Optional[dict] = None,
+) -> Path:
+    """Collective: every rank must call it. Returns the checkpoint directory.
+
+    ``run_config`` (the run's config as a mapping) is kept with the checkpoint, for a resume
+    to compare with its own."""
     name = f"iter_{step:07d}"
     final, tmp = root / name, root / f".{name}.tmp"
     if rank() == 0:
@@ -136,6 +155,8 @@ def save_checkpoint(train_state: TrainState, root: Path, step: int, trainer_stat
     if rank() == 0:
         state = dict(trainer_state, step=step, scheduler=train_state.scheduler.state_dict())
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if run_config is not None:
+            (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
         write_marker(tmp, train_state.hf_config, step=step)
         if final.exists():
             shutil.rmtree(final)
@@ -152,6 +173,10 @@ def load_checkpoint(train_state: TrainState, path: Path) -> dict:
     """Load model, optimizer, schedule and this rank's RNG; returns the trainer state."""
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint")
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({e})") from e
     # Before its first step the optimizer has no state to describe (torch Adam creates it
     # lazily), so Megatron cannot build the sharded state dict to load into. Megatron's own
     # helper takes one zero-gradient step to create it; the load overwrites all of it.
@@ -160,8 +185,11 @@ def load_checkpoint(train_state: TrainState, path: Path) -> dict:
             opt._init_optimizer_states_with_dummy_values()
     state = load_sharded(_sharded_state(train_state, is_loading=True), path)
     load_state_checked(train_state.module, state["model"], path)
-    with torch.no_grad():  # fp32 models: main params are views of the (grad-requiring) weights
-        train_state.optimizer.load_state_dict(state["optimizer"])
+    try:
+        with torch.no_grad():  # fp32 models: main params are views of the (grad-requiring) weights
+            train_state.optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this model and layout ({e!r})") from e
     # Megatron-Core 0.16 without apex/TE keeps the true Adam step count in the param groups but
     # leaves each parameter's torch-Adam "step" at the placeholder value (and shared between
     # parameters), so the bias correction would be wrong from the first resumed step.
@@ -171,7 +199,6 @@ def load_checkpoint(train_state: TrainState, path: Path) -> dict:
                 for p in group["params"]:
                     if "step" in opt.optimizer.state.get(p, {}):
                         opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]))
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
     train_state.scheduler.load_state_dict(trainer_state["scheduler"])
     rng_file = path / "rng" / f"rank_{rank():05d}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size
@@ -179,13 +206,90 @@ def load_checkpoint(train_state: TrainState, path: Path) -> dict:
     return trainer_state
 
 
-def export_hf(tokenizer_src: str, root: Path, out: Path) -> Path:
-    """Export the newest checkpoint under ``root`` to an HF directory (tokenizer included)."""
+def export_hf(tokenizer_src: str, root: Path, out: Path, sampling: dict) -> Path:
+    """Export the newest checkpoint under ``root`` to an HF directory (tokenizer included) whose
+    generation_config.json samples with ``sampling`` (temperature, top_p[, top_k]) and stops at
+    the end of a chat turn."""
 
     last = latest_checkpoint(root)
     if last is None:
         raise CheckpointError(f"no complete checkpoint under {root} to export")
     copy_side_files(tokenizer_src, last)
-    megatron_to_hf(str(last), str(out), force=True)
+    megatron_to_hf(str(last), str(out), force=True, sampling=sampling)
     print(f"exported {last} -> {out}", flush=True)
     return Path(out)
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+RUN_CONFIG = "run_config.json"
+
+
+@dataclass
+class Resume:
+    """The checkpoints a resume may load, newest first, and those it skipped with why."""
+
+    candidates: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def saved_config(self) -> Optional[dict]:
+        """The run config kept with the newest candidate (None: an older checkpoint without one)."""
+        f = self.candidates[0] / RUN_CONFIG if self.candidates else None
+        return json.loads(f.read_text()) if f is not None and f.is_file() else None
+
+
+def _problem(path: Path) -> Optional[str]:
+    problem = checkpoint_problem(path)
+    if problem is None and not (path / "trainer_state.json").is_file():
+        problem = f"{path / 'trainer_state.json'} is missing"
+    return problem
+
+
+def find_resumable(root: Path) -> Resume:
+    """Collective: the checkpoints under ``root`` whose files are all there, newest first; rank 0
+    checks (metadata only) and says which newer ones it skips and why.
+
+    Raises when there are checkpoints but none of them is intact (a fresh start would overwrite
+    them: that takes ``checkpoint.resume=false``)."""
+    res = Resume()
+    if rank() == 0 and root.is_dir():
+        dirs = sorted((p for p in root.iterdir() if _ITER.match(p.name)), key=lambda p: p.name, reverse=True)
+        for p in dirs:
+            problem = _problem(p)
+            if problem is None:
+                res.candidates.append(p)
+            else:
+                res.skipped.append((p, problem))
+        for p, why in res.skipped:
+            if not res.candidates or p.name > res.candidates[0].name:
+                print(f"resume: skipping {p.name}: {why}", flush=True)
+    res = broadcast_object(res)
+    if res.skipped and not res.candidates:
+        detail = "; ".join(f"{p.name}: {why}" for p, why in res.skipped)
+        raise CheckpointError(
+            f"no loadable checkpoint under {root} ({detail}); "
+            "set checkpoint.resume=false to start afresh (it overwrites them)"
+        )
+    return res
+
+
+def load_first(train_state: TrainState, resume: Resume) -> tuple[Path, dict]:
+    """Collective: load the newest candidate that loads on every rank; returns (its path, its
+    trainer state). A candidate that fails is skipped with its reason; when all fail, the
+    newest one's error is raised."""
+    first_error: Optional[CheckpointError] = None
+    for path in resume.candidates:
+        try:
+            state, error = load_checkpoint(train_state, path), None
+        except CheckpointError as e:
+            state, error = None, e
+        ok = torch.tensor([0.0 if error else 1.0], device=comm_device())
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank takes the same checkpoint
+        if ok.item() == 1.0:
+            return path, state
+        first_error = first_error or error or CheckpointError(f"{path}: failed to load on another rank")
+        if rank() == 0:
+            print(f"resume: skipping {path.name}: {error or 'failed to load on another rank'}", flush=True)
+    assert first_error is not None, "load_first needs at least one candidate"
+    raise first_error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -19,9 +20,9 @@ from megatron_klear.distributed import comm_device
 
 def maybe_crash(point: str, step: int) -> None:
     """Fault injection for tests: ``MEGATRON_KLEAR_CRASH_AT=save:12`` (or ``step:12``) kills the
-    process hard at that point, as a node failure would."""
+    process at that point with SIGKILL (kill -9: no cleanup at all), as a node failure would."""
     if os.environ.get("MEGATRON_KLEAR_CRASH_AT") == f"{point}:{step}":
-        os._exit(42)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def stop_on_nonfinite(out: Path, step: int, **info) -> None:

@@ -1,13 +1,16 @@
 """Run observability: metrics.jsonl, a console line, TensorBoard, Weights & Biases, progress bar.
 
-Only global rank 0 writes. W&B runs offline unless an API key is configured, so nothing
-needs a network.
+Only global rank 0 writes. W&B follows its own environment (``WANDB_MODE``, ``WANDB_API_KEY``,
+``wandb login``) and runs offline only when none of them is set, so nothing needs a network
+by default. A resumed run's TensorBoard drops the events of the steps it re-runs. The
+metrics are listed, with their verl / slime names, in docs/metrics.md.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import netrc
 import os
 import sys
 import time
@@ -45,14 +48,16 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ConfigError("log.tensorboard is on but the tensorboard package is missing") from e
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            # purge_step: events of the steps a resume re-runs are dropped, as in metrics.jsonl
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if wandb_project:
             try:
                 import wandb
             except ImportError as e:
                 raise ConfigError("log.wandb_project is set but wandb is not installed (pip install wandb)") from e
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, mode=mode, dir=str(output_dir))
+            self.wandb = wandb.init(
+                project=wandb_project, name=run_name, config=config, mode=wandb_mode(), dir=str(output_dir)
+            )
         from tqdm import tqdm
 
         self.bar = tqdm(
@@ -100,6 +105,20 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         self.file.close()
+
+
+def wandb_mode() -> str | None:
+    """The W&B mode to ask for: None (W&B decides) when ``WANDB_MODE``, an API key or a
+    ``wandb login`` (its netrc entry) is set, else "offline"."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return None
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
 
 
 def _fmt(v) -> str:

@@ -9,6 +9,7 @@ Every section validates itself when the config loads (``config.from_dict`` calls
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,10 @@ import torch.distributed as dist
 
 from megatron_klear.checkpoint.hf_io import HFReader
 from megatron_klear.checkpoint.megatron_ckpt import load_model, read_marker
+from megatron_klear.config import FilePath
 from megatron_klear.data.synthetic import SyntheticDataConfig, write_synthetic
 from megatron_klear.distributed import ParallelConfig, is_main
-from megatron_klear.errors import ConfigError
+from megatron_klear.errors import ConfigError, DataError
 from megatron_klear.models.config import Qwen3Config, load_hf_config
 from megatron_klear.models.qwen3 import ModelOptions
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
@@ -29,6 +31,16 @@ from megatron_klear.models.weights import load_hf_weights
 from megatron_klear.training.state import OptimConfig
 
 LOGPROB_IMPLS = ("torch", "triton")
+# The paper's evaluation sampling; an exported model's generation_config.json carries it.
+EVAL_TEMPERATURE, EVAL_TOP_P = 0.6, 0.95
+
+
+def require_at_least(section: object, where: str, minimum: float, *names: str) -> None:
+    """Raise naming the first of ``names`` (fields of ``section``) below ``minimum``; None passes."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{where}.{name} must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -36,8 +48,8 @@ class ModelConfig(ModelOptions):
     """The ``model`` section: where the starting weights come from, and how to build the model
     (``params_dtype``, ``use_te``, ``fp8``, ``recompute`` from ``ModelOptions``)."""
 
-    hf: Optional[str] = None  # HF model directory to start from
-    load: Optional[str] = None  # or a Megatron checkpoint (tools/convert_hf_to_megatron.py output)
+    hf: Optional[FilePath] = None  # HF model directory to start from
+    load: Optional[FilePath] = None  # or a Megatron checkpoint (tools/convert_hf_to_megatron.py output)
     create_tiny: Optional[TinyModelArgs] = None  # create model.hf with these shapes first if it is missing
     logprob_impl: str = "torch"  # "torch" or "triton"
 
@@ -58,24 +70,45 @@ class ModelConfig(ModelOptions):
 
 @dataclass
 class CheckpointConfig:
-    """The ``checkpoint`` section."""
+    """The ``checkpoint`` section: when to save, what to keep, how to resume."""
 
-    save_interval: int = 500
-    keep_last: int = 3
-    resume: bool = True
-    export_hf: bool = True
+    save_interval: int = 500  # save every N steps (and after the last step)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    resume: bool = True  # continue from the newest loadable checkpoint in output_dir
+    export_hf: bool = True  # write output_dir/hf (HF safetensors + tokenizer) at the end
+    # resume even when the seed, model, data or another key outside the free list changed
+    allow_config_change: bool = False
+
+    def validate(self, where: str = "checkpoint") -> None:
+        require_at_least(self, where, 1, "save_interval", "keep_last")
 
 
 @dataclass
 class LogConfig:
-    """The ``log`` section."""
+    """The ``log`` section: console, metrics files, validation."""
 
-    interval: int = 1
-    eval_interval: int = 0  # 0: no validation
-    eval_batches: int = 8
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
+    interval: int = 1  # console line every N steps (metrics.jsonl gets every step)
+    eval_interval: int = 0  # SFT validation loss every N steps (and at step 0 and the end); 0: none
+    eval_batches: int = 8  # global batches of the validation set per SFT evaluation
+    tensorboard: bool = True  # write output_dir/tensorboard
+    wandb_project: Optional[str] = None  # log to Weights & Biases (the wandb extra; offline unless configured)
     peak_tflops: Optional[float] = None  # per device, for MFU (989 for H100 SXM bf16 dense)
+
+    def validate(self, where: str = "log") -> None:
+        require_at_least(self, where, 1, "interval", "eval_batches")
+        require_at_least(self, where, 0, "eval_interval")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"{where}.peak_tflops must be > 0, got {self.peak_tflops}")
+
+    def check_imports(self, where: str = "log") -> None:
+        """The optional packages this section asks for are installed (checked at start-up)."""
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(f"{where}.tensorboard is true but the tensorboard package is not installed")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"{where}.wandb_project is set but wandb is not installed: pip install -e .[wandb] "
+                f"(or set {where}.wandb_project=null)"
+            )
 
 
 @dataclass
@@ -83,13 +116,13 @@ class RunConfig:
     """The top-level keys every run has; ``SFTConfig`` and ``RLConfig`` extend it with their
     ``data`` section and their own keys (and RL its own ``optim`` / ``checkpoint`` defaults)."""
 
-    output_dir: str
+    output_dir: FilePath  # everything the run writes: checkpoints, metrics, logs, the HF export
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    seed: int = 1234
+    seed: int = 1234  # model-parallel RNG seed (initialisation, dropout)
 
 
 def prepare_assets(
@@ -114,9 +147,32 @@ def prepare_assets(
 
 def model_source(model: ModelConfig) -> tuple[Qwen3Config, Callable[[torch.nn.Module], None]]:
     """(HF config, weight loader for ``build_train_state``) from ``model.hf`` or ``model.load``."""
+    hf_cfg = starting_config(model)
     if model.hf is not None:
-        hf_cfg = load_hf_config(model.hf)
-        return hf_cfg, lambda gpt: load_hf_weights(gpt, hf_cfg, HFReader(model.hf).get)
-    read_marker(model.load)
-    hf_cfg = Qwen3Config.from_dict(json.loads((Path(model.load) / "config.json").read_text()))
+        return hf_cfg, lambda gpt: load_hf_weights(gpt, hf_cfg, HFReader(model.hf).get, source=f"model.hf={model.hf}")
     return hf_cfg, lambda gpt: load_model(gpt, model.load)
+
+
+def starting_config(model: ModelConfig, may_be_missing: bool = False) -> Optional[Qwen3Config]:
+    """The HF config of the starting model (errors name the directory or the broken checkpoint
+    file); None when ``may_be_missing`` and ``model.hf`` is not there yet (a step before the
+    run creates it)."""
+    if model.load is not None:
+        read_marker(model.load)
+        return Qwen3Config.from_dict(json.loads((Path(model.load) / "config.json").read_text()))
+    if may_be_missing and not (Path(model.hf) / "config.json").is_file():
+        return None
+    return load_hf_config(model.hf)
+
+
+def preflight(
+    cfg: RunConfig, data_files: Sequence[str], generate: Optional[str], model_will_exist: bool = False
+) -> None:
+    """What every rank checks before any process group starts: the optional packages the
+    config asks for, the starting model and the data files (unless the config creates them)."""
+    cfg.log.check_imports()
+    starting_config(cfg.model, may_be_missing=cfg.model.create_tiny is not None or model_will_exist)
+    if generate is None:
+        for f in data_files:
+            if not Path(f).is_file():
+                raise DataError(f"{f}: data file does not exist")

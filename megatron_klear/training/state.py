@@ -26,14 +26,14 @@ class OptimConfig:
     ``lr * k / warmup_steps``: the first step at LR 0, as in Megatron and verl.
     """
 
-    lr: float = 8e-5
-    min_lr: float = 4e-5
-    weight_decay: float = 0.1
+    lr: float = 8e-5  # peak learning rate
+    min_lr: float = 4e-5  # learning rate at the end of the decay
+    weight_decay: float = 0.1  # decoupled (AdamW) weight decay
     beta1: float = 0.9  # Adam betas (0.9, 0.95): Megatron's pre-training / SFT convention; the RL
     beta2: float = 0.95  # examples and RL's default optim use the public RL run's (0.9, 0.999)
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0  # SFT: optimizer updates; RL: RL steps
+    eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    warmup_steps: int = 0  # linear warm-up from LR 0 over this many steps (SFT: optimizer updates; RL: RL steps)
     decay_style: str = "cosine"  # "cosine", "linear" or "constant"
     decay_steps: Optional[int] = None  # default: the run's total steps (same unit as warmup_steps)
 

@@ -117,11 +117,31 @@ def check_step(out: Path, step: int = 1, max_diff: float = 1e-4) -> None:
 
 def test_one_step_tp1(sft_model, tmp_path):
     out = tmp_path / "rl"
+    evals = ["eval.at_start=true", "eval.at_end=true", "eval.k=2", "eval.max_prompts=4", "log.tensorboard=true"]
     padded = ["data.max_tokens_per_micro_batch=null"]  # micro_batch_size=2 padded sequences per micro-batch
-    torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, out) + padded)
+    torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, out) + padded + evals)
     check_step(out)
     assert (out / "checkpoints" / "iter_0000001").is_dir()
     assert metrics(out)[1]["pack/fill"] < 1.0  # right padding
+    # the step-0 and the final evaluation are rows of metrics.jsonl (and TensorBoard scalars),
+    # overall, per ability and per data source; throughput leaves the evaluation's time out
+    m = metrics(out)
+    assert sorted(m) == [0, 1]
+    sources = {json.loads(line)["data_source"] for line in (out / "eval.jsonl").read_text().splitlines()[:4]}
+    for step in (0, 1):
+        assert {"eval/avg@2", "eval/pass@2", "eval/math/avg@2", "time/eval_s"} <= set(m[step])
+        assert all(f"eval/source/{s}/avg@2" in m[step] for s in sources)
+    gen_tokens = m[1]["response/length_mean"] * m[1]["rollout/samples"]
+    assert m[1]["perf/tokens_per_s"] == pytest.approx(gen_tokens / (m[1]["time/step_s"] - m[1]["time/eval_s"]))
+    assert json.loads((out / "final_eval.json").read_text())["eval/avg@2"] == m[1]["eval/avg@2"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("eval/avg@2")] == [0, 1]
+    # every one of the k responses is kept
+    row = json.loads((out / "eval.jsonl").read_text().splitlines()[0])
+    assert len(row["responses"]) == 2 and all(isinstance(t, str) for t in row["responses"])
 
 
 def test_one_step_tp2_pp2(sft_model, tmp_path):
@@ -151,8 +171,9 @@ def test_resume_after_kill_mid_step_is_exact(sft_model, tmp_path):
     torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, ref, steps=4) + common)
     crashed = tmp_path / "crashed"
     r = torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, crashed, 4) + common, crash_at="rollout:3",
-                 expect_ok=False)  # fmt: skip
+                 expect_ok=False, orphan_grace_s=10)  # fmt: skip
     assert r.returncode != 0 and (crashed / "checkpoints" / "latest").read_text() == "iter_0000002"
+    assert r.leftover == []  # kill -9 of rank 0 after a save: no helper process lives on
     r = torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, crashed, 4) + common)
     assert "resumed from" in r.stdout
     a, b = metrics(ref), metrics(crashed)

@@ -25,6 +25,7 @@ LAYERS = {
     "compat": 0,
     "distributed": 0,
     "cli": 0,
+    "console": 0,
     "data": 1,
     "ops": 1,
     "rewards": 1,
