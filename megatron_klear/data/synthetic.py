@@ -280,12 +280,12 @@ class SyntheticDataConfig:
     ``levels``, ``n_math`` train rows and ``n_test`` test rows, plus ``n_code`` code problems);
     ``code``: ``make_code_dataset`` (``n_code`` train problems, ``n_test`` held-out statements)."""
 
-    kind: str = "mixed"
-    levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    n_math: int = 2000
-    n_code: int = 60
-    n_test: int = 200
-    seed: int = 0
+    kind: str = "mixed"  # "mixed" (math and code) or "code"
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # math difficulty levels (0-4)
+    n_math: int = 2000  # math training rows
+    n_code: int = 60  # code problems
+    n_test: int = 200  # held-out test rows (mixed) or statements (code)
+    seed: int = 0  # generator seed
 
     def validate(self, where: str = "data.synthetic") -> None:
         if self.kind not in SYNTHETIC_KINDS:

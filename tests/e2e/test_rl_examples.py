@@ -64,7 +64,8 @@ def test_demo_rl_config_is_deterministic(tiny_sft, tmp_path):
         torchrun("megatron_klear.rl", "examples/demo/rl_math.yaml", 2, rl_paths(tiny_sft, out) + short)
     a, b = (metrics(out) for out in outs)
     assert [untimed(r) for r in a] == [untimed(r) for r in b]
-    assert sum(r["train/tokens"] for r in a) > 0  # the runs trained, so equality says something
+    assert [r["step"] for r in a] == [0, 1, 2]  # step 0: the evaluation before the first update
+    assert sum(r["train/tokens"] for r in a[1:]) > 0  # the runs trained, so equality says something
     ea, eb = (json.loads((out / "final_eval.json").read_text()) for out in outs)
     assert untimed(ea) == untimed(eb) and "eval/avg@4" in ea
 

@@ -167,7 +167,8 @@ def test_cancelled_job_resubmitted_resumes_exactly(slurm, tmp_path):
     node_log = (out / "logs" / f"sft-{job2}-node0.log").read_text()
     assert f"resumed from {out / 'checkpoints' / f'iter_{saved:07d}'}" in node_log
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    second = [r for r in rows[len(first) :] if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 151))  # one row per step: re-run steps replaced
+    second = [r for r in rows if r["step"] > saved]
     assert second[0]["step"] == saved + 1 and second[-1]["step"] == 150
     redone = [r["step"] for r in second if r["step"] in first]
     assert redone, "no step was run by both jobs"

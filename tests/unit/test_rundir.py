@@ -177,3 +177,51 @@ def test_console_lines_carry_time_and_rank_and_progress(capsys, monkeypatch):
         time.sleep(0.3)
     beats = capsys.readouterr().out.splitlines()
     assert len(beats) >= 2 and all(b.startswith("eval: generating: ") for b in beats)
+
+
+_PARENT = """
+import multiprocessing as mp, sys, threading, time
+from megatron_klear.distributed import children_die_with_me
+children_die_with_me()
+ctx = mp.get_context("fork")
+main_child = ctx.Process(target=time.sleep, args=(120,))
+main_child.start()
+box = []
+t = threading.Thread(target=lambda: box.append(ctx.Process(target=time.sleep, args=(120,))) or box[0].start())
+t.start(); t.join()  # forked from a thread that then ends: the child must live on
+time.sleep(1.5)
+print(main_child.pid, box[0].pid, int(box[0].is_alive()), flush=True)
+time.sleep(120)
+"""
+
+
+def test_forked_children_die_with_their_parent():
+    """A rank's forked helpers (Megatron's checkpoint writers) die when it is killed -9, whether
+    they were forked by the main thread (PR_SET_PDEATHSIG) or by another (a PID watcher)."""
+    import subprocess
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        first, second, alive_after_thread_ended = map(int, parent.stdout.readline().split())
+        assert alive_after_thread_ended == 1
+        for pid in (first, second):
+            os.kill(pid, 0)  # both alive while the parent lives
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 10
+        left = [first, second]
+        while left and time.time() < deadline:
+            left = [pid for pid in left if _alive(pid)]
+            time.sleep(0.1)
+        assert left == []
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped by init
+        return f.read().split(")")[-1].split()[0] != "Z"
