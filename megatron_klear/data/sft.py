@@ -212,7 +212,6 @@ def build_cache(path: str | Path, cfg: SFTDataConfig, tokenizer: str) -> Path:
             finally:
                 if pool is not None:
                     pool.terminate()
-        skips.check(str(path), len(offsets) - 1 + len(skips), cfg.max_bad_fraction)
         progress.finish()
         np.save(tmp / "index.npy", np.asarray(offsets, dtype=np.int64))
         meta = dict(
@@ -300,7 +299,9 @@ class SFTDataset:
             raise DataError(f"data.seq_len={cfg.seq_len} is not a multiple of the document alignment {align}")
         self.cfg, self.paths, self.align = cfg, paths, align
         self.caches = [TokenCache(build_cache(p, cfg, tokenizer)) for p in paths]
-        for path, cache in zip(paths, self.caches):  # a cache built under a looser limit is checked too
+        # Too many bad rows is checked here, not while building: a cache is reused by later runs,
+        # whose data.max_bad_fraction may differ.
+        for path, cache in zip(paths, self.caches):
             skipped = cache.meta["skipped"]
             bad = len(skipped)
             check_bad_fraction(
