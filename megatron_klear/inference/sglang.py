@@ -250,6 +250,7 @@ class SGLangEngine(InferenceEngine):
         self._group_generation = 0
         self._sync_open = False  # a sync began and has not finished
         self._pending_version = ""
+        self._shut_down = False  # set by shutdown: from then on nothing is (re)started
         log_dir = Path(cfg.log_dir or "sglang_logs")
         self._router_log = log_dir / "router.log"
         if cfg.device == "cpu":
@@ -337,6 +338,8 @@ class SGLangEngine(InferenceEngine):
         """Stop the servers ``why`` names (if alive) and start them again, all at once, then
         wait for them; each holds the initial weights, so it is stale and out of the router
         until the next sync reaches it."""
+        if self._shut_down:
+            raise EngineError("the SGLang engine was shut down")
         for i, reason in why.items():
             s = self.servers[i]
             if s.proc is None:
@@ -354,6 +357,8 @@ class SGLangEngine(InferenceEngine):
         """Restart a dead router (re-registering the in-sync servers) and dead servers; a
         restarted server rejoins the router only after the next full sync."""
         with self._lock:
+            if self._shut_down:  # a request still in flight must not bring servers back
+                raise EngineError("the SGLang engine was shut down")
             router = self._router_proc
             if router is not None and router.poll() is not None:
                 log = self._router_log
@@ -562,7 +567,11 @@ class SGLangEngine(InferenceEngine):
                 self._abort_group()
                 raise EngineWeightError(f"weight broadcast aborted: {s.url} failed during it ({why})")
             time.sleep(0.005)
-        work.wait()
+        try:
+            work.wait()
+        except RuntimeError as e:  # the transport saw a peer go first (gloo: "connection closed")
+            self._abort_group()
+            raise EngineWeightError(f"weight broadcast aborted: {e}") from e
 
     def _abort_group(self) -> None:
         """Give up the current group on our side. Its members leave it with the next sync:
@@ -686,6 +695,8 @@ class SGLangEngine(InferenceEngine):
             return False
 
     def shutdown(self) -> None:
+        with self._lock:
+            self._shut_down = True
         group, self._group = self._group, None
         self._close(group)
         for p in [s.proc for s in self.servers] + [self._router_proc]:

@@ -100,6 +100,27 @@ def kill(proc) -> int:
     return pid
 
 
+def await_decoding(servers, since: dict, timeout_s: float = 120.0):
+    """The first of ``servers`` to log a decode batch past its log offset in ``since``: it is
+    generating. SGLang logs one every 40 decode steps (its decode_log_interval), so a LONG
+    sample still has most of its tokens to go; a fixed sleep races a fast machine, where all
+    samples can finish before the fault is injected. Which server is busy is the router's
+    choice (cache-aware: it may send every sample to one), so a test asks rather than assumes."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for s in servers:
+            with open(s.log, "rb") as f:
+                f.seek(since[s.url])
+                if b"Decode batch" in f.read():
+                    return s
+        time.sleep(0.05)
+    raise AssertionError(f"no decode batch within {timeout_s:.0f} s in {[str(s.log) for s in servers]}")
+
+
+def log_offsets(eng: SGLangEngine) -> dict:
+    return {s.url: os.path.getsize(s.log) for s in eng.servers}
+
+
 LONG = SamplingParams(temperature=1.0, max_new_tokens=300, n=2, seed=3, ignore_eos=True)
 
 
@@ -170,8 +191,9 @@ def test_release_and_resume_only_what_was_released(eng):
 
 def test_aborted_samples_are_generated_again_and_counted(eng):
     before = eng.aborted_samples
+    since = log_offsets(eng)
     th, box = generate_in_thread(eng, PROMPTS[:2], LONG)
-    time.sleep(2.0)
+    await_decoding(eng.servers, since)
     eng.release_memory(["kv_cache"])  # pause_generation(abort): in-flight samples come back "abort"
     time.sleep(2.0)
     eng.resume_memory(["kv_cache"])  # continue_generation: the resubmitted samples run
@@ -193,9 +215,9 @@ def test_router_lists_and_drops_workers_by_id(eng):
 
 
 def test_sigkill_server_mid_generation_then_restart_reregister_resync(eng, ref):
+    since = log_offsets(eng)
     th, box = generate_in_thread(eng, PROMPTS + PROMPTS, LONG)
-    time.sleep(2.0)
-    dead = eng.servers[1]
+    dead = await_decoding(eng.servers, since)  # kill a server with samples in flight
     old = kill(dead.proc)
     th.join(timeout=600)
     assert not th.is_alive() and "error" not in box, box.get("error")
@@ -260,8 +282,9 @@ def test_sync_broken_off_mid_broadcast_restarts_the_blocked_servers(eng, ref, mo
 
 
 def test_sigkill_router_mid_generation_restarts_and_reregisters(eng, ref):
+    since = log_offsets(eng)
     th, box = generate_in_thread(eng, PROMPTS, LONG)
-    time.sleep(2.0)
+    await_decoding(eng.servers, since)
     old = kill(eng._router_proc)
     th.join(timeout=600)
     assert not th.is_alive() and "error" not in box, box.get("error")
