@@ -35,7 +35,7 @@ class ModelOptions:
     # "full": "uniform" recomputes every layer in units of recompute_num_layers (default 1);
     # "block" recomputes the first recompute_num_layers layers of each pipeline stage.
     recompute_method: str = "uniform"
-    recompute_num_layers: Optional[int] = None
+    recompute_num_layers: Optional[int] = None  # layers per recompute unit ("full" only; default 1)
     # "selective": which parts of each layer (Megatron's default: ["core_attn"], which a fused
     # TE attention does not need; ["mlp"] frees the most at long sequence lengths).
     recompute_modules: Optional[list[str]] = None
