@@ -25,8 +25,8 @@ def _exit_on_signal(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _parser(doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(doc: str, prog: Optional[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config (relative paths in it resolve against its folder)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5 (see --list-keys)")
     what = p.add_mutually_exclusive_group()
@@ -47,19 +47,21 @@ def run_config_entry(
     doc: str,
     argv: Optional[list[str]] = None,
     dry_run: Optional[Callable] = None,
+    prog: Optional[str] = None,
 ) -> int:
     """``--config FILE [key=value ...]`` -> ``train(load_config(cls, ...))`` (or a listing, the
-    resolved config, or ``dry_run(cfg)``).
+    resolved config, or ``dry_run(cfg)``). ``prog``: the command usage lines name
+    (``python -m megatron_klear.sft``).
 
     User errors (``KlearError``: bad config, data, checkpoints, engines, output dir) print one
     line and exit 2 instead of a traceback; the process groups are torn down however the run ends.
     """
-    a = _parser(doc).parse_args(argv)
+    a = _parser(doc, prog).parse_args(argv)
     if a.list_keys:
         print(list_keys(cls))
         return 0
     if not a.config:
-        _parser(doc).error("--config is required (or use --list-keys)")
+        _parser(doc, prog).error("--config is required (or use --list-keys)")
     if not a.print_config:  # the printed YAML stays plain
         console.install(DistEnv.from_environ().rank)
     # SIGTERM (torchrun stopping its workers, scancel) unwinds like an exception, so the

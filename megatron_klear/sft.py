@@ -352,7 +352,7 @@ def train(cfg: SFTConfig) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_config_entry(SFTConfig, train, __doc__, argv, dry_run)
+    return run_config_entry(SFTConfig, train, __doc__, argv, dry_run, prog="python -m megatron_klear.sft")
 
 
 if __name__ == "__main__":

@@ -426,4 +426,4 @@ def dry_run(cfg: RLConfig) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_config_entry(RLConfig, train, __doc__, argv, dry_run)
+    return run_config_entry(RLConfig, train, __doc__, argv, dry_run, prog="python -m megatron_klear.rl")
