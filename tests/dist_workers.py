@@ -83,30 +83,37 @@ def gather_worker(tp: int, pp: int, ckpt: str, bucket_bytes: int, out: str) -> N
         destroy_distributed()
 
 
-def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> None:
-    """Train a few steps at tp x pp, sync into an HF engine on rank 0, check it, save results."""
+def hf_train_state(hf_dir: str, optim=None):
+    """``(config, train state)`` of the HF model in ``hf_dir``, with its weights, an optimizer
+    (default: constant lr 1e-2) and a 10-step schedule: the start of the training workers here.
+    Call after ``init_distributed``."""
     from megatron_klear.checkpoint.hf_io import HFReader
-    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
-    from megatron_klear.errors import SyncError
-    from megatron_klear.inference.hf import HFEngine
     from megatron_klear.models.config import load_hf_config
     from megatron_klear.models.qwen3 import ModelOptions
     from megatron_klear.models.weights import load_hf_weights
+    from megatron_klear.training.state import OptimConfig, build_train_state
+
+    cfg = load_hf_config(hf_dir)
+    optim = optim or OptimConfig(lr=1e-2, min_lr=1e-2, decay_style="constant")
+
+    def init_weights(model) -> None:
+        load_hf_weights(model, cfg, HFReader(hf_dir).get)
+
+    return cfg, build_train_state(cfg, ModelOptions(), optim, 10, init_weights=init_weights)
+
+
+def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> None:
+    """Train a few steps at tp x pp, sync into an HF engine on rank 0, check it, save results."""
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.errors import SyncError
+    from megatron_klear.inference.hf import HFEngine
     from megatron_klear.sync.gather import gather_hf_buckets
     from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
-    from megatron_klear.training.state import OptimConfig, build_train_state
     from megatron_klear.training.step import forward_backward, optimizer_step
 
     init_distributed(ParallelConfig(tp=tp, pp=pp), seed=7)
     try:
-        cfg = load_hf_config(hf_dir)
-        eng = build_train_state(
-            cfg,
-            ModelOptions(),
-            OptimConfig(lr=1e-2, min_lr=1e-2, decay_style="constant"),
-            10,
-            init_weights=lambda m: load_hf_weights(m, cfg, HFReader(hf_dir).get),
-        )
+        cfg, eng = hf_train_state(hf_dir)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
         mb = dict(  # plain rows: forward_backward builds the causal mask
@@ -202,24 +209,17 @@ def rl_layout_worker(tp: int, pp: int, hf_dir: str, cases: dict, out: str) -> No
 
     from megatron.core import parallel_state as ps
 
-    from megatron_klear.checkpoint.hf_io import HFReader
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
-    from megatron_klear.models.config import load_hf_config
-    from megatron_klear.models.qwen3 import ModelOptions
-    from megatron_klear.models.weights import load_hf_weights
     from megatron_klear.rl.batch import minibatches
     from megatron_klear.rl.config import AlgoConfig, RLConfig
     from megatron_klear.rl.loss import REPORT_KEYS, rl_loss_fn
     from megatron_klear.rl.update import compute_old_logprobs
-    from megatron_klear.training.state import OptimConfig, build_train_state
+    from megatron_klear.training.state import OptimConfig
     from megatron_klear.training.step import forward_backward, reduce_reports
 
     init_distributed(ParallelConfig(tp=tp, pp=pp), seed=7)
     try:
-        cfg = load_hf_config(hf_dir)
-        state = build_train_state(
-            cfg, ModelOptions(), OptimConfig(), 10, init_weights=lambda m: load_hf_weights(m, cfg, HFReader(hf_dir).get)
-        )
+        cfg, state = hf_train_state(hf_dir, OptimConfig())
         groups = rl_groups(cfg.vocab_size)
         seqs = [s for g in groups for s in g]
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -320,28 +320,17 @@ def te_extra_state_worker(ckpt: str, out: str) -> None:
 def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
     """DP=2 with the overlapped parameter all-gather: one step, then a checkpoint save (outside
     any forward); the saved weights must be the updated ones on every rank's shard."""
-    from megatron_klear.checkpoint.hf_io import HFReader
     from megatron_klear.checkpoint.megatron_ckpt import load_model
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
-    from megatron_klear.models.config import load_hf_config
     from megatron_klear.models.forward import causal_mask
     from megatron_klear.models.qwen3 import ModelOptions, build_model
-    from megatron_klear.models.weights import load_hf_weights
     from megatron_klear.sft import nll_loss
     from megatron_klear.training.checkpoint import save_checkpoint
-    from megatron_klear.training.state import OptimConfig, build_train_state
     from megatron_klear.training.step import forward_backward, optimizer_step
 
     init_distributed(ParallelConfig(), seed=3)
     try:
-        cfg = load_hf_config(hf_dir)
-        ts = build_train_state(
-            cfg,
-            ModelOptions(),
-            OptimConfig(lr=1e-2, min_lr=1e-2, decay_style="constant"),
-            10,
-            init_weights=lambda m: load_hf_weights(m, cfg, HFReader(hf_dir).get),
-        )
+        cfg, ts = hf_train_state(hf_dir)
         assert ts.model.ddp_config.overlap_param_gather and ts.model.ddp_config.overlap_grad_reduce
         g = torch.Generator().manual_seed(torch.distributed.get_rank())
         ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=g)
