@@ -56,12 +56,13 @@ def run_config_entry(
     User errors (``KlearError``: bad config, data, checkpoints, engines, output dir) print one
     line and exit 2 instead of a traceback; the process groups are torn down however the run ends.
     """
-    a = _parser(doc, prog).parse_args(argv)
+    parser = _parser(doc, prog)
+    a = parser.parse_args(argv)
     if a.list_keys:
         print(list_keys(cls))
         return 0
     if not a.config:
-        _parser(doc, prog).error("--config is required (or use --list-keys)")
+        parser.error("--config is required (or use --list-keys)")
     if not a.print_config:  # the printed YAML stays plain
         console.install(DistEnv.from_environ().rank)
     # SIGTERM (torchrun stopping its workers, scancel) unwinds like an exception, so the
