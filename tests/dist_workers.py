@@ -123,7 +123,7 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         )
 
         def loss(logits, mb):
-            from megatron_klear.sft import nll_loss
+            from megatron_klear.ops.loss import nll_loss
 
             m = dict(mb, loss_mask=torch.ones_like(mb["labels"]))
             return nll_loss(cfg.vocab_size, "torch")(logits, m)
@@ -324,8 +324,9 @@ def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
     from megatron_klear.models.forward import causal_mask
     from megatron_klear.models.qwen3 import ModelOptions, build_model
-    from megatron_klear.sft import nll_loss
+    from megatron_klear.ops.loss import nll_loss
     from megatron_klear.training.checkpoint import save_checkpoint
+    from megatron_klear.training.run_state import RunState
     from megatron_klear.training.step import forward_backward, optimizer_step
 
     init_distributed(ParallelConfig(), seed=3)
@@ -339,7 +340,7 @@ def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
         forward_backward(ts, [mb], nll_loss(cfg.vocab_size, "torch"))
         optimizer_step(ts)
         before_sync = [p.detach().clone() for p in ts.module.parameters()]
-        ckpt = save_checkpoint(ts, Path(root), 1, {})
+        ckpt = save_checkpoint(ts, Path(root), RunState(step=1))
         current = [p.detach().clone() for p in ts.module.parameters()]
         saved = build_model(cfg, ModelOptions(), init_weights=False)
         load_model(saved, ckpt)

@@ -84,10 +84,13 @@ def minibatches(
     pad_to: int = PAD_TO,
     max_seq_len: Optional[int] = None,
     use_te: bool = False,
+    policy_version: int = 0,
 ) -> list[MiniBatch]:
     """Split ``groups`` into mini-batches of ``mini_batch_prompts`` groups (the last may be
     smaller when dynamic sampling came up short) and build this rank's micro-batches: packed
-    into ``max_tokens`` budgets, or ``mbs`` padded sequences each when it is None."""
+    into ``max_tokens`` budgets, or ``mbs`` padded sequences each when it is None.
+    ``policy_version``: the weight version trained at (steps trained before this one); a
+    sample of an older version is stale."""
     out = []
     for start in range(0, len(groups), mini_batch_prompts):
         gs = groups[start : start + mini_batch_prompts]
@@ -106,11 +109,11 @@ def minibatches(
         micro, placement = [], {}
         for k, members in enumerate(plan[dp_rank]):
             if max_tokens is None:
-                rows = [_padded_row(seqs[i], length, j) for j, i in enumerate(members)]
-                rows += [_padded_row(None, length, j) for j in range(len(members), mbs)]
+                rows = [_padded_row(seqs[i], length, j, policy_version) for j, i in enumerate(members)]
+                rows += [_padded_row(None, length, j, policy_version) for j in range(len(members), mbs)]
                 placement.update({i: (k, j, 0) for j, i in enumerate(members)})
             else:
-                rows = [_packed_row([seqs[i] for i in members], widths[dp_rank][k])]
+                rows = [_packed_row([seqs[i] for i in members], widths[dp_rank][k], policy_version)]
                 starts = rows[0].cu_seqlens
                 placement.update({i: (k, 0, int(starts[j])) for j, i in enumerate(members)})
             micro.append(micro_batch(rows, use_te))
@@ -221,7 +224,7 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def _packed_row(samples: Sequence[Sample], length: int, first_id: int = 0) -> PackedSample:
+def _packed_row(samples: Sequence[Sample], length: int, policy_version: int, first_id: int = 0) -> PackedSample:
     """Sequences back to back in one row of ``length`` positions, with their per-token fields.
     ``seq_ids`` numbers the row's documents (padding included) from ``first_id``."""
     docs = []
@@ -236,16 +239,16 @@ def _packed_row(samples: Sequence[Sample], length: int, first_id: int = 0) -> Pa
         eng[a + p - 1 : a + p + r - 1] = s.engine_logprobs
         adv[a : a + p + r] = s.advantage
         correct[a : a + p + r] = float(s.correct)
-        stale[a : a + p + r] = float(s.stale)  # a kept surplus group's sample (rl.loss.ratio_baseline)
+        stale[a : a + p + r] = float(s.weight_version < policy_version)  # a kept surplus group's sample
     seq_ids = document_ids(row.cu_seqlens, length) + first_id
     row.extra = dict(engine_lp=eng, adv=adv, correct=correct, stale=stale, seq_ids=seq_ids)
     return row
 
 
-def _padded_row(sample: Optional[Sample], length: int, row: int) -> PackedSample:
+def _padded_row(sample: Optional[Sample], length: int, row: int, policy_version: int) -> PackedSample:
     """One sequence (or none) right-padded to ``length``: a plain row (causal attention).
     Row ``row`` numbers its sequence 2 x row and its padding 2 x row + 1 (unique per micro-batch)."""
-    out = _packed_row([] if sample is None else [sample], length, first_id=2 * row)
+    out = _packed_row([] if sample is None else [sample], length, policy_version, first_id=2 * row)
     out.cu_seqlens = None
     return out
 

@@ -15,11 +15,13 @@ device, so no ``[L, L]`` mask is held per micro-batch in advance:
   depends only on the relative offset, so the result is the same up to float rounding.
 
 Under context parallel each rank takes its load-balanced share of every document
-(``context_parallel_index``).
+(``context_parallel_index``). ``BatchStream`` cuts a packed data set into each data-parallel
+rank's micro-batches of consecutive global batches, from a resumable data position.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 
 from megatron_klear.data.sft import PackedSample
 from megatron_klear.models.forward import causal_mask
+from megatron_klear.training.run_state import DataPosition
 
 ROW_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")
 
@@ -130,3 +133,54 @@ def micro_batch(samples: Sequence[PackedSample], use_te: bool = False, cp_size: 
 
 def _field(sample: PackedSample, key: str) -> np.ndarray:
     return getattr(sample, key) if key in ROW_KEYS else sample.extra[key]
+
+
+@dataclass
+class GlobalBatch:
+    """This rank's share of one global batch."""
+
+    micro: list  # this DP rank's micro-batches
+    next: DataPosition  # where the next global batch starts
+    lengths: list[np.ndarray]  # real document lengths of this rank's packs (padding excluded)
+
+
+class BatchStream:
+    """This DP rank's micro-batches of each global batch of a packed data set (``plan(epoch)``
+    lists an epoch's packs, ``build(pack)`` makes one ``PackedSample``), from a resumable
+    data position: ``seqs_per_batch`` packs per global batch, ``n_micro`` micro-batches of
+    ``mbs`` packs per rank."""
+
+    def __init__(
+        self,
+        dataset,
+        seqs_per_batch: int,
+        n_micro: int,
+        mbs: int,
+        dp_rank: int,
+        use_te: bool,
+        cp: tuple[int, int] = (1, 0),
+    ):
+        self.ds, self.seqs, self.n_micro, self.mbs = dataset, seqs_per_batch, n_micro, mbs
+        self.dp_rank, self.use_te = dp_rank, use_te
+        self.cp_size, self.cp_rank = cp  # the ranks of one context-parallel group share each sequence
+
+    def global_batch(self, start: DataPosition) -> GlobalBatch:
+        """The global batch starting at ``start``: this rank's micro-batches, the next position
+        (an epoch that runs out continues in the next one) and this rank's document lengths."""
+        positions = []
+        e, k = start.epoch, start.index
+        for _ in range(self.seqs):
+            if k >= len(self.ds.plan(e)):
+                e, k = e + 1, 0
+            positions.append((e, k))
+            k += 1
+        share = self.n_micro * self.mbs
+        mine = positions[self.dp_rank * share : (self.dp_rank + 1) * share]
+        samples = [self.ds.build(self.ds.plan(pe)[pk]) for pe, pk in mine]
+        micro = [
+            micro_batch(samples[i : i + self.mbs], self.use_te, self.cp_size, self.cp_rank)
+            for i in range(0, len(samples), self.mbs)
+        ]
+        if k >= len(self.ds.plan(e)):
+            e, k = e + 1, 0
+        return GlobalBatch(micro, DataPosition(e, k), [s.document_lengths() for s in samples])

@@ -212,7 +212,7 @@ def test_surplus_groups_discarded_by_default_or_kept_as_stale(hf_models, surplus
     col = _collector(hf_models, surplus)
     groups, m, pos, rest = col.collect(1, (0, 0), [])
     assert len(groups) == 2 and m["rollout/groups_generated"] == 4 and pos == (0, 4)
-    assert not any(s.stale for g in groups for s in g)
+    assert all(s.weight_version == 0 for g in groups for s in g)  # sampled by the weights of step 0
     if surplus == "discard":
         assert rest == [] and m["rollout/groups_discarded"] == 2 and m["rollout/groups_buffered"] == 0
         # a buffer from an older checkpoint is not trained on either
@@ -220,10 +220,10 @@ def test_surplus_groups_discarded_by_default_or_kept_as_stale(hf_models, surplus
         assert m2["rollout/groups_stale"] == 0 and not {g[0].uid for g in again} & {g[0].uid for g in groups}
         return
     assert len(rest) == 2 and m["rollout/groups_buffered"] == 2 and m["rollout/groups_discarded"] == 0
-    assert all(s.stale for g in rest for s in g)
+    assert all(s.weight_version == 0 for g in rest for s in g)
     nxt, m2, _, _ = col.collect(2, pos, rest)
-    assert nxt[:2] == rest and m2["rollout/groups_stale"] == 2  # trained first, marked stale
-    mb = minibatches(nxt, 2, dp=1, dp_rank=0, mbs=4)[0].micro[0]
+    assert nxt[:2] == rest and m2["rollout/groups_stale"] == 2  # trained first, older than the policy
+    mb = minibatches(nxt, 2, dp=1, dp_rank=0, mbs=4, policy_version=1)[0].micro[0]
     response = mb["loss_mask"] > 0  # four rows of one sequence each; staleness travels per token
     assert mb["stale"].shape == (4, mb["input_ids"].shape[1]) and response.sum(-1).min() > 0
     assert mb["stale"][response].eq(1.0).all()

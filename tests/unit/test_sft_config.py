@@ -6,7 +6,7 @@ import pytest
 
 from megatron_klear.config import load_config
 from megatron_klear.errors import ConfigError
-from megatron_klear.sft import SFTConfig
+from megatron_klear.sft.config import SFTConfig
 from tests.jobs import ROOT
 
 
