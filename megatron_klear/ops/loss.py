@@ -252,8 +252,8 @@ def nll_loss(vocab_size: int, impl: str):
     on the device."""
 
     def loss(logits: torch.Tensor, mb):
-        logp, _ = model_output_logprobs(logits, mb["labels"], vocab_size, impl=impl)
-        mask = mb["loss_mask"].to(logp.dtype)
+        logp, _ = model_output_logprobs(logits, mb.labels, vocab_size, impl=impl)
+        mask = mb.loss_mask.to(logp.dtype)
         total = -(logp * mask).sum()
         count = mask.sum().to(torch.int)
         return total, count, {"loss_sum": total.detach(), "tokens": count.detach()}
