@@ -6,6 +6,12 @@ buckets. An update is a transaction: ``begin_update`` marks the engine stale, ev
 goes in with ``update_bucket``, and only a successful ``finish_update`` makes it usable again.
 A stale engine refuses to generate, so a half-applied sync can never produce rollouts. That
 the weights took effect is checked by the trainer on a probe (``sync.weights``).
+
+A sync may begin while another thread generates (``rollout.overlap``); no completion ever mixes
+two weight versions, and each names the version that produced all of its tokens
+(``Completion.weight_version``). The HF engine lets the generations in flight finish on the old
+weights before the update starts; SGLang pauses its servers for the sync (requests in flight come
+back aborted and are generated again, entirely on the new weights: ``inference.sglang``).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Completion:
     output_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # one of FINISH_REASONS
+    weight_version: Optional[str] = None  # the engine's weights that produced every token (None: not reported)
 
     def __post_init__(self) -> None:
         if len(self.output_ids) != len(self.logprobs):

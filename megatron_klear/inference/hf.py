@@ -3,15 +3,21 @@
 Sampling is our own loop over the model's KV cache (left-padded batches), so the log-prob of
 every sampled token is exactly log softmax(logits / T) at the step it was drawn, and weight
 updates are copied into the live parameters by HF name.
+
+Thread safety (``rollout.overlap`` generates in a thread of its own): a sync waits for the
+generations in flight to finish on the old weights (each completion is tagged with that version);
+a generation asked for while a sync runs finds the engine stale and is refused. ``abort`` makes
+the generations in flight stop at their next token with an ``EngineError`` (shutting down).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence
 
 import torch
 
-from megatron_klear.errors import EngineWeightError
+from megatron_klear.errors import EngineError, EngineWeightError
 from megatron_klear.inference.base import Bucket, Completion, InferenceEngine, SamplingParams
 
 
@@ -62,21 +68,47 @@ class HFEngine(InferenceEngine):
         self.stale = False
         self._seen: set[str] = set()
         self._on_device = True
+        self._busy = threading.Condition()  # guards _active, stale and the weights
+        self._active = 0  # generate / score calls in flight
+        self._aborted = False
+
+    def _enter(self) -> str:
+        """Start a generate / score call on the current weights; returns their version."""
+        with self._busy:
+            self.check_fresh()
+            if self._aborted:
+                raise EngineError("the HF engine was aborted")
+            self._active += 1
+            return self.version
+
+    def _leave(self) -> None:
+        with self._busy:
+            self._active -= 1
+            self._busy.notify_all()
+
+    def abort(self) -> None:
+        """Make every generation in flight stop at its next token (``EngineError``)."""
+        self._aborted = True
 
     # -- generation -------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        self.check_fresh()
         params.validate()
-        gen = torch.Generator(device="cpu")
-        if params.seed is not None:
-            gen.manual_seed(params.seed)
-        else:
-            gen.seed()
-        flat = [list(p) for p in prompts for _ in range(params.n)]
-        out: list[Completion] = []
-        for i in range(0, len(flat), self.max_batch):
-            out.extend(self._generate_batch(flat[i : i + self.max_batch], params, gen))
+        version = self._enter()
+        try:
+            gen = torch.Generator(device="cpu")
+            if params.seed is not None:
+                gen.manual_seed(params.seed)
+            else:
+                gen.seed()
+            flat = [list(p) for p in prompts for _ in range(params.n)]
+            out: list[Completion] = []
+            for i in range(0, len(flat), self.max_batch):
+                out.extend(self._generate_batch(flat[i : i + self.max_batch], params, gen))
+        finally:
+            self._leave()
+        for c in out:
+            c.weight_version = version
         return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _generate_batch(self, prompts: list[list[int]], p: SamplingParams, gen: torch.Generator) -> list[Completion]:
@@ -95,6 +127,8 @@ class HFEngine(InferenceEngine):
         done = torch.zeros(b, dtype=torch.bool)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         for _ in range(p.max_new_tokens):
+            if self._aborted:
+                raise EngineError("the HF engine was aborted (shutting down)")
             logits = out.logits[:, -1].float().cpu()
             if p.temperature < 1e-6:
                 lp = logits.log_softmax(-1)
@@ -128,18 +162,24 @@ class HFEngine(InferenceEngine):
 
     @torch.no_grad()
     def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:
-        self.check_fresh()
-        result = []
-        for seq in sequences:  # one at a time: no padding to get wrong
-            ids = torch.tensor([seq], device=self.device)
-            logits = self.model(input_ids=ids).logits[0, :-1].float()
-            lp = (logits / temperature).log_softmax(-1)
-            result.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().tolist())
-        return result
+        self._enter()
+        try:
+            result = []
+            for seq in sequences:  # one at a time: no padding to get wrong
+                ids = torch.tensor([seq], device=self.device)
+                logits = self.model(input_ids=ids).logits[0, :-1].float()
+                lp = (logits / temperature).log_softmax(-1)
+                result.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().tolist())
+            return result
+        finally:
+            self._leave()
 
     # -- weights ----------------------------------------------------------------------
     def begin_update(self, version: str) -> None:
-        self.stale = True
+        """Wait for the generations in flight to finish on the old weights, then go stale."""
+        with self._busy:
+            self._busy.wait_for(lambda: self._active == 0)
+            self.stale = True
         self._pending_version = version
         self._seen = set()
 
@@ -178,5 +218,8 @@ class HFEngine(InferenceEngine):
         return not self.stale
 
     def shutdown(self) -> None:
+        self.abort()
+        with self._busy:
+            self._busy.wait_for(lambda: self._active == 0)
         self.params = {}
         self.model = None

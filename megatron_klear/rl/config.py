@@ -106,6 +106,12 @@ class RolloutConfig:
     max_logprob_diff: float = 0.1
     probe_tokens: int = 16  # sampled tokens of the consistency probe
     release_memory: bool = False  # colocated SGLang: free engine memory while training
+    # How many steps rollouts may run ahead of training (0: generate, then train). With 1, the
+    # engine generates (and the reward workers score) the batch of step t + 1 on the weights it
+    # holds while step t trains; those lag the trained policy by one update, and the loss takes
+    # their ratio against the log-probs of the weights that sampled them. Needs an engine that
+    # does not share the trainer's memory: rollout.sglang.mode=distributed, or the HF engine.
+    overlap: int = 0
     reward_workers: int = 4  # processes scoring responses
     dump: bool = False  # write every generated group to output_dir/rollouts/step_NNNNNN.jsonl
 
@@ -126,6 +132,25 @@ class RolloutConfig:
         if self.top_k == 0 or self.top_k < -1:
             raise ConfigError(f"{where}.top_k must be -1 (whole vocabulary) or >= 1, got {self.top_k}")
         require_at_least(self, where, 1, "hf_max_batch", "bucket_mb", "reward_workers", "probe_tokens")
+        require_at_least(self, where, 0, "overlap")
+
+
+def check_overlap(r: RolloutConfig) -> None:
+    """Rollouts can overlap training only on engines with their own memory: a colocated SGLang
+    engine shares the trainer's GPUs (CUDA IPC sync, memory released around training)."""
+    if r.overlap == 0:
+        return
+    if r.engine == "sglang" and r.sglang.mode == "colocated":
+        raise ConfigError(
+            f"rollout.overlap={r.overlap} needs engines on their own GPUs (rollout.sglang.mode=distributed): "
+            "a colocated engine (rollout.sglang.mode=colocated) shares the trainer's GPUs and cannot generate "
+            "while it trains; set rollout.overlap=0 or rollout.sglang.mode=distributed"
+        )
+    if r.release_memory:
+        raise ConfigError(
+            f"rollout.overlap={r.overlap} with rollout.release_memory=true: the engine's memory would be released "
+            "while it generates the next batch; set one of them to 0 / false"
+        )
 
 
 @dataclass
@@ -260,6 +285,7 @@ class RLConfig(RunConfig):
                 "rollout.sglang.mode=colocated needs parallel.pp=1 (each GPU sends its own copy of the "
                 "weights); use rollout.sglang.mode=distributed with pipeline parallelism"
             )
+        check_overlap(self.rollout)
         budget, r = self.data.max_tokens_per_micro_batch, self.rollout
         longest = r.max_prompt_len + r.max_response_len
         if budget is not None and budget < longest:

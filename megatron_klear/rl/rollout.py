@@ -6,8 +6,9 @@ until ``prompts_per_step`` groups are kept, and the step then trains on what the
 groups beyond the batch are discarded (``data.surplus=discard``, the public code's choice) or,
 with ``keep``, wait in a checkpointed buffer for the next step. Every sample carries the weight
 version that sampled it (the number of steps the engine's weights had trained): a buffered
-group's is older than the policy it is trained at, so the loss takes its ratio against the
-engine's log-probs of the policy that sampled it (``rl.loss``).
+group's, or that of a batch generated ahead of training (``rollout.overlap``, ``rl.ahead``), is
+older than the policy it is trained at, so the loss takes its ratio against the engine's
+log-probs of the policy that sampled it (``rl.loss``).
 Every prompt of a generation batch is submitted at once (``generate_stream``) and each group is
 scored as soon as its samples are in, so no group waits for the slowest sample of another.
 Samples the engine got back aborted were generated again (``rollout/samples_aborted`` counts
@@ -167,11 +168,22 @@ class Collector:
     def _score(self, prompts: Sequence[RLPrompt], comps: Sequence[list[Completion]]) -> list[list[RewardResult]]:
         return score_groups(self.tok, prompts, comps, self.cfg.reward, self.cfg.rollout.reward_workers)
 
-    def collect(self, step: int, pos: tuple[int, int], buffer: list[Group], dump: Optional[Path] = None):
+    def collect(
+        self,
+        step: int,
+        pos: tuple[int, int],
+        buffer: list[Group],
+        dump: Optional[Path] = None,
+        weight_version: Optional[int] = None,
+    ):
         """-> (groups for this step, metrics, next prompt position, new buffer); with ``dump``,
         every generated group is also written there (JSONL, one group per line). The buffer is
-        used only with ``data.surplus=keep``."""
+        used only with ``data.surplus=keep``. ``weight_version``: the steps trained into the
+        engine's weights (default ``step - 1``: the policy that trains on the batch; fewer when
+        rollouts run ahead of training, ``rollout.overlap``)."""
         d, a = self.cfg.data, self.cfg.algo
+        if weight_version is None:
+            weight_version = step - 1
         keep_surplus = d.surplus == "keep"
         buffer = list(buffer) if keep_surplus else []
         stats = dict(prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0, samples_aborted=0)
@@ -200,7 +212,7 @@ class Collector:
                         continue
                     g = [
                         Sample(prompt.uid, ids, c.output_ids, c.logprobs, c.finish_reason, r.score, r.correct, r.reason,
-                               weight_version=step - 1)  # the engine holds the weights of step - 1
+                               weight_version=weight_version)
                         for c, r in zip(comps, results)
                     ]  # fmt: skip
                     for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps, a.adv_std)):
@@ -230,6 +242,7 @@ class Collector:
         metrics["rollout/groups_buffered"] = len(rest)
         metrics["rollout/groups_discarded"] = len(surplus) - len(rest)
         metrics["rollout/groups_stale"] = sum(g[0].weight_version < step - 1 for g in groups)
+        metrics["rollout/policy_lag"] = step - 1 - weight_version  # updates between the sampling and trained weights
         metrics["reward/sandbox_failures"] = sandbox_failures
         metrics["time/generate_s"] = t_gen
         metrics["time/reward_wait_s"] = t_wait

@@ -277,6 +277,45 @@ def test_surplus_groups_discarded_by_default_or_kept_as_stale(hf_models, surplus
     mb.validate()
 
 
+def test_rollout_queue_chains_batches_and_starts_a_failed_one_again(hf_models):
+    """Batches collected ahead (rollout.overlap) continue one another's prompt position and
+    surplus buffer; a batch that fails (a stale engine) is collected again from where it began
+    once the engine is synced; a resume keeps the batches a checkpoint held ahead unless they
+    would lag the policy by more than rollout.overlap."""
+    from megatron_klear.errors import StaleEngineError
+    from megatron_klear.rl.ahead import RolloutBatch, RolloutQueue
+
+    col = _collector(hf_models, "keep")
+    q = RolloutQueue(col)
+    assert q.restore(0, (0, 0), [], [], overlap=1) == []
+    q.submit(1, 0)
+    q.submit(2, 0)
+    first, second = q.take(1, 0), q.take(2, 0)
+    # the 2 surplus groups of batch 1 make batch 2, which needs no new prompt
+    assert (first.position, second.position) == ((0, 4), (0, 4)) and second.groups == first.rest
+    assert second.metrics["rollout/policy_lag"] == 1 and first.metrics["rollout/policy_lag"] == 0
+    assert all(s.weight_version == 0 for g in second.groups for s in g)
+    col.engine.begin_update("v1")  # a sync that did not finish: the engine refuses to generate
+    q.submit(3, 1)
+    q.submit(4, 1)
+    with pytest.raises(StaleEngineError):
+        q.take(3, 1)
+    q.restart_from(3)
+    assert q.submitted() == 2
+    col.engine.update_bucket(list(col.engine.params.items()))
+    col.engine.finish_update()
+    again = q.take(3, 1)
+    assert again.position == (0, 8)
+    assert again.groups == col.collect(3, (0, 4), [], weight_version=1)[0]  # from where batch 3 began
+    # a checkpoint's batches ahead: kept while they lag the policy by at most rollout.overlap
+    ahead = [RolloutBatch(4, 2, [], {}, (0, 16)), RolloutBatch(5, 2, [], {}, (0, 20))]
+    q2 = RolloutQueue(col)
+    assert q2.restore(3, (0, 12), [], ahead, overlap=1) == ahead[1:]  # step 5 on weights of step 2: lag 2
+    assert q2.submitted() == 4 and q2.take(4, 3) is ahead[0] and q2.rows() == []
+    q.close()
+    q2.close()
+
+
 def _sample(p: int, r: int, adv: float, correct: bool, reward: float | None = None) -> Sample:
     reward = (1.0 if correct else 0.0) if reward is None else reward
     return Sample("u", list(range(1, p + 1)), list(range(50, 50 + r)), [-0.1 * (i + 1) for i in range(r)], "stop",

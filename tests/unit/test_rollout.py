@@ -128,6 +128,43 @@ def test_weight_update_rejections_leave_the_engine_stale(hf_models):
     assert not eng.stale and eng.version == "v2" and torch.equal(p, torch.zeros_like(p))
 
 
+def test_a_sync_lets_generations_in_flight_finish_on_the_old_weights_and_tags_them(hf_models):
+    """rollout.overlap generates in a thread while the trainer syncs: the sync waits for the
+    generation in flight, whose every token comes from the old weights (its completions say so),
+    and what is generated after it comes from the new ones."""
+    import threading
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = str(hf_models["gqa1_tied"])
+    eng, old = HFEngine(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    new = [(n, p.detach().clone() * (3.0 if "embed" in n else 1.0)) for n, p in eng.params.items()]
+    params = SamplingParams(temperature=1.0, max_new_tokens=64, n=2, seed=5, ignore_eos=True)
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.update(out=eng.generate(_prompts(), params)))
+    th.start()
+    while eng._active == 0 and th.is_alive():  # the generation has begun
+        time.sleep(0.001)
+    eng.update_weights([new], "v1")  # returns only once the generation in flight is done
+    assert not th.is_alive() and eng.version == "v1"
+    th.join()
+    after = eng.generate(_prompts(), params)
+    for group_old, group_new, prompt in zip(box["out"], after, _prompts()):
+        for c in group_old:
+            with torch.no_grad():
+                logits = old(torch.tensor([prompt + c.output_ids])).logits[0, len(prompt) - 1 : -1].double()
+            ref = logits.log_softmax(-1).gather(-1, torch.tensor(c.output_ids)[:, None]).squeeze(-1)
+            assert c.weight_version == "initial" and torch.allclose(torch.tensor(c.logprobs).double(), ref, atol=1e-5)
+        for c in group_new:
+            full = eng.score([prompt + c.output_ids])[0][len(prompt) - 1 :]
+            assert c.weight_version == "v1" and torch.allclose(torch.tensor(full), torch.tensor(c.logprobs), atol=1e-5)
+    eng.begin_update("v2")  # nothing in flight: at once; a generation asked for now is refused
+    with pytest.raises(StaleEngineError):
+        eng.generate(_prompts(), params)
+    eng.shutdown()
+
+
 # ----------------------------------------------------------------------------- SGLang requests
 # (what SGLang does with them is tested against the real server: tests/e2e/test_sglang_real.py)
 
