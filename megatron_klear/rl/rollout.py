@@ -228,14 +228,7 @@ class Collector:
         groups, surplus = kept[: d.prompts_per_step], kept[d.prompts_per_step :]
         rest = surplus if keep_surplus else []
         if dump is not None:
-            dump.parent.mkdir(parents=True, exist_ok=True)
-            used = {id(g) for g in groups}
-            rows = [{"source": "buffer", "used": id(g) in used, "samples": [asdict(s) for s in g]} for g in buffer]
-            rows += [
-                {"source": "generated", "gen_batch": n, "kept": keep, "samples": [asdict(s) for s in g]}
-                for n, keep, g in generated
-            ]
-            dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_dump(dump, buffer, groups, generated)
         metrics = rollout_metrics([s for _, _, g in generated for s in g])
         metrics.update({f"rollout/{k}": v for k, v in stats.items()})
         metrics["rollout/groups_kept"] = len(groups)
@@ -247,6 +240,19 @@ class Collector:
         metrics["time/generate_s"] = t_gen
         metrics["time/reward_wait_s"] = t_wait
         return groups, metrics, pos, rest
+
+
+def write_dump(dump: Path, buffer: list[Group], used: list[Group], generated: list[tuple[int, bool, Group]]) -> None:
+    """``rollout.dump``: one JSON line per group of the step, the buffered ones (``used`` or not)
+    and the generated ones (their generation batch, and whether dynamic sampling kept them)."""
+    dump.parent.mkdir(parents=True, exist_ok=True)
+    ids = {id(g) for g in used}
+    rows = [{"source": "buffer", "used": id(g) in ids, "samples": [asdict(s) for s in g]} for g in buffer]
+    rows += [
+        {"source": "generated", "gen_batch": n, "kept": keep, "samples": [asdict(s) for s in g]}
+        for n, keep, g in generated
+    ]
+    dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def rollout_metrics(samples: Sequence[Sample]) -> dict:

@@ -238,9 +238,10 @@ def test_long_prompts_skipped_and_nonfinite_update_never_synced(sft_model, tmp_p
         "rollout.max_prompt_len=60",
         "optim.lr=1e30",
         "optim.weight_decay=1e30",
+        "rollout.overlap=1",  # the run stops while the next batch generates in its thread
     ]
-    r = torchrun("megatron_klear.rl", CONFIG, 2, o, expect_ok=False)
-    assert r.returncode != 0 and "non-finite" in r.stderr
+    r = torchrun("megatron_klear.rl", CONFIG, 2, o, expect_ok=False, orphan_grace_s=10)
+    assert r.returncode != 0 and "non-finite" in r.stderr and r.leftover == []
     diag = json.loads((out / "nan_diagnostics.json").read_text())
     log = out / "metrics.jsonl"
     assert diag["step"] == 1 and (not log.exists() or not log.read_text().strip())  # stopped before sync and log
