@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 arm = run_arm(a, overlap, model, Path(tmp) / f"rep{rep}")
                 arm.update(repeat=rep, summary=summarise(arm, a.warmup))
                 arms.append(arm)
-                print(f"repeat {rep} overlap={overlap}: step {arm['summary']['step_s']:.3f} s, "
-                      f"loadavg {arm['loadavg_before'][0]:.1f} -> {arm['loadavg_after'][0]:.1f}", flush=True)  # fmt: skip
+                s, load = arm["summary"], arm["loadavg_before"][0]
+                print(f"repeat {rep} overlap={overlap}: step {s['step_s']:.3f} s, loadavg {load:.1f}", flush=True)
     result = report(a, shape, arms)
     Path(a.json).write_text(json.dumps(result, indent=1))
     return 0
