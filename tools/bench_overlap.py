@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(Path(tmp) / "model", shape)
         for rep in range(a.repeats):
-            for overlap in ((0, 1) if rep % 2 == 0 else (1, 0)):
+            for overlap in (0, 1) if rep % 2 == 0 else (1, 0):
                 arm = run_arm(a, overlap, model, Path(tmp) / f"rep{rep}")
                 arm.update(repeat=rep, summary=summarise(arm, a.warmup))
                 arms.append(arm)
