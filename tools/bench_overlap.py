@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--arms", default="0,1", help="rollout.overlap values to run (the report needs 0 and 1)")
     p.add_argument("--json", default="bench_overlap_cpu.json")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the RL config (both arms)")
     a = p.parse_args(argv)
@@ -168,12 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(Path(tmp) / "model", shape)
         for rep in range(a.repeats):
-            for overlap in (0, 1) if rep % 2 == 0 else (1, 0):
+            order = [int(k) for k in a.arms.split(",")]
+            for overlap in order if rep % 2 == 0 else order[::-1]:
                 arm = run_arm(a, overlap, model, Path(tmp) / f"rep{rep}")
                 arm.update(repeat=rep, summary=summarise(arm, a.warmup))
                 arms.append(arm)
                 s, load = arm["summary"], arm["loadavg_before"][0]
                 print(f"repeat {rep} overlap={overlap}: step {s['step_s']:.3f} s, loadavg {load:.1f}", flush=True)
+    if {arm["overlap"] for arm in arms} != {0, 1}:
+        Path(a.json).write_text(json.dumps({"arms": arms}, indent=1))
+        return 0
     result = report(a, shape, arms)
     Path(a.json).write_text(json.dumps(result, indent=1))
     return 0
