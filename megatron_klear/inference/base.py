@@ -12,6 +12,11 @@ two weight versions, and each names the version that produced all of its tokens
 (``Completion.weight_version``). The HF engine lets the generations in flight finish on the old
 weights before the update starts; SGLang pauses its servers for the sync (requests in flight come
 back aborted and are generated again, entirely on the new weights: ``inference.sglang``).
+
+Partial rollouts (``rollout.partial``): ``interrupt`` makes the generations in flight return at
+once with the tokens they have, finish_reason "abort" (the only time a completion is "abort"),
+until ``end_interrupt``; the RL loop continues them later from their prefix (``budgets``: each
+prompt's own token budget).
 """
 
 from __future__ import annotations
@@ -80,15 +85,27 @@ class InferenceEngine(ABC):
     aborted_samples: int = 0  # samples the engine got back aborted and generated again
 
     @abstractmethod
-    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions for each prompt, in prompt order; none is "abort"."""
+    def generate(
+        self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
+    ) -> list[list[Completion]]:
+        """``params.n`` completions for each prompt, in prompt order, of at most
+        ``budgets[i]`` tokens for prompt i (default ``params.max_new_tokens``); none is "abort"
+        unless the engine was interrupted."""
 
     def generate_stream(
-        self, prompts: Sequence[list[int]], params: SamplingParams
+        self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
     ) -> Iterator[tuple[int, list[Completion]]]:
         """``(prompt index, its n completions)`` as each group completes, every prompt
         submitted at once. Default: ``generate``, in prompt order."""
-        yield from enumerate(self.generate(prompts, params))
+        yield from enumerate(self.generate(prompts, params, budgets))
+
+    def interrupt(self) -> None:
+        """Partial rollouts: the generations in flight return now with what they have (finish
+        reason "abort"), and so does every generation until ``end_interrupt``."""
+        raise EngineError(f"{type(self).__name__} cannot interrupt its generations (rollout.partial)")
+
+    def end_interrupt(self) -> None:
+        """Generations run to their end again."""
 
     @abstractmethod
     def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:

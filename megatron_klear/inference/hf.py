@@ -7,7 +7,8 @@ updates are copied into the live parameters by HF name.
 Thread safety (``rollout.overlap`` generates in a thread of its own): a sync waits for the
 generations in flight to finish on the old weights (each completion is tagged with that version);
 a generation asked for while a sync runs finds the engine stale and is refused. ``abort`` makes
-the generations in flight stop at their next token with an ``EngineError`` (shutting down).
+the generations in flight stop at their next token with an ``EngineError`` (shutting down);
+``interrupt`` makes them return what they have, finish_reason "abort" (partial rollouts).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class HFEngine(InferenceEngine):
         self._busy = threading.Condition()  # guards _active, stale and the weights
         self._active = 0  # generate / score calls in flight
         self._aborted = False
+        self._interrupted = False
+        self.decode_steps = 0  # tokens sampled per row so far, over all calls (progress)
 
     def _enter(self) -> str:
         """Start a generate / score call on the current weights; returns their version."""
@@ -90,9 +93,18 @@ class HFEngine(InferenceEngine):
         """Make every generation in flight stop at its next token (``EngineError``)."""
         self._aborted = True
 
+    def interrupt(self) -> None:
+        """Generations in flight return at their next token with what they have ("abort")."""
+        self._interrupted = True
+
+    def end_interrupt(self) -> None:
+        self._interrupted = False
+
     # -- generation -------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
+    ) -> list[list[Completion]]:
         params.validate()
         version = self._enter()
         try:
@@ -102,16 +114,22 @@ class HFEngine(InferenceEngine):
             else:
                 gen.seed()
             flat = [list(p) for p in prompts for _ in range(params.n)]
+            limits = [b for b in (budgets or [params.max_new_tokens] * len(prompts)) for _ in range(params.n)]
             out: list[Completion] = []
             for i in range(0, len(flat), self.max_batch):
-                out.extend(self._generate_batch(flat[i : i + self.max_batch], params, gen))
+                out.extend(
+                    self._generate_batch(flat[i : i + self.max_batch], params, gen, limits[i : i + self.max_batch])
+                )
         finally:
             self._leave()
         for c in out:
             c.weight_version = version
         return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
-    def _generate_batch(self, prompts: list[list[int]], p: SamplingParams, gen: torch.Generator) -> list[Completion]:
+    def _generate_batch(
+        self, prompts: list[list[int]], p: SamplingParams, gen: torch.Generator, limits: list[int]
+    ) -> list[Completion]:
+        """One left-padded batch; row i samples at most ``limits[i]`` tokens."""
         b, width = len(prompts), max(len(x) for x in prompts)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
@@ -124,11 +142,14 @@ class HFEngine(InferenceEngine):
         tokens: list[list[int]] = [[] for _ in range(b)]
         logps: list[list[float]] = [[] for _ in range(b)]
         reason = ["length"] * b
-        done = torch.zeros(b, dtype=torch.bool)
+        done = torch.tensor([n < 1 for n in limits])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        for _ in range(p.max_new_tokens):
+        for _ in range(max(limits)):
             if self._aborted:
                 raise EngineError("the HF engine was aborted (shutting down)")
+            if self._interrupted:
+                reason = ["abort" if not done[i] else r for i, r in enumerate(reason)]
+                break
             logits = out.logits[:, -1].float().cpu()
             if p.temperature < 1e-6:
                 lp = logits.log_softmax(-1)
@@ -138,6 +159,7 @@ class HFEngine(InferenceEngine):
                 probs = filter_logits(lp, p.top_k, p.top_p).softmax(-1)
                 tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
             tok_lp = lp.gather(-1, tok[:, None]).squeeze(-1)
+            self.decode_steps += 1
             for i in range(b):
                 if done[i]:
                     continue
@@ -146,6 +168,8 @@ class HFEngine(InferenceEngine):
                 logps[i].append(float(tok_lp[i]))
                 if t in stop:
                     done[i], reason[i] = True, "stop"
+                elif len(tokens[i]) >= limits[i]:
+                    done[i] = True
             if bool(done.all()):
                 break
             nxt = torch.where(done, torch.tensor(self.pad_id), tok).to(self.device)

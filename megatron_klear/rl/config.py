@@ -112,6 +112,11 @@ class RolloutConfig:
     # their ratio against the log-probs of the weights that sampled them. Needs an engine that
     # does not share the trainer's memory: rollout.sglang.mode=distributed, or the HF engine.
     overlap: int = 0
+    # With rollout.overlap=1: at each step boundary the batch still generating is cut instead of
+    # awaited; its unfinished samples are continued from their prefix by the next batch on the
+    # synced weights, each token keeping the version that produced it (slime's partial rollout).
+    # The trainer never waits for the longest samples; where a cut falls depends on timing.
+    partial: bool = False
     reward_workers: int = 4  # processes scoring responses
     dump: bool = False  # write every generated group to output_dir/rollouts/step_NNNNNN.jsonl
 
@@ -138,6 +143,10 @@ class RolloutConfig:
 def check_overlap(r: RolloutConfig) -> None:
     """Rollouts can overlap training only on engines with their own memory: a colocated SGLang
     engine shares the trainer's GPUs (CUDA IPC sync, memory released around training)."""
+    if r.partial and r.overlap != 1:
+        raise ConfigError(
+            f"rollout.partial=true cuts the batch generating ahead: it needs rollout.overlap=1, got {r.overlap}"
+        )
     if r.overlap == 0:
         return
     if r.engine == "sglang" and r.sglang.mode == "colocated":

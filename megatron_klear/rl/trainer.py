@@ -312,7 +312,9 @@ class RLRun(TrainingRun):
         it released, after every rank freed its cached CUDA memory) and check them on the
         probe; a failed check raises ``SyncError`` and stops the run (the checkpoint is intact)."""
         r = self.cfg.rollout
-        waited = self.rollouts.wait_idle() if self.rank0 else 0.0  # weights change only between batches
+        waited = 0.0
+        if self.rank0:  # weights change only between batches (rollout.partial: the one in flight is cut)
+            waited = self.rollouts.cut() if r.partial else self.rollouts.wait_idle()
         t0 = time.time()
         if r.release_memory:
             free_trainer_cache()

@@ -75,6 +75,7 @@ def test_every_example_config_loads(path):
         ("data.synthetic.levels=[5]", "data.synthetic.levels must be a non-empty list of"),
         ("optim.beta1=1.5", "optim.beta1 must lie in"),
         ("rollout.overlap=-1", "rollout.overlap must be >= 0"),
+        ("rollout.partial=true", "rollout.partial=true cuts the batch generating ahead: it needs rollout.overlap=1"),
     ],
 )
 def test_rl_section_errors_at_load_name_the_key(override, message):
