@@ -4,8 +4,9 @@ ordinary user, through runuser): ``python tests/sandbox_battery.py BACKEND CTX_J
 
 Each case runs its program through the real scorer (``score_code``) and, where a fact needs it,
 through ``run_program``, and reports facts: the score, whether it counted as correct, the
-case's wall time, what the program managed (bytes written, ...), and the processes of the
-sandbox's uids still alive afterwards. The test module asserts on the facts and checks the
+case's wall time, what the program managed (bytes written, ...), the peak memory of the run
+as the host sees it (``HostPeak``), and the processes of the sandbox's uids still alive
+afterwards. The test module asserts on the facts and checks the
 host side (servers, victim files). Standard library only: an ordinary user may have only the
 system python.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -133,11 +135,119 @@ def sleeps_after_closing_stdout(ctx: dict, backend: str) -> dict:
 
 
 def daemon_that_outlives_it(ctx: dict, backend: str) -> dict:
+    """The run ends when the program does (the case's time limit is 3 s, the daemon's sleep 1.5 s)."""
     code = (
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(1.5)\n"
         f"        open({ctx['daemon_marker']!r}, 'w').write('x')\n    os._exit(0)\nprint('42')"
     )
-    return scored(code, "42", backend, timeout_s=1)
+    t = time.monotonic()
+    r = run_program(code, backend=backend, timeout_s=3)
+    run_s = time.monotonic() - t
+    return {**scored(code, "42", backend, timeout_s=3), "run_s": run_s, "exit_code": r.exit_code}
+
+
+def fork_bomb_that_exits(ctx: dict, backend: str) -> dict:
+    """A bomb whose starter returns at once: the run ends then (the supervisor's verdict), not
+    at its 6 s time limit. 16 processes: a bomb of 128 takes the CPU that the starter needs to
+    exit (``fork_bomb`` has the default limits)."""
+    code = (
+        "import os\nif os.fork() == 0:\n    while True:\n        try:\n            os.fork()\n"
+        "        except OSError:\n            pass\nprint('42')"
+    )
+    t = time.monotonic()
+    r = run_program(code, backend=backend, timeout_s=6, max_procs=16)
+    run_s = time.monotonic() - t
+    return {**scored(code, "42", backend, timeout_s=6, max_procs=16), "run_s": run_s, "exit_code": r.exit_code}
+
+
+MEMORY_MB = 256  # the run's limit in the memory cases: small, the machine is shared
+_CHILDREN = """import os, time
+kids = []
+for i in range(8):
+    pid = os.fork()
+    if pid == 0:
+        x = b"\\x01" * (100 << 20)  # 100 MB each, touched: 800 MB in all
+        time.sleep(30)
+        os._exit(0)
+    kids.append(pid)
+for k in kids:
+    os.waitpid(k, 0)
+print("done")
+"""
+
+
+class HostPeak:
+    """The peak resident memory (RssAnon + RssShmem, summed) of the processes that start while
+    it watches, whose real uid is in [lo, hi), sampled from /proc every 2 ms by a process of
+    its own: the host's view of a run, independent of the sandbox's own accounting."""
+
+    _SRC = """import os, select, sys
+lo, hi = int(sys.argv[1]), int(sys.argv[2])
+before = {e for e in os.listdir("/proc") if e.isdigit()}
+print("ready", flush=True)
+peak = 0
+while not select.select([0], [], [], 0.002)[0]:
+    total = 0
+    for e in os.listdir("/proc"):
+        if e in before:
+            continue
+        try:
+            with open(f"/proc/{e}/status", "rb") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        uid = next((int(x.split()[1]) for x in lines if x.startswith(b"Uid:")), -1)
+        if lo <= uid < hi:
+            total += sum(int(x.split()[1]) for x in lines if x.startswith((b"RssAnon:", b"RssShmem:"))) << 10
+    peak = max(peak, total)
+print(peak)
+"""
+
+    def __init__(self, uid_range: tuple[int, int]):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self._SRC, *map(str, uid_range)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def stop_mb(self) -> float:
+        out, _ = self.proc.communicate("x")
+        return int(out) / 2**20
+
+
+def forked_children(ctx: dict, backend: str) -> dict:
+    """Eight children of 100 MB each under a 256 MB limit for the whole run."""
+    peak = HostPeak(tuple(ctx["uid_range"]))
+    t = time.monotonic()
+    try:
+        r = run_program(_CHILDREN, memory_mb=MEMORY_MB, backend=backend, timeout_s=10)
+    finally:
+        run_s = time.monotonic() - t
+        peak_mb = peak.stop_mb()
+    facts = scored(_CHILDREN, "done", backend, memory_mb=MEMORY_MB, timeout_s=10)
+    return {**facts, "memory_exceeded": r.memory_exceeded, "ok": r.ok, "run_s": run_s, "peak_mb": peak_mb}
+
+
+_POOL = """import sys, threading
+from concurrent.futures import ThreadPoolExecutor
+a, b = map(int, sys.stdin.read().split())
+everyone = threading.Barrier(64)
+def part(x):
+    everyone.wait(timeout=20)  # all 64 threads alive at once
+    return x
+with ThreadPoolExecutor(max_workers=64) as pool:
+    print(sum(pool.map(part, [a, b] + [0] * 62)))
+"""
+
+
+def thread_pool_64(ctx: dict, backend: str) -> dict:
+    """A legitimate solution with a 64-thread pool: 1.0 with the default limits, and with a
+    256 MB memory limit."""
+    small = score_code(fenced(_POOL), APPS, backend=backend, memory_mb=MEMORY_MB)
+    r = score_code(fenced(_POOL), APPS, backend=backend)
+    return {"score": r.score, "correct": r.correct, "reason": r.reason, "small_limit_score": small.score}
 
 
 _FILL = """import json, os
@@ -199,7 +309,9 @@ CASES: dict[str, tuple[Callable[[dict, str], dict], float]] = {
     "reads_secret": (reads_secret, 10),
     "host_env": (host_env, 10),
     "fork_bomb": (fork_bomb, 10),
+    "fork_bomb_that_exits": (fork_bomb_that_exits, 15),
     "memory_bomb": (memory_bomb, 10),
+    "forked_children": (forked_children, 15),
     "infinite_loop": (infinite_loop, 10),
     "prints_gigabytes": (prints_gigabytes, 15),
     "kills_its_parent": (kills_its_parent, 10),
@@ -208,6 +320,7 @@ CASES: dict[str, tuple[Callable[[dict, str], dict], float]] = {
     "write_10gb": (write_10gb, 20),
     "shm_2gb": (shm_2gb, 20),
     "positive": (positive, 10),
+    "thread_pool_64": (thread_pool_64, 10),
 }
 
 
