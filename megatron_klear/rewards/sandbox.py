@@ -28,8 +28,9 @@ run's own: a trainer with many threads does not use up a program's process allow
 ``MALLOC_ARENA_MAX=2`` keeps glibc from reserving 64 MB of address space per thread.
 
 A shell supervisor inside the sandbox writes a start marker, runs the program, and fails a run
-that leaves processes behind (exit code ``LEFT_PROCESSES``); under firejail the sandbox then
-ends at once (``--deterministic-shutdown``), as bwrap's does when its init exits. A run whose
+that leaves processes behind (exit code ``LEFT_PROCESSES``) and kills them, so that under
+firejail too the run ends with the supervisor (bwrap's init is the supervisor). A program that
+kills its supervisor under firejail and leaves a process runs to its time limit. A run whose
 output lacks the marker never started: that raises ``SandboxError`` (backend and message),
 never a failed test. A program cannot fake a failed start: the marker is out before the
 program runs. Each backend is probed once per process with a test program
@@ -82,17 +83,22 @@ _CANCEL_POLL_S = 0.05
 MIN_MEMORY_MB = 32  # a run's smallest memory limit: the sandbox and the interpreter need ~10 MB
 THREAD_STACK_MB = 8  # the soft stack rlimit, which glibc takes as every thread's stack size
 _MALLOC_ARENA_MB = 64  # address space of the one extra malloc arena that MALLOC_ARENA_MAX=2 allows
-# Runs inside the sandbox as ``sh -c _SUPERVISOR sh HOST_NET PROGRAM...``. It refuses to start
-# in the host's network namespace (a backend that fell back to no isolation), writes the start
-# marker, runs the program, and fails the run if anything is left alive: the sandbox's init
-# is pid 1 (under bwrap this shell itself) and $$ this shell.
+# Runs inside the sandbox as ``sh -c _SUPERVISOR sh HOST_NET HOST_PID PROGRAM...`` (the host's
+# namespaces, ``_host_namespaces()``). It refuses to start in the host's network or PID
+# namespace (a backend that fell back to no isolation), writes the start marker, runs the
+# program, and fails the run if anything is left alive: the sandbox's init is pid 1 (under
+# bwrap this shell itself) and $$ this shell. What is left it kills at once (``kill -1``: every
+# process of the namespace it may signal), so that firejail, whose init waits for every
+# process, ends now too; only where pid 1 is bwrap's (this shell) or firejail's init.
 _SUPERVISOR = (
-    'host_net=$1; shift; [ "$(readlink /proc/self/ns/net)" = "$host_net" ] && '
-    "{ echo 'not isolated: running in the host network namespace' >&2; exit 126; }; "
+    'host_net=$1; host_pid=$2; shift 2; case "$(readlink /proc/self/ns/net /proc/self/ns/pid)" in '
+    '*"$host_net"*|*"$host_pid"*) echo \'not isolated: running in a namespace of the host\' >&2; exit 126;; esac; '
     f"echo {START_MARKER.decode().strip()}; "
     '"$@"; rc=$?; '
-    'for p in /proc/[0-9]*; do p=${p#/proc/}; [ "$p" = 1 ] || [ "$p" = $$ ] || exit '
-    f"{LEFT_PROCESSES}; done; exit $rc"
+    'for p in /proc/[0-9]*; do p=${p#/proc/}; [ "$p" = 1 ] || [ "$p" = $$ ] || { rc=L; break; }; done; '
+    '[ "$rc" = L ] || exit $rc; read -r init < /proc/1/comm; if [ $$ = 1 ] || [ "$init" = firejail ]; then '
+    "n=0; while [ $n -lt 100 ] && kill -9 -1 2>/dev/null; do n=$((n + 1)); done; fi; "
+    f"exit {LEFT_PROCESSES}"
 )
 _SYSTEM_DIRS = ("/usr", "/etc")
 _SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -325,7 +331,6 @@ def _firejail(workdir: Path, inner: list[str], home: str) -> list[str]:
         *who,
         "--nonewprivs",
         "--restrict-namespaces",
-        "--deterministic-shutdown",  # end when the supervisor ends, not when the last daemon does
         "--deterministic-exit-code",  # the supervisor's exit code, not the last process's
         "--net=none",
         f"--private={workdir}",
@@ -472,6 +477,11 @@ def _pump(
         pipes.close()
 
 
+def _host_namespaces() -> list[str]:
+    """The network and PID namespaces of this process, as the supervisor's first arguments."""
+    return [os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/pid")]
+
+
 def address_space_mb(memory_mb: int, max_procs: int) -> int:
     """The address-space backstop of each process of a run: its memory limit, a stack for every
     thread it may have, and one extra malloc arena (a 64-thread pool needs about 600 MB)."""
@@ -526,7 +536,7 @@ def _execute(
                 "-c",
                 _SUPERVISOR,
                 "sh",
-                os.readlink("/proc/self/ns/net"),
+                *_host_namespaces(),
                 sandbox_python(),
                 "-I",
                 "-S",

@@ -339,20 +339,22 @@ def test_a_sandbox_that_does_not_start_raises_not_scores(backend, clean_machine,
 def test_the_supervisor_refuses_to_run_without_isolation():
     """Should a backend ever run our command without namespaces (firejail documents such a
     fallback for users it does not allow), the supervisor stops before the program: a failed
-    start, not a run."""
-    host_net = os.readlink("/proc/self/ns/net")
-    cmd = ["/bin/sh", "-c", sb._SUPERVISOR, "sh", host_net, sys.executable, "-c", "print('ran')"]
-    with pytest.raises(SandboxError, match="failed to start.*not isolated: running in the host network namespace"):
-        sb._run(cmd, {"PATH": "/usr/bin:/bin"}, "/", "", "bwrap", True, 10.0, 1024, None)
+    start, not a run. In the host's network namespace, and in the host's PID namespace (where
+    killing what a program leaves would reach the host's processes)."""
+    net, pid = sb._host_namespaces()
+    for host in ([net, "pid:[0]"], ["net:[0]", pid]):
+        cmd = ["/bin/sh", "-c", sb._SUPERVISOR, "sh", *host, sys.executable, "-c", "print('ran')"]
+        with pytest.raises(SandboxError, match="failed to start.*not isolated: running in a namespace of the host"):
+            sb._run(cmd, {"PATH": "/usr/bin:/bin"}, "/", "", "bwrap", True, 10.0, 1024, None)
 
 
 def test_the_time_limit_counts_from_the_sandbox_start():
     """A slow sandbox start (a loaded machine) is not charged to the program. The "sandbox" here
-    is a shell that takes 1 s before it starts the supervisor (outside a PID namespace, so the
-    supervisor sees the host's processes as left behind: the exit code is not the point)."""
+    is a shell that takes 1 s before it writes the start marker and runs the program (not the
+    supervisor: it must not run outside the sandbox's namespaces)."""
 
     def run(program: str, timeout_s: float):
-        slow = ["/bin/sh", "-c", 'sleep 1; exec "$@"', "sh", "/bin/sh", "-c", sb._SUPERVISOR, "sh", "net:[none]"]
+        slow = ["/bin/sh", "-c", f'sleep 1; echo {sb.START_MARKER.decode().strip()}; exec "$@"', "sh"]
         cmd = slow + [sys.executable, "-c", program]
         return sb._run(cmd, {"PATH": "/usr/bin:/bin"}, "/", "", "bwrap", True, timeout_s, 1024, None)
 
