@@ -252,23 +252,26 @@ class CgroupRun:
 # --- polling --------------------------------------------------------------------------------
 
 
-def _status(pid: int) -> Optional[tuple[int, int]]:
+def _field(text: bytes, name: bytes) -> bytes:
+    """The first word after ``\nname:`` in a /proc status file (b"0" if absent)."""
+    at = text.find(b"\n" + name + b":")
+    if at == -1:
+        return b"0"
+    return text[at + len(name) + 2 : text.find(b"\n", at + 1)].split()[0]
+
+
+def _status(pid: str) -> Optional[tuple[str, int]]:
     """(parent pid, resident anonymous + shared memory in bytes) of ``pid``, None if gone."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             text = f.read()
     except OSError:
         return None
-    ppid, kb = -1, 0
-    for line in text.splitlines():
-        if line.startswith(b"PPid:"):
-            ppid = int(line.split()[1])
-        elif line.startswith((b"RssAnon:", b"RssShmem:")):
-            kb += int(line.split()[1])
-    return ppid, kb << 10
+    kb = int(_field(text, b"RssAnon")) + int(_field(text, b"RssShmem"))
+    return _field(text, b"PPid").decode(), kb << 10
 
 
-def _proportional(pid: int, resident: int) -> int:
+def _proportional(pid: str, resident: int) -> int:
     """``pid``'s proportional anonymous + shared memory in bytes (pages shared with other
     processes count in part); ``resident`` when that cannot be read."""
     try:
@@ -286,8 +289,9 @@ def _proportional(pid: int, resident: int) -> int:
     return fields.get(b"Pss", resident)  # an older kernel: file pages count too
 
 
-def _pids() -> set[int]:
-    return {int(e) for e in os.listdir("/proc") if e.isdigit()}
+def _entries() -> set[str]:
+    """The names in /proc: every process's pid, and a few files (which are never new)."""
+    return set(os.listdir("/proc"))
 
 
 class ProcessTree:
@@ -299,17 +303,17 @@ class ProcessTree:
     other process is looked at once, when it first appears.
     """
 
-    def __init__(self, existing: set[int]):
-        self.members: set[int] = set()
+    def __init__(self, existing: set[str]):
+        self.members: set[str] = set()
         self.others = set(existing)
 
     def add_root(self, pid: int) -> None:
-        self.members.add(pid)
-        self.others.discard(pid)
+        self.members.add(str(pid))
+        self.others.discard(str(pid))
 
-    def resident(self) -> dict[int, int]:
+    def resident(self) -> dict[str, int]:
         """Member pid -> resident bytes, for every live member."""
-        live = _pids()
+        live = _entries()
         self.others &= live
         self.members &= live
         out = {}
@@ -334,7 +338,7 @@ class PolledRun:
 
     def __init__(self, memory_mb: int):
         self.limit = memory_mb * 2**20
-        self.tree = ProcessTree(_pids())  # before the run starts: none of these is the run's
+        self.tree = ProcessTree(_entries())  # before the run starts: none of these is the run's
         self.exceeded = False
 
     def command(self, cmd: list[str]) -> list[str]:

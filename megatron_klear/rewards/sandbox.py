@@ -440,7 +440,7 @@ def _pump(
     pipes = _Pipes(proc, stdin, s, out_cap)
     started = not marker
     deadline = time.monotonic() + (run_s if started else START_TIMEOUT_S)
-    next_check = time.monotonic() if limit is not None else float("inf")
+    next_check = time.monotonic() + memlimit.POLL_S if limit is not None else float("inf")
     try:
         while True:
             now = time.monotonic()
