@@ -5,8 +5,9 @@ interpreter, and code test executions/s with N workers on a realistic mix.
 
     python tools/bench_rewards.py [--workers 1 2 4] [--runs 40] [--user NAME] [--json bench_rewards.json]
 
-Start-up is the wall time of ``run_program("pass")``: a temporary directory, the sandbox, the
-supervisor, the interpreter, teardown. The bare interpreter row is the sandbox's interpreter
+Start-up is the wall time of ``run_program("pass")``: a temporary directory, the run's memory
+limit (its cgroup, or the poller's first look; the mechanism is printed and in the JSON), the
+sandbox, the supervisor, the interpreter, teardown. The bare interpreter row is the sandbox's interpreter
 with the same flags and no sandbox; a backend's isolation overhead is its median minus that. As root, the ordinary-user
 figures come from a user created for the run (or ``--user``), running this script with
 ``--startup-only`` through runuser.
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sandbox_user
 
+from megatron_klear.rewards import memlimit
 from megatron_klear.rewards.batch import RewardItem, score_batch
 from megatron_klear.rewards.math import score_math
 from megatron_klear.rewards.sandbox import available_backends, backend_problem, run_program, sandbox_python
@@ -105,7 +107,7 @@ def startup_as_user(runs: int, user: str | None) -> dict:
             r = sandbox_user.python_as(name, ["tools/bench_rewards.py", "--startup-only", "--runs", str(runs)])
             if r.returncode != 0:
                 return {"skipped": f"the run as {name} failed: {r.stderr.strip()[-500:]}"}
-            return {"user": name, "startup": json.loads(r.stdout)}
+            return {"user": name, **json.loads(r.stdout)}
     except sandbox_user.UserUnavailable as e:
         return {"skipped": str(e)}
 
@@ -129,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench_rewards.json")
     a = p.parse_args(argv)
     if a.startup_only:
-        print(json.dumps(startup(a.runs)))
+        print(json.dumps({"memory_limit": memlimit.mechanism().describe(), "startup": startup(a.runs)}))
         return 0
-    result: dict = {"uid": os.geteuid()}
+    result: dict = {"uid": os.geteuid(), "memory_limit": memlimit.mechanism().describe()}
 
     score_math(think("1"), "1")  # start the math-verify worker outside the timing
     n = 10 * len(MATH_MIX)
@@ -169,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"math: {result['math_verifications_per_s_per_worker']:.1f} verifications/s per worker")
     who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
     startup_table(f"sandbox start-up as {who} ({a.runs} runs each)", result["sandbox_startup"])
+    print(f"memory limit per run: {result['memory_limit']}")
     as_user = result["sandbox_startup_ordinary_user"]
     if "startup" in as_user:
         startup_table(f"sandbox start-up as the ordinary user {as_user['user']}", as_user["startup"])
+        print(f"memory limit per run: {as_user['memory_limit']}")
     else:
         print(f"\nsandbox start-up as an ordinary user: skipped ({as_user['skipped']})")
     print(f"\ncode mix: {len(mix)} items, {n_tests} test executions")
