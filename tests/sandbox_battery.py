@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from megatron_klear.rewards.code import score_code
 from megatron_klear.rewards.sandbox import run_program
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import sandbox_user  # noqa: E402
 
 ADD = "import sys\na, b = map(int, sys.stdin.read().split())\nprint(a + b)"
 APPS = {"inputs": ["1 2", "3 4", "10 -3", "0 0"], "outputs": ["3", "7", "7", "0"]}
@@ -161,72 +165,18 @@ def fork_bomb_that_exits(ctx: dict, backend: str) -> dict:
 
 
 MEMORY_MB = 256  # the run's limit in the memory cases: small, the machine is shared
-_CHILDREN = """import os, time
-kids = []
-for i in range(8):
-    pid = os.fork()
-    if pid == 0:
-        x = b"\\x01" * (100 << 20)  # 100 MB each, touched: 800 MB in all
-        time.sleep(30)
-        os._exit(0)
-    kids.append(pid)
-for k in kids:
-    os.waitpid(k, 0)
-print("done")
-"""
-
-
-class HostPeak:
-    """The peak resident memory (RssAnon + RssShmem, summed) of the processes that start while
-    it watches, whose real uid is in [lo, hi), sampled from /proc every 2 ms by a process of
-    its own: the host's view of a run, independent of the sandbox's own accounting."""
-
-    _SRC = """import os, select, sys
-lo, hi = int(sys.argv[1]), int(sys.argv[2])
-before = {e for e in os.listdir("/proc") if e.isdigit()}
-print("ready", flush=True)
-peak = 0
-while not select.select([0], [], [], 0.002)[0]:
-    total = 0
-    for e in os.listdir("/proc"):
-        if e in before:
-            continue
-        try:
-            with open(f"/proc/{e}/status", "rb") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        uid = next((int(x.split()[1]) for x in lines if x.startswith(b"Uid:")), -1)
-        if lo <= uid < hi:
-            total += sum(int(x.split()[1]) for x in lines if x.startswith((b"RssAnon:", b"RssShmem:"))) << 10
-    peak = max(peak, total)
-print(peak)
-"""
-
-    def __init__(self, uid_range: tuple[int, int]):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", self._SRC, *map(str, uid_range)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout.readline().strip() == "ready"
-
-    def stop_mb(self) -> float:
-        out, _ = self.proc.communicate("x")
-        return int(out) / 2**20
 
 
 def forked_children(ctx: dict, backend: str) -> dict:
     """Eight children of 100 MB each under a 256 MB limit for the whole run."""
-    peak = HostPeak(tuple(ctx["uid_range"]))
+    peak = sandbox_user.HostPeak(tuple(ctx["uid_range"]))
     t = time.monotonic()
     try:
-        r = run_program(_CHILDREN, memory_mb=MEMORY_MB, backend=backend, timeout_s=10)
+        r = run_program(sandbox_user.FORKED_CHILDREN, memory_mb=MEMORY_MB, backend=backend, timeout_s=10)
     finally:
         run_s = time.monotonic() - t
         peak_mb = peak.stop_mb()
-    facts = scored(_CHILDREN, "done", backend, memory_mb=MEMORY_MB, timeout_s=10)
+    facts = scored(sandbox_user.FORKED_CHILDREN, "done", backend, memory_mb=MEMORY_MB, timeout_s=10)
     return {**facts, "memory_exceeded": r.memory_exceeded, "ok": r.ok, "run_s": run_s, "peak_mb": peak_mb}
 
 
