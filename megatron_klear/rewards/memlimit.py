@@ -351,7 +351,12 @@ class PolledRun:
         """True once the run's memory is above the limit (the caller kills it then)."""
         resident = self.tree.resident()
         if sum(resident.values()) > self.limit:
-            self.exceeded = sum(_proportional(p, r) for p, r in resident.items()) > self.limit
+            total = 0  # the largest first, and no further than needed: every walk of a big process costs
+            for pid, rss in sorted(resident.items(), key=lambda item: -item[1]):
+                total += _proportional(pid, rss)
+                if total > self.limit:
+                    self.exceeded = True
+                    break
         return self.exceeded
 
     def end(self) -> None:

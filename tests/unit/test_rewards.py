@@ -401,8 +401,10 @@ def test_the_memory_limit_by_each_mechanism(kind, clean_machine, monkeypatch):
         pytest.skip(str(e))
     ctx = {"uid_range": _WINDOW_RANGE if IS_ROOT else [os.getuid(), os.getuid() + 1]}
     f = battery.forked_children(ctx, BACKENDS[0])
-    assert f["memory_exceeded"] and f["score"] == 0.0 and f["run_s"] < 5, f
-    assert battery.MEMORY_MB / 2 <= f["peak_mb"] <= 1.5 * battery.MEMORY_MB, f
+    assert f["memory_exceeded"] and f["score"] == 0.0 and f["run_s"] < 10, (
+        f
+    )  # ended by the limit, not at the 10 s time limit
+    assert battery.MEMORY_MB / 2 <= f["peak_mb"] <= 2 * battery.MEMORY_MB, f
     if m.kind == "cgroup":
         assert not list(m.parent.glob("run-*")), "a run's cgroup was left behind"
 
@@ -740,10 +742,12 @@ def test_hostile_forked_children_over_the_memory_limit(who, backend, host, user_
     """The red team's case: children that each stay under the limit, together far over it (8 x
     100 MB under 256 MB; 8 x 900 MB took 7.25 GB of host memory under the 1024 MB per-process
     limit before). The run ends as memory exceeded, long before its time limit, and the host
-    saw at most half as much again as the limit (polling lets a run grow for up to 25 ms)."""
+    saw at most twice the limit, where an unlimited run reaches 800 MB. (A cgroup stops it at
+    the limit; the poller lets it grow between two polls and while it confirms, on a loaded
+    2-core machine by up to 135 MB in our runs: docs/benchmarks.md.)"""
     f = hostile(who, backend, "forked_children", host, user_battery)
-    assert f["memory_exceeded"] and not f["ok"] and f["run_s"] < 5, f
-    assert battery.MEMORY_MB / 2 <= f["peak_mb"] <= 1.5 * battery.MEMORY_MB, f
+    assert f["memory_exceeded"] and not f["ok"] and f["run_s"] < 10, f  # ended by the limit, not at the 10 s time limit
+    assert battery.MEMORY_MB / 2 <= f["peak_mb"] <= 2 * battery.MEMORY_MB, f
 
 
 @needs_sandbox
