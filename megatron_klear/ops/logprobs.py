@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_klear import debug
+
 IMPLS = ("torch", "triton")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -95,7 +97,9 @@ def vocab_parallel_logprobs(
         with_entropy: also return the entropy of the full distribution.
         impl: ``"torch"`` (reference) or ``"triton"`` (fused kernels).
         vocab_size: the real vocabulary size when the logits carry Megatron's padding: ids at
-            or beyond it are left out of the softmax (and get zero gradient).
+            or beyond it are left out of the softmax (and get zero gradient). That the targets
+            lie below it is checked in debug mode only (``megatron_klear.debug``: it reads them
+            on the host).
 
     Returns:
         ``(logprobs [tokens] float32, entropy [tokens] float32 or None)``; differentiable
@@ -118,8 +122,8 @@ def vocab_parallel_logprobs(
     limit = v_local * tp if vocab_size is None else vocab_size
     if not 0 < limit <= v_local * tp:
         raise ValueError(f"vocab_size must lie in [1, {v_local * tp}], got {vocab_size}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= limit):
-        raise ValueError(f"targets must lie in [0, {limit})")
+    if debug.enabled() and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= limit):
+        raise ValueError(f"targets must lie in [0, {limit})")  # read on the host: debug mode and tests only
     targets = targets.long()
     n_valid = max(0, min(v_local, limit - rank * v_local))  # this rank's real (unpadded) columns
     if impl == "triton":
