@@ -22,7 +22,7 @@ import yaml
 from megatron_klear.config import from_dict, iter_keys, load_config, to_dict
 from megatron_klear.distributed import ParallelConfig
 from megatron_klear.errors import ConfigError, KlearError
-from megatron_klear.inference.sglang import SGLangConfig
+from megatron_klear.inference.sglang_servers import SGLangConfig
 from megatron_klear.models.tiny import TinyModelArgs
 from megatron_klear.ops.loss import policy_loss
 from megatron_klear.rewards.code import CodeRewardConfig

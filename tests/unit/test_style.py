@@ -83,13 +83,21 @@ def _imports_heavy_at_top(tree: ast.Module) -> bool:
     return False
 
 
+# Modules whose layer is not their room's: the engine's weight transports live in sync/ but the
+# SGLang engine (inference/, layer 4) hands its buckets to them, so they sit beside the engines.
+MODULE_LAYERS = {"megatron_klear.sync.ipc": 4, "megatron_klear.sync.broadcast": 4}
+
+
 def _room(module: str) -> str:
     return module.split(".")[1] if module.count(".") >= 1 else module
 
 
 def _layer(module: str) -> int:
-    """A module's layer: its room's; an entry point (``__main__``) sits above every layer."""
-    return max(LAYERS.values()) + 1 if module.endswith(".__main__") else LAYERS[_room(module)]
+    """A module's layer: its own (``MODULE_LAYERS``) or its room's; an entry point
+    (``__main__``) sits above every layer."""
+    if module.endswith(".__main__"):
+        return max(LAYERS.values()) + 1
+    return MODULE_LAYERS.get(module, LAYERS[_room(module)])
 
 
 def test_ruff_clean():
