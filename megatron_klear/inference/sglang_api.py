@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_klear.errors import EngineError
+from megatron_klear.errors import ArgumentError, ConfigError, EngineError
 from megatron_klear.inference.base import Bucket, Completion, SamplingParams
 
 # ---------------------------------------------------------------------------- requests
@@ -124,7 +124,7 @@ def memory_request(tags: Sequence[str]) -> dict:
     """POST /release_memory_occupation and /resume_memory_occupation."""
     bad = set(tags) - {"weights", "kv_cache", "cuda_graph"}
     if bad:
-        raise ValueError(f"unknown memory tags {sorted(bad)}")
+        raise ConfigError(f"unknown memory tags {sorted(bad)}")
     return {"tags": list(tags)}
 
 
@@ -222,7 +222,7 @@ def flatten_bucket(bucket: Bucket) -> tuple[torch.Tensor, list[SimpleNamespace]]
     parts, meta, start = [], [], 0
     for name, t in bucket:
         if start % t.element_size():
-            raise ValueError(
+            raise ArgumentError(
                 f"{name} would start at byte {start}, not a multiple of {t.element_size()}: use bucket_order"
             )
         flat = t.detach().contiguous().view(-1).view(torch.uint8)

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from megatron_klear.errors import ArgumentError
 from megatron_klear.ops.logprobs import model_output_logprobs
 
 ALGOS = ("gppo", "clip", "cispo")
@@ -46,11 +47,11 @@ def _clamp_value(x: torch.Tensor, limit: float) -> torch.Tensor:
 
 def _check_tensor(name: str, t: torch.Tensor, shape: torch.Size) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
+        raise ArgumentError(f"{name} must be float32 or float64, got {t.dtype}")
     if t.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        raise ArgumentError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
 def _nonfinite(inputs: tuple[tuple[str, torch.Tensor], ...], mask: torch.Tensor, nan_policy: str) -> torch.Tensor:
@@ -62,7 +63,7 @@ def _nonfinite(inputs: tuple[tuple[str, torch.Tensor], ...], mask: torch.Tensor,
     if nan_policy == "raise":
         for (name, _), n in zip(inputs, counts):
             if int(n):
-                raise ValueError(f"{name} has {int(n)} non-finite values on response tokens")
+                raise ArgumentError(f"{name} has {int(n)} non-finite values on response tokens")
     return torch.stack(counts).sum().to(mask.dtype)
 
 
@@ -108,7 +109,7 @@ def check_policy_args(
     clip_ratio_c: float,
     beta1: float,
     beta2: float,
-    error: type[Exception] = ValueError,
+    error: type[Exception] = ArgumentError,
     where: str = "",
 ) -> None:
     """Raise ``error`` naming the argument (``where`` + name) when a policy-loss setting is out of
@@ -214,21 +215,23 @@ def _check_policy_inputs(
 ) -> torch.Tensor:
     """Types and shapes (metadata only: no sync); returns the advantages as ``[batch, 1 or len]``."""
     if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
-        raise ValueError("logprobs must be a 2-D tensor [batch, response_len]")
+        raise ArgumentError("logprobs must be a 2-D tensor [batch, response_len]")
     shape = logprobs.shape
     _check_tensor("logprobs", logprobs, shape)
     _check_tensor("old_logprobs", old_logprobs, shape)
     if not isinstance(mask, torch.Tensor) or mask.shape != shape:
-        raise ValueError(f"mask must be a tensor of shape {tuple(shape)}")
+        raise ArgumentError(f"mask must be a tensor of shape {tuple(shape)}")
     if not isinstance(advantages, torch.Tensor):
-        raise ValueError("advantages must be a torch.Tensor")
+        raise ArgumentError("advantages must be a torch.Tensor")
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     if advantages.shape not in (shape, (shape[0], 1)):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected {(shape[0], 1)} or {tuple(shape)}")
+        raise ArgumentError(
+            f"advantages has shape {tuple(advantages.shape)}, expected {(shape[0], 1)} or {tuple(shape)}"
+        )
     _check_tensor("advantages", advantages, advantages.shape)
     if seq_ids is not None and (not isinstance(seq_ids, torch.Tensor) or seq_ids.shape != shape):
-        raise ValueError(f"seq_ids must be a tensor of shape {tuple(shape)}")
+        raise ArgumentError(f"seq_ids must be a tensor of shape {tuple(shape)}")
     return advantages
 
 
@@ -279,7 +282,7 @@ def policy_loss(
         algo=algo, agg=agg, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c, beta1=beta1, beta2=beta2
     )
     if nan_policy not in ("raise", "report"):
-        raise ValueError(f"nan_policy must be 'raise' or 'report', got {nan_policy!r}")
+        raise ArgumentError(f"nan_policy must be 'raise' or 'report', got {nan_policy!r}")
     advantages = _check_policy_inputs(logprobs, old_logprobs, advantages, mask, seq_ids)
     mask = mask.to(logprobs.dtype)
     inputs = (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages.expand(mask.shape)))
@@ -300,12 +303,12 @@ def sft_on_correct_loss(
     response tokens of correct responses in the whole mini-batch; 0 tokens give a zero loss.
     """
     if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
-        raise ValueError("logprobs must be a 2-D tensor [batch, response_len]")
+        raise ArgumentError("logprobs must be a 2-D tensor [batch, response_len]")
     _check_tensor("logprobs", logprobs, logprobs.shape)
     if not isinstance(mask, torch.Tensor) or mask.shape != logprobs.shape:
-        raise ValueError(f"mask must be a tensor of shape {tuple(logprobs.shape)}")
+        raise ArgumentError(f"mask must be a tensor of shape {tuple(logprobs.shape)}")
     if not isinstance(correct, torch.Tensor) or correct.shape != logprobs.shape[:1]:
-        raise ValueError(f"correct must be a tensor of shape {(logprobs.shape[0],)}")
+        raise ArgumentError(f"correct must be a tensor of shape {(logprobs.shape[0],)}")
     keep = (mask > 0) & (correct > 0)[:, None]
     denom = keep.sum().to(logprobs.dtype) if num_tokens is None else torch.as_tensor(num_tokens, dtype=logprobs.dtype)
     return -torch.where(keep, logprobs, torch.zeros((), dtype=logprobs.dtype)).sum() / denom.clamp_min(1)

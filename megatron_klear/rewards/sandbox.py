@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_klear.errors import SandboxError
+from megatron_klear.errors import ConfigError, SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def backend_problem(backend: str) -> Optional[str]:
     if backend == "unsafe-local":
         return None
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     key = (backend, os.geteuid())
     with _probe_lock:
         if key not in _problems:
@@ -562,9 +562,9 @@ def run_program(
             failed program).
     """
     if language != "python":
-        raise ValueError(f"language must be 'python', got {language!r}")
+        raise ConfigError(f"language must be 'python', got {language!r}")
     if timeout_s <= 0 or memory_mb <= 0 or disk_mb <= 0:
-        raise ValueError("timeout_s, memory_mb and disk_mb must be positive")
+        raise ConfigError("timeout_s, memory_mb and disk_mb must be positive")
     backend = resolve_backend(backend)
     if backend == "unsafe-local":
         log.warning("UNSANDBOXED: running a program with no isolation (backend='unsafe-local')")
