@@ -5,7 +5,8 @@ circle (also within a folder), and imports our own modules at the top. An import
 function is allowed only for heavy or optional dependencies, or for our modules that import one
 at their top (the Triton kernel module imports triton); the layer and circle checks see those
 imports too. No module raises a bare ``RuntimeError`` / ``ValueError``: user errors derive from
-``errors.KlearError``, broken invariants raise ``AssertionError``.
+``errors.KlearError``, broken invariants raise ``AssertionError``. No function is longer than
+80 lines.
 """
 
 import ast
@@ -174,3 +175,17 @@ def test_no_bare_runtime_or_value_errors():
                 bad.append(f"{name}:{node.lineno} raises {exc.id}")
     assert not bad, "raise an error from megatron_klear/errors.py (or AssertionError for a bug):\n" + "\n".join(bad)
 
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for name, tree in _modules().items():
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
+                lines = fn.end_lineno - first + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{fn.name} (line {fn.lineno}): {lines} lines")
+    assert not long, f"split these into named pieces (at most {MAX_FUNCTION_LINES} lines each):\n" + "\n".join(long)
