@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from megatron_klear.errors import ConfigError, SandboxError
+from megatron_klear.errors import ConfigError, DataError, SandboxError
 from megatron_klear.rewards import memlimit
 from megatron_klear.rewards.math import check_finite, public_format_failure
 from megatron_klear.rewards.sandbox import BACKENDS, MIN_MEMORY_MB, ExecResult, resolve_backend, run_program
@@ -147,14 +147,14 @@ def normalize_tests(
         try:
             tests = json.loads(tests)
         except json.JSONDecodeError as e:
-            raise ValueError(f"test cases are not valid JSON: {e}") from e
+            raise DataError(f"test cases are not valid JSON: {e}") from e
     cases: list[TestCase] = []
     if isinstance(tests, dict):  # APPS / TACO
         if "inputs" not in tests or "outputs" not in tests:
-            raise ValueError("APPS-style tests need 'inputs' and 'outputs'")
+            raise DataError("APPS-style tests need 'inputs' and 'outputs'")
         ins, outs = tests["inputs"], tests["outputs"]
         if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs):
-            raise ValueError("APPS-style 'inputs' and 'outputs' must be lists of equal length")
+            raise DataError("APPS-style 'inputs' and 'outputs' must be lists of equal length")
         fn_name = tests.get("fn_name") or fn_name
         for i, o in zip(ins, outs):
             if fn_name:
@@ -165,23 +165,23 @@ def normalize_tests(
     if isinstance(tests, list):  # LiveCodeBench
         for k, t in enumerate(tests):
             if not isinstance(t, dict) or "input" not in t or "output" not in t:
-                raise ValueError(f"test {k}: LiveCodeBench-style tests need 'input' and 'output'")
+                raise DataError(f"test {k}: LiveCodeBench-style tests need 'input' and 'output'")
             kind = t.get("testtype", "stdin")
             if kind == "functional":
                 if not fn_name:
-                    raise ValueError("functional tests need fn_name (from the problem's metadata)")
+                    raise DataError("functional tests need fn_name (from the problem's metadata)")
                 try:
                     args = [json.loads(line) for line in str(t["input"]).splitlines() if line.strip()]
                     expected = json.loads(t["output"])
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"test {k}: functional input/output is not JSON: {e}") from e
+                    raise DataError(f"test {k}: functional input/output is not JSON: {e}") from e
                 cases.append(TestCase("call", args, expected))
             elif kind == "stdin":
                 cases.append(TestCase("stdin", _as_text(t["input"]), _as_text(t["output"])))
             else:
-                raise ValueError(f"test {k}: unknown testtype {kind!r}")
+                raise DataError(f"test {k}: unknown testtype {kind!r}")
         return cases, fn_name
-    raise ValueError(f"test cases must be a list (LiveCodeBench) or a dict (APPS/TACO), got {type(tests).__name__}")
+    raise DataError(f"test cases must be a list (LiveCodeBench) or a dict (APPS/TACO), got {type(tests).__name__}")
 
 
 def _as_text(x: Any) -> str:

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_klear.errors import SandboxError
+from megatron_klear.errors import ConfigError, SandboxError
 from megatron_klear.rewards import memlimit
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def backend_problem(backend: str) -> Optional[str]:
     if backend == "unsafe-local":
         return None
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     key = (backend, os.geteuid())
     with _probe_lock:
         if key not in _problems:
@@ -670,11 +670,11 @@ def run_program(
             failed program).
     """
     if language != "python":
-        raise ValueError(f"language must be 'python', got {language!r}")
+        raise ConfigError(f"language must be 'python', got {language!r}")
     if timeout_s <= 0 or disk_mb <= 0:
-        raise ValueError("timeout_s and disk_mb must be positive")
+        raise ConfigError("timeout_s and disk_mb must be positive")
     if memory_mb < MIN_MEMORY_MB:
-        raise ValueError(
+        raise ConfigError(
             f"memory_mb must be at least {MIN_MEMORY_MB} (the interpreter alone needs ~10 MB), got {memory_mb}"
         )
     backend = resolve_backend(backend)

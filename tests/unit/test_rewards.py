@@ -893,7 +893,7 @@ def test_score_batch_keeps_order_and_survives_everything(clean_machine):
         "passed 4/4",
         "timeout",
         "wrong",
-        "error: ValueError: unknown ability 'poetry' (expected 'math' or 'code')",
+        "error: DataError: unknown ability 'poetry' (expected 'math' or 'code')",
         "passed 0/1",
     ]
     assert [r.score for r in res] == [1.0, 1.0, -1.0, -1.0, 0.0, 0.0]
