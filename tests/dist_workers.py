@@ -134,15 +134,28 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         probe = ids[0, :13].tolist()  # + 4 sampled tokens: 17, not a multiple of TP=2
         seen = []
         hook = eng.module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
-        diff = probe_logprob_diff(engine, eng.module, cfg, probe, new_tokens=4)
+        diff = probe_logprob_diff(engine, eng.module, cfg, probe, new_tokens=4, max_diff=1e-3)
         hook.remove()
+        noisy = NoisyOnce(engine) if rank0 else None  # its first probe is off by 0.5 per token
+        reprobed = probe_logprob_diff(noisy, eng.module, cfg, probe, new_tokens=4, max_diff=1e-3)
+        kept = engine.params["lm_head.weight"].detach().clone() if rank0 else None
+        if rank0:  # the engine did not get the trainer's weights: every probe is off
+            engine.params["lm_head.weight"].data.mul_(3.0)
+        try:
+            probe_logprob_diff(engine, eng.module, cfg, probe, new_tokens=4, max_diff=1e-3)
+            off = None
+        except SyncError as e:
+            off = str(e)
+        if rank0:
+            engine.params["lm_head.weight"].data.copy_(kept)
         wrong = HFEngine(wrong_hf_dir) if rank0 else None
         try:
             sync_weights(wrong, eng.module, cfg, "step-3")
             failure = None
         except SyncError as e:
             failure = str(e)
-        result = dict(diff=diff, failure=failure, buckets=stats.buckets, bytes=stats.bytes, probe_lengths=seen)
+        result = dict(diff=diff, failure=failure, buckets=stats.buckets, bytes=stats.bytes, probe_lengths=seen,
+                      reprobed=reprobed, noisy_calls=noisy.calls if rank0 else None, off=off)  # fmt: skip
         if rank0:
             result.update(
                 engine={n: p.detach().clone() for n, p in engine.params.items()},
@@ -154,6 +167,24 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         torch.save(result, f"{out}.{torch.distributed.get_rank()}")
     finally:
         destroy_distributed()
+
+
+class NoisyOnce:
+    """An engine whose first generation reports log-probs 0.5 off per token, then the engine's
+    own: one noisy probe. A real engine's numerical noise cannot be produced on demand, so this
+    wrapper stands in for that one draw; everything else is the wrapped HF engine's."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+
+    def generate(self, prompts, params, budgets=None):
+        out = self.engine.generate(prompts, params, budgets)
+        self.calls += 1
+        if self.calls == 1:
+            for group in out:
+                for c in group:
+                    c.logprobs = [lp - 0.5 for lp in c.logprobs]
+        return out
 
 
 def rl_groups(vocab: int, seed: int = 0) -> list:

@@ -116,8 +116,7 @@ class RolloutQueue:
     def submit(self, step: int, weight_version: int) -> None:
         """Collect the batch of ``step`` after those already submitted, on the engine's weights
         of ``weight_version`` (nothing may sync them until ``wait_idle``)."""
-        if step != self._last + 1:
-            raise ValueError(f"batch of step {step} submitted after that of step {self._last}")
+        assert step == self._last + 1, f"batch of step {step} submitted after that of step {self._last}"
         self._last = step
         self._batches[step] = self._pool.submit(self._collect, step, weight_version)
 
@@ -187,8 +186,8 @@ class RolloutQueue:
 
     # -- the worker thread -----------------------------------------------------------------
     def _collect(self, step: int, weight_version: int) -> RolloutBatch:
-        if self._broken:
-            raise RuntimeError(f"the batch of step {step} was not collected: an earlier batch failed")
+        # never taken: the loop takes the failed batch first, then restart_from drops this one
+        assert not self._broken, f"the batch of step {step} was not collected: an earlier batch failed"
         pos, buffer = self._starts[step] = self._chain
         dump = self.dump_dir / f"step_{step:06d}.jsonl" if self.dump_dir is not None else None
         try:

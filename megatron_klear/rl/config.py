@@ -101,10 +101,12 @@ class RolloutConfig:
     max_response_len: int = 32768  # generated tokens per response; longer ones are cut and counted as clipped
     bucket_mb: int = 512  # weight-sync bucket size
     check_consistency: bool = True  # engine vs trainer log-probs on a probe after every sync
-    # ... at the rollout temperature over probe_tokens sampled tokens; a larger mean |diff|
-    # fails the sync (the engine does not hold the trainer's weights)
+    # ... at the rollout temperature over probe_sequences x probe_tokens sampled tokens; a
+    # larger mean |diff|, twice in a row (one re-probe with other seeds), fails the sync (the
+    # engine does not hold the trainer's weights)
     max_logprob_diff: float = 0.1
-    probe_tokens: int = 16  # sampled tokens of the consistency probe
+    probe_tokens: int = 16  # sampled tokens per sequence of the consistency probe
+    probe_sequences: int = 4  # sequences sampled by the consistency probe
     release_memory: bool = False  # colocated SGLang: free engine memory while training
     # How many steps rollouts may run ahead of training (0: generate, then train). With 1, the
     # engine generates (and the reward workers score) the batch of step t + 1 on the weights it
@@ -136,7 +138,9 @@ class RolloutConfig:
             raise ConfigError(f"{where}.max_logprob_diff must be > 0, got {self.max_logprob_diff}")
         if self.top_k == 0 or self.top_k < -1:
             raise ConfigError(f"{where}.top_k must be -1 (whole vocabulary) or >= 1, got {self.top_k}")
-        require_at_least(self, where, 1, "hf_max_batch", "bucket_mb", "reward_workers", "probe_tokens")
+        require_at_least(
+            self, where, 1, "hf_max_batch", "bucket_mb", "reward_workers", "probe_tokens", "probe_sequences"
+        )
         require_at_least(self, where, 0, "overlap")
 
 

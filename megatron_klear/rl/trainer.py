@@ -43,7 +43,7 @@ from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.evaluate import evaluate
 from megatron_klear.rl.rollout import BUFFER_SCHEMA, Collector, Group, PromptStream, groups_from_rows, groups_to_rows
 from megatron_klear.rl.update import update_policy
-from megatron_klear.sync.weights import free_trainer_cache, probe_logprob_diff, sync_weights
+from megatron_klear.sync.weights import probe_logprob_diff, resume_engine_memory, sync_weights
 from megatron_klear.training.guards import maybe_crash
 from megatron_klear.training.lifecycle import RunInputs, TrainingRun
 from megatron_klear.training.run import preflight, starting_config
@@ -318,20 +318,18 @@ class RLRun(TrainingRun):
             waited = self.rollouts.cut() if r.partial else self.rollouts.wait_idle()
         t0 = time.time()
         if r.release_memory:
-            free_trainer_cache()
-            if self.rank0:
-                self.engine.resume_memory(("weights",))
+            resume_engine_memory(self.engine, ("weights",))
         self.train_state.sync_params()  # the last update's all-gather otherwise waits for a forward
         st = sync_weights(self.engine, self.train_state.module, self.hf_cfg, version, r.bucket_mb * 2**20)
-        if self.rank0 and r.release_memory:
-            self.engine.resume_memory(("kv_cache", "cuda_graph"))
+        if r.release_memory:  # the sync's buckets are in the trainer's cache: freed first, again
+            resume_engine_memory(self.engine, ("kv_cache", "cuda_graph"))
         self.engine_step = self.step
         m = {"time/sync_s": time.time() - t0, "sync/gb": st.bytes / 1e9, "sync/buckets": st.buckets}
         m["time/rollout_wait_s"] = broadcast_object(waited)  # generation the step could not hide
         if r.check_consistency:
             m["rollout/logprob_diff"] = probe_logprob_diff(
                 self.engine, self.train_state.module, self.hf_cfg, self.probe,
-                r.temperature, r.probe_tokens, self.cfg.seed, r.max_logprob_diff,
+                r.temperature, r.probe_tokens, self.cfg.seed, r.max_logprob_diff, r.probe_sequences,
             )  # fmt: skip
         return m
 

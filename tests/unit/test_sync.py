@@ -35,8 +35,9 @@ def test_gathered_weights_equal_the_hf_checkpoint(name, tp, pp, hf_models, tmp_p
 
 def test_sync_into_hf_engine_after_training_tp2_pp2(hf_models, tmp_path):
     """After optimizer steps at TP2 x PP2: every engine parameter equals the trainer's, the
-    log-probs agree on the probe's real tokens (its forward padded to a multiple of TP), and a
-    sync into an engine of another shape fails on every rank."""
+    log-probs agree on the probe's real tokens (its forward padded to a multiple of TP), a noisy
+    probe is taken again before anything fails, an engine without the trainer's weights fails
+    the probe and its re-probe, and a sync into an engine of another shape fails on every rank."""
     out = str(tmp_path / "sync")
     spawn(sync_worker, 4, 2, 2, str(hf_models["gqa4_untied"]), str(hf_models["gqa1_untied"]), out)
     results = [torch.load(f"{out}.{r}") for r in range(4)]
@@ -50,8 +51,13 @@ def test_sync_into_hf_engine_after_training_tp2_pp2(hf_models, tmp_path):
     assert r0["version"] == "step-3" and r0["buckets"] > 1
     for r in results:  # every rank agrees on the probe and on the failure
         assert r["diff"] == r0["diff"] and r["diff"] < 1e-4
-        assert r["probe_lengths"] == [18], "the 17-token probe runs padded to a multiple of TP=2"
+        assert r["probe_lengths"] == [18] * 4, "4 sequences; each 17-token one runs padded to a multiple of TP=2"
         assert r["failure"] is not None and "engine shape" in r["failure"]
+        # one noisy probe does not fail the sync: the re-probe (other seeds) decides
+        assert r["reprobed"] == r0["reprobed"] and r["reprobed"] < 1e-4
+        # weights that did not arrive fail the probe and its re-probe, both named
+        assert r["off"] is not None and "on a re-probe" in r["off"] and "(mean over 4 x 4 sampled tokens)" in r["off"]
+    assert r0["noisy_calls"] == 2
     assert r0["wrong_stale"]
 
 
