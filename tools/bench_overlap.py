@@ -38,8 +38,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from megatron_klear.inference import sglang_api as api  # noqa: E402
-from megatron_klear.inference.sglang import router_command, server_command, spawn_logged, stop_process  # noqa: E402
+from megatron_klear.inference import http  # noqa: E402
+from megatron_klear.inference.sglang_servers import (  # noqa: E402
+    router_command,
+    server_command,
+    server_environment,
+    spawn_logged,
+    stop_process,
+)
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model  # noqa: E402
 from tests.jobs import run_job  # noqa: E402
 from tests.sglang_real import cpu_engine_config  # noqa: E402
@@ -69,13 +75,13 @@ def start_engine(model: Path, work: Path, cpus: str):
                             extra_args=["--skip-server-warmup", "--max-total-tokens", "32768"])  # fmt: skip
     (work / "sglang_logs").mkdir(parents=True, exist_ok=True)
     pin = ["taskset", "-c", cpus]
-    router = router_command(cfg) + ["--prometheus-port", str(cfg.nccl_master_port + 7)]
-    procs = [spawn_logged(pin + router, work / "sglang_logs" / "router.log", cfg.env)]
-    procs.append(spawn_logged(pin + server_command(cfg, 0), work / "sglang_logs" / "server_0.log", cfg.env))
+    procs = [spawn_logged(pin + router_command(cfg), work / "sglang_logs" / "router.log", cfg.env)]
+    server_log = work / "sglang_logs" / "server_0.log"
+    procs.append(spawn_logged(pin + server_command(cfg, 0), server_log, server_environment(cfg)))
     url = f"http://{cfg.host}:{cfg.port}"
     try:
-        api.wait_healthy(f"http://{cfg.host}:{cfg.router_port}", cfg.startup_timeout_s, path="/health")
-        api.wait_healthy(url, cfg.startup_timeout_s, alive=lambda: procs[1].poll() is None)
+        http.wait_healthy(f"http://{cfg.host}:{cfg.router_port}", cfg.startup_timeout_s, path="/health")
+        http.wait_healthy(url, cfg.startup_timeout_s, alive=lambda: procs[1].poll() is None)
     except Exception:
         for p in procs:
             stop_process(p)

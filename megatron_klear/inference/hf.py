@@ -14,7 +14,7 @@ the generations in flight stop at their next token with an ``EngineError`` (shut
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -101,10 +101,20 @@ class HFEngine(InferenceEngine):
         self._interrupted = False
 
     # -- generation -------------------------------------------------------------------
-    @torch.no_grad()
     def generate(
         self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
     ) -> list[list[Completion]]:
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for i, group in self.generate_stream(prompts, params, budgets):
+            out[i] = group
+        return out
+
+    @torch.no_grad()
+    def generate_stream(
+        self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
+    ) -> Iterator[tuple[int, list[Completion]]]:
+        """Each prompt's group as soon as its last sample finished (samples of a batch finish
+        at different decode steps); batches of ``max_batch`` sequences, one after the other."""
         params.validate()
         version = self._enter()
         try:
@@ -113,23 +123,27 @@ class HFEngine(InferenceEngine):
                 gen.manual_seed(params.seed)
             else:
                 gen.seed()
-            flat = [list(p) for p in prompts for _ in range(params.n)]
-            limits = [b for b in (budgets or [params.max_new_tokens] * len(prompts)) for _ in range(params.n)]
-            out: list[Completion] = []
-            for i in range(0, len(flat), self.max_batch):
-                out.extend(
-                    self._generate_batch(flat[i : i + self.max_batch], params, gen, limits[i : i + self.max_batch])
-                )
+            n = params.n
+            flat = [list(p) for p in prompts for _ in range(n)]
+            limits = [b for b in (budgets or [params.max_new_tokens] * len(prompts)) for _ in range(n)]
+            groups: dict[int, list[Optional[Completion]]] = {}
+            for start in range(0, len(flat), self.max_batch):
+                rows = slice(start, start + self.max_batch)
+                for row, c in self._decode(flat[rows], params, gen, limits[rows]):
+                    k = start + row
+                    c.weight_version = version
+                    group = groups.setdefault(k // n, [None] * n)
+                    group[k % n] = c
+                    if all(x is not None for x in group):
+                        yield k // n, groups.pop(k // n)
         finally:
             self._leave()
-        for c in out:
-            c.weight_version = version
-        return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
-    def _generate_batch(
+    def _decode(
         self, prompts: list[list[int]], p: SamplingParams, gen: torch.Generator, limits: list[int]
-    ) -> list[Completion]:
-        """One left-padded batch; row i samples at most ``limits[i]`` tokens."""
+    ) -> Iterator[tuple[int, Completion]]:
+        """One left-padded batch; row i samples at most ``limits[i]`` tokens. Yields
+        ``(row, completion)`` as each row finishes (the rows an interrupt cuts: at the end)."""
         b, width = len(prompts), max(len(x) for x in prompts)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
@@ -141,14 +155,17 @@ class HFEngine(InferenceEngine):
         stop = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
         tokens: list[list[int]] = [[] for _ in range(b)]
         logps: list[list[float]] = [[] for _ in range(b)]
-        reason = ["length"] * b
         done = torch.tensor([n < 1 for n in limits])
+        for i in range(b):
+            if done[i]:
+                yield i, Completion([], [], "length")
+        cut = False
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         for _ in range(max(limits)):
             if self._aborted:
                 raise EngineError("the HF engine was aborted (shutting down)")
             if self._interrupted:
-                reason = ["abort" if not done[i] else r for i, r in enumerate(reason)]
+                cut = True
                 break
             logits = out.logits[:, -1].float().cpu()
             if p.temperature < 1e-6:
@@ -166,12 +183,11 @@ class HFEngine(InferenceEngine):
                 t = int(tok[i])
                 tokens[i].append(t)
                 logps[i].append(float(tok_lp[i]))
-                if t in stop:
-                    done[i], reason[i] = True, "stop"
-                elif len(tokens[i]) >= limits[i]:
+                if t in stop or len(tokens[i]) >= limits[i]:
                     done[i] = True
+                    yield i, Completion(tokens[i], logps[i], "stop" if t in stop else "length")
             if bool(done.all()):
-                break
+                return
             nxt = torch.where(done, torch.tensor(self.pad_id), tok).to(self.device)
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=1)
             pos = pos[:, -1:] + 1
@@ -182,7 +198,9 @@ class HFEngine(InferenceEngine):
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
-        return [Completion(tokens[i], logps[i], reason[i]) for i in range(b)]
+        for i in range(b):  # cut by an interrupt, or the loop ran out (every row has its limit)
+            if not done[i]:
+                yield i, Completion(tokens[i], logps[i], "abort" if cut else "length")
 
     @torch.no_grad()
     def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:

@@ -18,9 +18,10 @@ batches generated ahead are complete: the run state stores them (``rows``) and a
 them back (``restore``), so they are neither lost nor generated twice.
 
 Partial rollouts (``rollout.partial``, with ``rollout.overlap = 1``): instead of waiting for the
-batch in flight, the loop ``cut``s it at the step boundary: the engine returns its unfinished
-samples as they are, the batch trains on the groups that completed, and the interrupted ones
-are continued from their prefix by the next batch, on the synced weights (``rl.rollout``). Where
+whole batch in flight, the loop ``cut``s it at the step boundary, as soon as a mini-batch of its
+groups has completed: the engine returns its unfinished samples as they are, the step trains on
+the groups that completed, and the interrupted ones are continued from their prefix by the next
+batch, on the synced weights (``rl.rollout``). Where
 a cut falls depends on timing, so two runs differ; a resume continues from the interrupted
 samples the checkpoint holds.
 
@@ -118,6 +119,8 @@ class RolloutQueue:
         of ``weight_version`` (nothing may sync them until ``wait_idle``)."""
         assert step == self._last + 1, f"batch of step {step} submitted after that of step {self._last}"
         self._last = step
+        if all(fut.done() for fut in self._batches.values()):
+            self.collector.completed_groups = 0  # what cut() counts is this batch's
         self._batches[step] = self._pool.submit(self._collect, step, weight_version)
 
     def submitted(self) -> int:
@@ -142,18 +145,23 @@ class RolloutQueue:
             fut.exception()
         return time.time() - t0
 
-    def cut(self) -> float:
+    def cut(self, min_groups: int = 0) -> float:
         """rollout.partial: interrupt the batch being collected (its unfinished groups carry
-        over to the next one) and wait for it; returns the seconds waited."""
-        if all(fut.done() for fut in self._batches.values()):
-            return 0.0
-        self.collector.cut.set()
-        self.collector.engine.interrupt()
-        try:
-            return self.wait_idle()
-        finally:
-            self.collector.engine.end_interrupt()
-            self.collector.cut.clear()
+        over to the next one), once at least ``min_groups`` of its groups have completed (so
+        that the step has something to train on), and wait for it; returns the seconds waited."""
+        t0 = time.time()
+        while not all(fut.done() for fut in self._batches.values()):
+            if self.collector.completed_groups >= min_groups:
+                self.collector.cut.set()
+                self.collector.engine.interrupt()
+                try:
+                    self.wait_idle()
+                finally:
+                    self.collector.engine.end_interrupt()
+                    self.collector.cut.clear()
+                break
+            time.sleep(0.01)
+        return time.time() - t0
 
     def restart_from(self, step: int) -> None:
         """After the batch of ``step`` failed: drop it and every later one; the next submission

@@ -114,10 +114,11 @@ class RolloutConfig:
     # their ratio against the log-probs of the weights that sampled them. Needs an engine that
     # does not share the trainer's memory: rollout.sglang.mode=distributed, or the HF engine.
     overlap: int = 0
-    # With rollout.overlap=1: at each step boundary the batch still generating is cut instead of
-    # awaited; its unfinished samples are continued from their prefix by the next batch on the
-    # synced weights, each token keeping the version that produced it (slime's partial rollout).
-    # The trainer never waits for the longest samples; where a cut falls depends on timing.
+    # With rollout.overlap=1: at each step boundary the batch still generating is cut (once a
+    # mini-batch of its groups completed) instead of awaited; its unfinished samples are
+    # continued from their prefix by the next batch on the synced weights, each token keeping
+    # the version that produced it (slime's partial rollout). The trainer does not wait for the
+    # longest samples; where a cut falls depends on timing, so runs are not reproducible.
     partial: bool = False
     reward_workers: int = 4  # processes scoring responses
     dump: bool = False  # write every generated group to output_dir/rollouts/step_NNNNNN.jsonl

@@ -198,6 +198,7 @@ class Collector:
         self.sandbox_budget = SandboxFailureBudget(cfg.reward.code.max_sandbox_failures)  # over the whole run
         self.stop_ids = stop_token_ids(tokenizer, cfg.model.tokenizer_dir)
         self.cut = threading.Event()
+        self.completed_groups = 0  # groups of the current collection whose every sample finished
         self._prompts = {p.uid: p for p in reversed(stream.prompts)}  # interrupted samples' prompts
 
     def params(self, step: int, batch: int, n: Optional[int] = None) -> SamplingParams:
@@ -233,6 +234,7 @@ class Collector:
         run = _Collection(step, step - 1 if weight_version is None else weight_version, dict(
             prompts_skipped_long=0, groups_generated=0, groups_filtered=0, gen_batches=0, samples_aborted=0,
             groups_continued=0))  # fmt: skip
+        self.completed_groups = 0
         interrupted = [g for g in buffer if any(s.unfinished for s in g)]
         carried = [g for g in buffer if d.surplus == "keep" and not any(s.unfinished for s in g)]
         run.kept = list(carried)
@@ -275,6 +277,7 @@ class Collector:
             if any(s.unfinished for s in g):
                 run.unfinished.append(g)  # cut again: continued at the next step
                 continue
+            self.completed_groups += 1
             prompt, comps = (
                 self._prompts[g[0].uid],
                 [Completion(s.response_ids, s.engine_logprobs, s.finish_reason) for s in g],
@@ -294,6 +297,7 @@ class Collector:
                 prompt, ids, _ = batch[i]
                 run.unfinished.append(self._samples(run, prompt.uid, ids, comps, None))
                 continue
+            self.completed_groups += 1
             pending.append((i, comps, scorer.submit(self._score, [batch[i][0]], [comps])))
         run.t_gen += time.time() - t0
         run.stats["samples_aborted"] += self.engine.aborted_samples - aborted

@@ -315,7 +315,7 @@ class RLRun(TrainingRun):
         r = self.cfg.rollout
         waited = 0.0
         if self.rank0:  # weights change only between batches (rollout.partial: the one in flight is cut)
-            waited = self.rollouts.cut() if r.partial else self.rollouts.wait_idle()
+            waited = self.rollouts.cut(self.cfg.data.mini_batch_prompts) if r.partial else self.rollouts.wait_idle()
         t0 = time.time()
         if r.release_memory:
             resume_engine_memory(self.engine, ("weights",))

@@ -329,7 +329,7 @@ def test_partial_rollouts_continue_interrupted_samples_on_the_newer_weights(hf_m
 
     col = _collector(hf_models, "discard", "rollout.max_response_len=60", "rollout.overlap=1", "rollout.partial=true")
     q = RolloutQueue(col)
-    assert q.cut() == 0.0  # nothing in flight: nothing to cut
+    assert q.cut() < 0.1 and not col.cut.is_set()  # nothing in flight: nothing to cut
     q.submit(1, 0)
     while col.engine.decode_steps < 5:  # every sample has a prefix of a few tokens
         time.sleep(0.001)
