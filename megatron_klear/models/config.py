@@ -266,16 +266,60 @@ def with_rope_scaling(cfg: dict, scaling: Optional[YarnScaling], context_length:
     return out
 
 
-def load_hf_config(model_dir: str | Path) -> Qwen3Config:
-    """Read ``config.json`` from an HF model directory."""
+def served_config(
+    raw: dict,
+    rope_override: Optional[dict] = None,
+    context_length: Optional[int] = None,
+    source: str = "config.json",
+    where: str = "engine",
+) -> tuple[dict, int]:
+    """``(HF config dict, context length)`` an inference engine serves the model ``raw`` with.
+
+    ``rope_override`` updates the model's RoPE dict key by key (as SGLang's
+    ``--json-model-override-args`` merges it), e.g. ``{rope_type: yarn, factor: 2.5,
+    original_max_position_embeddings: 32768}``; the result is written complete
+    (``with_rope_scaling``), so transformers and SGLang read the same angles from it.
+    ``context_length`` defaults to what the model reaches (``Qwen3Config.context_length``);
+    a longer one is refused naming ``<where>.context_length``. ``max_position_embeddings`` is
+    raised to the context (SGLang refuses a context beyond it).
+    """
+    if rope_override is not None:
+        if not isinstance(rope_override, dict) or rope_override.get("rope_type", rope_override.get("type")) != "yarn":
+            raise ConfigError(f"{where}.rope_scaling must be a dict with rope_type 'yarn', got {rope_override!r}")
+        key, current = rope_dict(raw)
+        raw = {**raw, key: {**(current if isinstance(current, dict) else {}), **rope_override}}
+        source = f"{where}.rope_scaling over {source}"
+    cfg = Qwen3Config.from_dict(raw, source)
+    reach = cfg.context_length
+    if context_length is not None:
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+            raise ConfigError(f"{where}.context_length must be a positive integer, got {context_length!r}")
+        if context_length > reach:
+            raise ConfigError(
+                f"{where}.context_length={context_length} exceeds the {reach} positions the model reaches "
+                f"(max_position_embeddings, or original_max_position_embeddings x factor with YaRN): "
+                f"lower it or scale the positions with YaRN ({where}.rope_scaling)"
+            )
+    context = context_length or reach
+    if cfg.rope_scaling is None and context <= cfg.max_position_embeddings:
+        return raw, context
+    return with_rope_scaling(raw, cfg.rope_scaling, context), context
+
+
+def read_config_dict(model_dir: str | Path) -> dict:
+    """The ``config.json`` of an HF model directory as a dict (errors name the file)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: no config.json (is {model_dir} an HF model directory?)")
     try:
-        cfg = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    return Qwen3Config.from_dict(cfg, source=str(path))
+
+
+def load_hf_config(model_dir: str | Path) -> Qwen3Config:
+    """Read ``config.json`` from an HF model directory."""
+    return Qwen3Config.from_dict(read_config_dict(model_dir), source=str(Path(model_dir) / "config.json"))
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:

@@ -203,3 +203,45 @@ def test_yarn_logits_tp2_packed_converted_synced_and_context_parallel_rope(tmp_p
     megatron_to_hf(str(ckpt), str(export))
     assert json.loads((export / "config.json").read_text())["rope_parameters"] == raw["rope_parameters"]
     assert torch.equal(hf_logits(export, ids), ref)
+
+
+def test_engines_get_the_positions_the_trainer_uses(tmp_path):
+    """SGLang's flags for a YaRN config (every default spelled out), an override over a plain
+    model, and the refusals; the HF engine's override equals a config written with YaRN."""
+    from megatron_klear.inference.hf import HFEngine
+    from megatron_klear.inference.sglang import SGLangConfig, check_training_positions, server_command
+
+    plain = make_tiny_model(tmp_path / "plain", TinyModelArgs(max_positions=16, seed=1))
+    yarn = make_tiny_model(tmp_path / "yarn", TinyModelArgs(max_positions=16, rope_scaling=YARN, seed=1))
+
+    def flags(model, **kw) -> dict:
+        cmd = server_command(SGLangConfig(model_path=str(model), **kw), 0)
+        pairs = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+        if "--json-model-override-args" in pairs:
+            pairs["--json-model-override-args"] = json.loads(pairs["--json-model-override-args"])
+        return pairs
+
+    full = {**YARN, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, "rope_theta": 1e6}
+    assert flags(yarn)["--json-model-override-args"] == {"rope_parameters": full, "max_position_embeddings": 64}
+    assert flags(yarn)["--context-length"] == "64"
+    assert flags(plain, rope_scaling=YARN, context_length=48)["--json-model-override-args"]["rope_parameters"] == full
+    assert flags(plain, rope_scaling=YARN, context_length=48)["--context-length"] == "48"
+    assert "--json-model-override-args" not in flags(plain, context_length=8) and flags(plain)["--port"]
+    assert "--context-length" not in flags(plain)
+    with pytest.raises(ConfigError, match=r"rollout\.sglang\.context_length=65 exceeds the 64 positions"):
+        SGLangConfig(model_path=str(plain), rope_scaling=YARN, context_length=65).check_launchable()
+    with pytest.raises(ConfigError, match=r"context_length=17 exceeds the 16 positions"):
+        SGLangConfig(model_path=str(plain), context_length=17).check_launchable()
+    with pytest.raises(ConfigError, match=r"rollout\.sglang\.rope_scaling must be a dict with rope_type 'yarn'"):
+        SGLangConfig(model_path=str(plain), rope_scaling={"rope_type": "linear", "factor": 2.0}).check_launchable()
+
+    # RL: the engine must rotate as the trainer does (the model's own config.json)
+    check_training_positions(SGLangConfig(rope_scaling=YARN), load_hf_config(yarn), 64)
+    with pytest.raises(ConfigError, match=r"rollout\.sglang\.rope_scaling gives the engine .* trainer applies"):
+        check_training_positions(SGLangConfig(rope_scaling=YARN), load_hf_config(plain), 16)
+    with pytest.raises(ConfigError, match=r"context_length=32 is shorter than the longest rollout sequence \(40\)"):
+        check_training_positions(SGLangConfig(context_length=32), load_hf_config(yarn), 40)
+
+    seq = list(range(3, 60))
+    assert HFEngine(str(plain), rope_scaling=YARN).score([seq]) == HFEngine(str(yarn)).score([seq])
+    assert HFEngine(str(plain)).score([seq]) != HFEngine(str(yarn)).score([seq])
