@@ -43,16 +43,15 @@ import dataclasses
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from megatron_klear.config import FilePath, from_dict, load_config
+from megatron_klear.config import from_dict, load_config
 from megatron_klear.console import heartbeat
 from megatron_klear.data.chat import decode_response, render_prompt, stop_token_ids
 from megatron_klear.data.rl import CurationConfig, load_rl_prompts
 from megatron_klear.errors import ConfigError, KlearError
 from megatron_klear.evals.benchmarks import BENCHMARKS, Protocol, load_problems
+from megatron_klear.evals.config import RL_SCHEMA, EvalToolConfig
 from megatron_klear.evals.scoring import EVAL_CODE, read_responses, score_problems, summarize, write_results
 from megatron_klear.inference.hf import HFEngine
 from megatron_klear.inference.sglang import SGLangConfig, SGLangEngine
@@ -63,59 +62,6 @@ from megatron_klear.rl.config import RewardConfig
 from megatron_klear.rl.evaluate import eval_sampling, evaluate
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-RL_SCHEMA = "rl"
-RL_PROTOCOL = Protocol("any", k=4, max_new_tokens=0)  # our RL sets: the budget is the context
-
-
-@dataclass
-class EvalToolConfig:
-    """Every option of tools/eval.py (``--config`` YAML keys; flags override them)."""
-
-    model: Optional[FilePath] = None  # HF model directory (weights + tokenizer)
-    benchmark: str = RL_SCHEMA  # one of evals.benchmarks.BENCHMARKS, or "rl": prompt files in our RL schema
-    data: list[FilePath] = field(default_factory=list)  # the benchmark's rows (.jsonl / .json / .parquet)
-    responses: Optional[FilePath] = None  # score these responses ({"id", "responses"} rows) instead of generating
-    k: Optional[int] = None  # samples per problem (default: the protocol's)
-    temperature: Optional[float] = None  # default: the protocol's (0.6)
-    top_p: Optional[float] = None  # default: the protocol's (0.95)
-    top_k: int = -1
-    max_new_tokens: Optional[int] = None  # default: the protocol's budget, capped by context - longest prompt
-    context_length: Optional[int] = None  # the engine's context (default: what the model reaches)
-    rope_scaling: Optional[dict] = None  # YaRN over the model's config, e.g. {rope_type: yarn, factor: 2.5, ...}
-    question_key: Optional[str] = None  # math rows: the question's column (dotted: into objects)
-    answer_key: Optional[str] = None  # math rows: the answer's column
-    id_key: Optional[str] = None  # math rows: the id's column (default: id, ..., else the row number)
-    instruction: Optional[str] = None  # math: text appended to each question (default: none, as the public files)
-    start_date: Optional[str] = None  # LiveCodeBench: contest window start (YYYY-MM-DD), replacing the protocol's
-    end_date: Optional[str] = None  # LiveCodeBench: contest window end (inclusive)
-    max_prompts: int = 0  # 0: all
-    seed: int = 0
-    engine: str = "hf"  # "hf" (transformers in process) or "sglang"
-    device: str = "cpu"  # hf engine
-    dtype: Optional[str] = None  # hf engine: weights' dtype (default: the checkpoint's)
-    sglang: dict = field(default_factory=dict)  # SGLangConfig fields for --engine sglang
-    code: dict = field(default_factory=dict)  # CodeRewardConfig fields over the evaluation's (e.g. timeout_s)
-    reward_workers: int = 4
-    math_wrong_score: float = 0.0  # rl schema: the strict math reward of a wrong answer
-    out: Optional[FilePath] = None  # JSONL: every problem's responses and verdicts, then the summary
-
-    def validate(self, where: str = "eval") -> None:
-        if self.benchmark != RL_SCHEMA and self.benchmark not in BENCHMARKS:
-            raise ConfigError(f"benchmark must be one of {[RL_SCHEMA, *BENCHMARKS]}, got {self.benchmark!r}")
-        if self.engine not in ("hf", "sglang"):
-            raise ConfigError(f"engine must be 'hf' or 'sglang', got {self.engine!r}")
-        if self.responses is not None and self.benchmark == RL_SCHEMA:
-            raise ConfigError("responses needs a named benchmark (--benchmark), whose ids the rows carry")
-        for name in ("k", "max_new_tokens", "reward_workers"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-
-    def protocol(self) -> Protocol:
-        """The benchmark's protocol with this config's overrides."""
-        base = BENCHMARKS.get(self.benchmark, RL_PROTOCOL)
-        given = {n: getattr(self, n) for n in ("k", "temperature", "top_p", "max_new_tokens")}
-        return dataclasses.replace(base, **{n: v for n, v in given.items() if v is not None})
 
 
 def parse_args(argv=None) -> argparse.Namespace:

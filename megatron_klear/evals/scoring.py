@@ -109,9 +109,7 @@ def summarize(problems: Sequence[Problem], scored: dict, benchmark: str, protoco
     return report
 
 
-def read_responses(
-    path: str | Path, problems: Sequence[Problem]
-) -> tuple[list[list[str]], list[list[bool]], int]:
+def read_responses(path: str | Path, problems: Sequence[Problem]) -> tuple[list[list[str]], list[list[bool]], int]:
     """Responses and truncation flags for ``problems``, in their order, from ``path`` (module
     docstring), and the number of rows of other problems left out. A summary row (no ``id``, a
     ``summary`` key) is skipped. Raises DataError naming the file and line, or the problems
