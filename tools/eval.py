@@ -44,6 +44,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from megatron_klear.config import from_dict, load_config
 from megatron_klear.console import heartbeat
@@ -112,7 +113,8 @@ def engine_context(cfg: EvalToolConfig) -> int:
 
 def sglang_config(cfg: EvalToolConfig) -> SGLangConfig:
     """``--sglang`` fields with the model and the positions filled in."""
-    values = {**cfg.sglang, "model_path": cfg.model, "rope_scaling": cfg.rope_scaling,
+    logs = f"{Path(cfg.out).with_suffix('')}.sglang_logs" if cfg.out else "sglang_logs"
+    values = {"log_dir": logs, **cfg.sglang, "model_path": cfg.model, "rope_scaling": cfg.rope_scaling,
               "context_length": cfg.context_length}  # fmt: skip
     sg = from_dict(SGLangConfig, values, "sglang")
     sg.check_launchable("sglang")
@@ -182,8 +184,41 @@ def evaluate_rl_schema(cfg: EvalToolConfig, tok) -> dict:
         engine.shutdown()
 
 
+class ResponseLog:
+    """``<out>.responses.jsonl``: each problem's responses as soon as its group is generated, so
+    an interrupted run resumes where it stopped. Its first row holds the sampling settings; a
+    run with others refuses to mix them in. Without ``--out``: nothing is written."""
+
+    def __init__(self, out: Optional[str], settings: dict):
+        self.path = Path(f"{Path(out).with_suffix('')}.responses.jsonl") if out else None
+        self.done: dict[str, dict] = {}
+        if self.path is None:
+            return
+        rows = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # the line a kill cut short
+                    break
+        if rows and rows[0].get("settings") != settings:
+            raise ConfigError(f"{self.path} holds responses sampled with {rows[0].get('settings')}, not {settings}: "
+                              f"move it away to start over")  # fmt: skip
+        self.done = {r["id"]: r for r in rows[1:]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in (rows[:1] or [{"settings": settings}]))
+                             + "".join(json.dumps(r) + "\n" for r in self.done.values()))  # fmt: skip
+
+    def add(self, row: dict) -> None:
+        self.done[row["id"]] = row
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
 def generate_responses(cfg: EvalToolConfig, problems, protocol: Protocol) -> tuple[list, list, dict]:
-    """k responses per problem from the engine: (texts, truncated flags, generation facts)."""
+    """k responses per problem from the engine: (texts, truncated flags, generation facts).
+    With ``--out`` the responses are logged as they come and a rerun resumes (``ResponseLog``)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.model)
@@ -192,18 +227,29 @@ def generate_responses(cfg: EvalToolConfig, problems, protocol: Protocol) -> tup
     budget = token_budget(cfg, protocol, context, max(map(len, ids)))
     params = eval_sampling(tok, protocol.k, protocol.temperature, protocol.top_p, budget, cfg.seed,
                            stop_token_ids(tok, cfg.model))  # fmt: skip
-    engine = build_engine(cfg)
-    try:
-        with heartbeat(f"eval: {protocol.k} samples for each of {len(problems)} problems, up to {budget} tokens"):
-            groups = engine.generate(ids, dataclasses.replace(params, top_k=cfg.top_k))
-    finally:
-        engine.shutdown()
-    texts = [[decode_response(tok, c.output_ids) for c in g] for g in groups]
-    cut = [[c.finish_reason != "stop" for c in g] for g in groups]
-    lengths = [len(c.output_ids) for g in groups for c in g]
+    params = dataclasses.replace(params, top_k=cfg.top_k)
+    sampled = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
+    positions = {"model": cfg.model, "rope_scaling": cfg.rope_scaling, "context_length": context}
+    log = ResponseLog(cfg.out, {k: getattr(params, k) for k in sampled} | positions)
+    todo = [i for i, p in enumerate(problems) if p.id not in log.done]
+    if len(todo) < len(problems):
+        print(f"eval: {len(problems) - len(todo)} problems already answered in {log.path}", file=sys.stderr)
+    if todo:
+        engine = build_engine(cfg)
+        try:
+            with heartbeat(f"eval: {protocol.k} samples for each of {len(todo)} problems, up to {budget} tokens"):
+                for j, group in engine.generate_stream([ids[i] for i in todo], params):
+                    log.add(dict(id=problems[todo[j]].id, responses=[decode_response(tok, c.output_ids) for c in group],
+                                 truncated=[c.finish_reason != "stop" for c in group],
+                                 tokens=[len(c.output_ids) for c in group]))  # fmt: skip
+        finally:
+            engine.shutdown()
+    rows = [log.done[p.id] for p in problems]
+    lengths = [n for r in rows for n in r["tokens"]]
+    cut = [r["truncated"] for r in rows]
     facts = dict(max_new_tokens=budget, context_length=context, rope_scaling=cfg.rope_scaling, engine=cfg.engine,
                  response_length=sum(lengths) / len(lengths), truncated=sum(map(sum, cut)) / len(lengths))  # fmt: skip
-    return texts, cut, facts
+    return [r["responses"] for r in rows], cut, facts
 
 
 def evaluate_benchmark(cfg: EvalToolConfig) -> dict:

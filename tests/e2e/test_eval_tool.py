@@ -94,6 +94,15 @@ def test_a_benchmark_run_follows_the_context_and_takes_yarn(tmp_path):
     assert rep["samples"] == 4 and set(rep["strict"]) == {"avg@2", "pass@2"} and rep["protocol"]["top_p"] == 0.95
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r.get("id") for r in rows] == ["0", "1", None] and len(rows[0]["strict_correct"]) == 2
+    # responses are logged as they come: a run killed after the first problem resumes there
+    log = tmp_path / "o.responses.jsonl"
+    head, first, _ = log.read_text().splitlines()
+    log.write_text(f'{head}\n{first}\n{{"id": "1", "resp')  # the second row cut short by the kill
+    again = run_eval(*args, "--out", str(tmp_path / "o.jsonl"))
+    assert "1 problems already answered" in again.stderr and report_of(again)["samples"] == 4
+    assert len(log.read_text().splitlines()) == 3
+    other = run_eval(*args, "--out", str(tmp_path / "o.jsonl"), "--temperature", "1.0")
+    assert other.returncode == 2 and "move it away to start over" in other.stderr
     cfg = tmp_path / "long.yaml"
     cfg.write_text("rope_scaling: {rope_type: yarn, factor: 2.0, original_max_position_embeddings: 48}\n")
     rep = report_of(run_eval("--config", str(cfg), *args))
