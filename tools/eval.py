@@ -32,7 +32,8 @@ Positions: ``--rope-scaling JSON`` applies YaRN over the model's config (both en
 ``--config FILE`` reads every option from YAML (the keys are the flags' names with
 underscores; relative paths against the file's folder); flags given on the command line win.
 ``--out`` keeps every response with its verdicts (a benchmark's ``--out`` is a valid
-``--responses`` file) and the summary. ``--engine hf`` (default) runs transformers in process;
+``--responses`` file) and the summary; generated responses are logged to
+``<out>.responses.jsonl`` as they come, and the same command resumes there after an interruption. ``--engine hf`` (default) runs transformers in process;
 ``--engine sglang`` launches SGLang servers (``--sglang key=value`` sets SGLangConfig fields).
 """
 
