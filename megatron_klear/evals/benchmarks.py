@@ -127,7 +127,7 @@ def math_problem(row: dict, keys: dict, index: int, instruction: Optional[str]) 
     return Problem(str(pid), math_messages(question, instruction), "math", answer=str(answer).strip())
 
 
-def code_problem(row: dict, protocol: Protocol, start: Optional[str], end: Optional[str]) -> Optional[Problem]:
+def code_problem(row: dict, start: Optional[str], end: Optional[str]) -> Optional[Problem]:
     """One LiveCodeBench row -> a Problem, or None when its contest is outside the window."""
     p = livecodebench.parse_row(row)
     if not livecodebench.in_window(p["contest_date"], start, end):
@@ -169,7 +169,7 @@ def load_problems(
                 if protocol.ability == "math":
                     p = math_problem(row, keys, len(problems), instruction)
                 else:
-                    p = code_problem(row, protocol, start, end)
+                    p = code_problem(row, start, end)
             except (ValueError, KeyError) as e:
                 raise DataError(f"{where}: not a {name} row: {e}") from None
             if p is None:
