@@ -33,13 +33,16 @@ Positions: ``--rope-scaling JSON`` applies YaRN over the model's config (both en
 underscores; relative paths against the file's folder); flags given on the command line win.
 ``--out`` keeps every response with its verdicts (a benchmark's ``--out`` is a valid
 ``--responses`` file) and the summary; generated responses are logged to
-``<out>.responses.jsonl`` as they come, and the same command resumes there after an interruption. ``--engine hf`` (default) runs transformers in process;
-``--engine sglang`` launches SGLang servers (``--sglang key=value`` sets SGLangConfig fields).
+``<out>.responses.jsonl`` as they come, and the same command resumes there after an
+interruption. Progress goes to stderr, the result (the report as JSON) to stdout.
+``--engine hf`` (default) runs transformers in process; ``--engine sglang`` launches SGLang
+servers (``--sglang key=value`` sets SGLangConfig fields).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -143,8 +146,8 @@ def token_budget(cfg: EvalToolConfig, protocol: Protocol, context: int, longest_
     return min(protocol.max_new_tokens, room) if protocol.max_new_tokens else room
 
 
-def sample_prompts(cfg: EvalToolConfig, texts: list[str], tok) -> int:
-    """``--prompt``: k responses to each free-text prompt, printed (and written to ``--out``)."""
+def sample_prompts(cfg: EvalToolConfig, texts: list[str], tok) -> list[dict]:
+    """``--prompt``: k responses to each free-text prompt (also written to ``--out``)."""
     ids = [render_prompt(tok, [{"role": "user", "content": text}]) for text in texts]
     protocol = cfg.protocol()
     budget = token_budget(cfg, protocol, engine_context(cfg), max(map(len, ids)))
@@ -155,16 +158,12 @@ def sample_prompts(cfg: EvalToolConfig, texts: list[str], tok) -> int:
         groups = engine.generate(ids, dataclasses.replace(params, top_k=cfg.top_k))
     finally:
         engine.shutdown()
-    rows = []
-    for text, group in zip(texts, groups):
-        responses = [decode_response(tok, c.output_ids) for c in group]
-        rows.append({"prompt": text, "responses": responses})
-        for i, r in enumerate(responses):
-            print(f"=== prompt: {text!r} | response {i + 1}/{len(responses)}\n{r}")
+    rows = [{"prompt": text, "responses": [decode_response(tok, c.output_ids) for c in group]}
+            for text, group in zip(texts, groups)]  # fmt: skip
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return 0
+    return rows
 
 
 def evaluate_rl_schema(cfg: EvalToolConfig, tok) -> dict:
@@ -280,25 +279,35 @@ def evaluate_benchmark(cfg: EvalToolConfig) -> dict:
     return report
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    try:
-        cfg = load_eval_config(a)
-        if cfg.model is not None:
-            read_config_dict(cfg.model)  # a directory without a model: one line before anything loads
-        if cfg.benchmark != RL_SCHEMA and not getattr(a, "prompt", None):
-            result = evaluate_benchmark(cfg)
-        else:
-            from transformers import AutoTokenizer
+def run(cfg: EvalToolConfig, prompts: Optional[list[str]]):
+    """The rows of ``--prompt``, or the report of a benchmark or of our RL prompt sets."""
+    if cfg.model is not None:
+        read_config_dict(cfg.model)  # a directory without a model: one line before anything loads
+    if cfg.benchmark != RL_SCHEMA and not prompts:
+        return evaluate_benchmark(cfg)
+    from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(cfg.model)
-            if getattr(a, "prompt", None):
-                return sample_prompts(cfg, a.prompt, tok)
-            result = evaluate_rl_schema(cfg, tok)
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    return sample_prompts(cfg, prompts, tok) if prompts else evaluate_rl_schema(cfg, tok)
+
+
+def main(argv=None) -> int:
+    """Progress goes to stderr; stdout holds only the result (the report as JSON, or the
+    ``--prompt`` responses), so a script can read it."""
+    a = parse_args(argv)
+    prompts = getattr(a, "prompt", None)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run(load_eval_config(a), prompts)
     except KlearError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=1))
+    if prompts:
+        for row in result:
+            for i, r in enumerate(row["responses"]):
+                print(f"=== prompt: {row['prompt']!r} | response {i + 1}/{len(row['responses'])}\n{r}")
+    else:
+        print(json.dumps(result, indent=1))
     return 0
 
 

@@ -6,6 +6,7 @@ YaRN from a config file), and the 64K example config."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,7 +18,9 @@ EVAL = [sys.executable, str(ROOT / "tools/eval.py")]
 
 
 def run_eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*EVAL, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """The tool as a user runs it, with progress lines every 0.2 s: they must stay on stderr."""
+    env = dict(os.environ, MEGATRON_KLEAR_PROGRESS_S="0.2")
+    return subprocess.run([*EVAL, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_out_keeps_all_k_responses_of_each_prompt(hf_models, tmp_path):

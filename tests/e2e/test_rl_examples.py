@@ -6,6 +6,7 @@ the tiny SFT model on its held-out prompts."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,8 @@ def test_eval_docstring_example_scores_the_tiny_model(tiny_sft):
     model's context minus the longest prompt, so no answer is cut short."""
     cmd = [sys.executable, "tools/eval.py", "--model", str(tiny_sft / "sft" / "hf"), "--data",
            str(tiny_sft / "data" / "math_test.parquet"), "--k", "4", "--max-prompts", "32"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, MEGATRON_KLEAR_PROGRESS_S="0.5")  # progress lines: on stderr, never in the JSON
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res["eval/prompts"] == 32 and res["eval/avg@4"] > 0 and res["eval/math/lenient_avg@4"] > 0, res
