@@ -2,6 +2,14 @@
 
 Layer spec: Transformer Engine when importable (fused norms, FP8), otherwise Megatron-Core's
 torch-native local spec, which is what runs on CPU and on GPUs without TE.
+
+Positions: plain RoPE, or YaRN when the config asks for it (``Qwen3Config.rope_scaling``), with
+Megatron-Core 0.16's own ``YarnRotaryEmbedding`` (``position_embedding_type="yarn"``). Its
+angles and its cos / sin scale are those of transformers' Qwen3 bit for bit once our resolved
+values are passed (tests/unit/test_yarn.py compares the tables, then logits at TP=2, packed and
+past the original context), so we use it rather than our own. The attention applies the scale
+(``mscale``) only in Megatron's unfused RoPE: TE's fused THD kernel would drop it, so RoPE
+fusion is off under YaRN.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_klear.errors import ConfigError
-from megatron_klear.models.config import DTYPES, Qwen3Config, padded_vocab_size, validate_parallel
+from megatron_klear.models.config import DTYPES, Qwen3Config, YarnScaling, padded_vocab_size, validate_parallel
 
 FP8_RECIPES = ("hybrid", "e4m3")
 RECOMPUTE = ("full", "selective")
@@ -113,7 +121,7 @@ def transformer_config(
     dtype = DTYPES[opts.params_dtype or cfg.dtype]
     recompute = recompute_options(opts, cfg.num_hidden_layers // pp)
     on_gpu = torch.cuda.is_available()
-    return TransformerConfig(
+    tcfg = TransformerConfig(
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.intermediate_size,
@@ -131,7 +139,7 @@ def transformer_config(
         attention_dropout=0.0,
         bias_activation_fusion=use_te,
         masked_softmax_fusion=False,
-        apply_rope_fusion=use_te,  # TE's fused RoPE kernels (sbhd and thd)
+        apply_rope_fusion=use_te and cfg.rope_scaling is None,  # TE's fused RoPE (sbhd, thd) has no YaRN scale
         gradient_accumulation_fusion=ddp and on_gpu and have_grad_accum_fusion(),
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
@@ -147,6 +155,27 @@ def transformer_config(
         fp8=opts.fp8,
         **recompute,
     )
+    if cfg.rope_scaling is not None:
+        set_yarn_fields(tcfg, cfg.rope_scaling)
+    return tcfg
+
+
+def set_yarn_fields(tcfg, scaling: YarnScaling) -> None:
+    """Give a ``TransformerConfig`` the ``yarn_*`` fields Megatron's YaRN embedding and attention
+    read (they are declared only on ``MLATransformerConfig``).
+
+    Megatron scales cos / sin by ``mscale(f, yarn_mscale) / mscale(f, yarn_mscale_all_dim)``;
+    transformers by ``mscale(f, mscale) / mscale(f, mscale_all_dim)`` when both are non-zero, else
+    by ``mscale(f)``, which (1.0, 0.0) gives Megatron exactly.
+    """
+    both = bool(scaling.mscale and scaling.mscale_all_dim)
+    tcfg.yarn_rotary_scaling_factor = scaling.factor
+    tcfg.yarn_original_max_position_embeddings = scaling.original_max_position_embeddings
+    tcfg.yarn_beta_fast = scaling.beta_fast
+    tcfg.yarn_beta_slow = scaling.beta_slow
+    tcfg.yarn_mscale = scaling.mscale if both else 1.0
+    tcfg.yarn_mscale_all_dim = scaling.mscale_all_dim if both else 0.0
+    tcfg.yarn_correction_range_round_to_int = scaling.truncate
 
 
 def recompute_options(opts: ModelOptions, layers_per_stage: int) -> dict:
@@ -218,7 +247,7 @@ def build_model(
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="rope" if cfg.rope_scaling is None else "yarn",
         rotary_base=int(cfg.rope_theta),
     )
     if torch.cuda.is_available():

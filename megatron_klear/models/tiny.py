@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,6 +28,9 @@ class TinyModelArgs:
     seed: int = 0  # initialisation seed
     max_shard_size: str = "5GB"  # largest safetensors shard
     with_tokenizer: bool = True  # write our tiny tokenizer and chat template next to the weights
+    # RoPE scaling as in an HF config's rope_parameters, e.g. {rope_type: yarn, factor: 4.0,
+    # original_max_position_embeddings: 16}; None: plain RoPE
+    rope_scaling: Optional[dict] = None
 
 
 def qwen3_hf_config(a: TinyModelArgs, tok=None):
@@ -51,7 +55,7 @@ def qwen3_hf_config(a: TinyModelArgs, tok=None):
         max_position_embeddings=a.max_positions,
         tie_word_embeddings=a.tie_embeddings,
         rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
+        rope_parameters={"rope_type": "default", **(a.rope_scaling or {}), "rope_theta": 1_000_000.0},
         architectures=["Qwen3ForCausalLM"],
         dtype=a.dtype,
         **ids,
