@@ -352,3 +352,34 @@ def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
         )
     finally:
         destroy_distributed()
+
+
+def collective_failure_worker(out: str) -> None:
+    """Rank 0 records the real gloo errors of two failed all-reduces: rank 1 silent past the
+    2 s timeout, then rank 1 gone (its process exited) in the middle of one."""
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+    dist.barrier()
+    if dist.get_rank() == 1:
+        time.sleep(4)  # rank 0 times out waiting for us
+    errors = {}
+    if dist.get_rank() == 0:
+        try:
+            dist.all_reduce(torch.ones(4))
+        except RuntimeError as e:
+            errors["silent"] = str(e)
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=30))  # a fresh pair
+    dist.barrier(group=group)
+    if dist.get_rank() == 1:
+        os._exit(0)  # gone: no goodbye to rank 0's pending all-reduce
+    try:
+        dist.all_reduce(torch.ones(4), group=group)
+    except RuntimeError as e:
+        errors["gone"] = str(e)
+    Path(out).write_text(json.dumps(errors))
+    os._exit(0)  # the default group's store would wait for rank 1 at destroy
