@@ -383,3 +383,27 @@ def collective_failure_worker(out: str) -> None:
         errors["gone"] = str(e)
     Path(out).write_text(json.dumps(errors))
     os._exit(0)  # the default group's store would wait for rank 1 at destroy
+
+
+def tp_attributes_worker(hf_dir: str, out: str) -> None:
+    """Every parameter's tensor-parallel attributes, built with Megatron's random
+    initialisation and without it (the weights loaded next): saved from each rank."""
+    import os
+
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.config import load_hf_config
+    from megatron_klear.models.qwen3 import build_model
+
+    init_distributed(ParallelConfig(tp=int(os.environ["WORLD_SIZE"])))
+    try:
+        cfg = load_hf_config(hf_dir)
+        seen = {}
+        for init in (True, False):
+            model = build_model(cfg, init_weights=init)
+            seen[init] = {
+                n: tuple(getattr(p, a, None) for a in ("tensor_model_parallel", "partition_dim", "partition_stride"))
+                for n, p in model.named_parameters()
+            }
+        torch.save(seen, f"{out}.{torch.distributed.get_rank()}")
+    finally:
+        destroy_distributed()
