@@ -32,18 +32,18 @@
 #     whose fresh /sys lacks the cgroup tree that slurmd reads at start-up);
 #   * a munged of its own (socket in $KLEAR_SLURM_DIR/munge, AuthInfo=socket=...), reachable
 #     from every namespace because a Unix socket is a path.
-# Timeouts as on a real cluster, except one: SlurmdTimeout=300 (Slurm's default; a node that
-# stops answering is declared DOWN after it, KLEAR_SLURMD_TIMEOUT changes it), and
-# cred_expire=20 s instead of 120 (KLEAR_SLURM_CRED_EXPIRE): a requeued job waits that long
-# before it may start again.
+# Timeouts: SlurmdTimeout=300 as Slurm's default (a node that stops answering is declared DOWN
+# after it; KLEAR_SLURMD_TIMEOUT changes it); cred_expire=20 s instead of Slurm's 120
+# (KLEAR_SLURM_CRED_EXPIRE): a requeued job waits that long before it may start again.
 # `stop` kills the daemons by pid file and then every process left in the node namespaces
-# (job steps), deletes the namespaces (which deletes the veths), the bridge and the hosts block.
+# (job steps), deletes the namespaces (which deletes the veths), the bridge and the hosts block,
+# and names anything that is still there (exit 1).
 set -euo pipefail
 
 DIR=${KLEAR_SLURM_DIR:-/tmp/megatron-klear-slurm}
 CONF="$DIR/slurm.conf"
 STATE="$DIR/cluster.env" # what a multi-node start created, for `stop` and the node commands
-HOSTS=${KLEAR_SLURM_HOSTS_FILE:-/etc/hosts}
+HOSTS=/etc/hosts
 LOCK=/run/lock/klear-local-slurm.lock # one network set-up at a time on this machine
 log() { echo "[local_slurm] $*" >&2; }
 die() {
@@ -91,6 +91,9 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 KillWait=10
+# On a loaded 2-core machine a killed step can take over a minute to exit (seen once with the
+# default 60 s): the node would be drained ("Kill task failed") and no later job would run.
+UnkillableStepTimeout=180
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
@@ -156,8 +159,10 @@ idle_nodes() {
 
 start_one() {
   install_packages
+  stop_multi # a multi-node cluster left in this directory
   stop_one
   write_conf
+  rm -rf "$DIR/state" && mkdir -p "$DIR/state" # no job or drained node recovered from an earlier run
   start_munge
   export SLURM_CONF=$CONF
   slurmctld -f "$CONF" >>"$DIR/log/slurmctld.out" 2>&1 || die "slurmctld did not start: see $DIR/log/slurmctld.log"

@@ -5,12 +5,11 @@
 
 It picks this node's interface for gloo and NCCL sockets (``launch.network``), prints one line
 saying where it runs (host, address, node rank, the global ranks it holds, interface and why),
-runs ``CMD`` (torchrun) with
-``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` set, waits for it through SIGTERM / SIGINT
-(scancel, requeue, time limit: Slurm signals every process of the step, a terminal the whole
-process group, so the command gets the signal itself and this agent outlives it to report its
-status), and exits with its status. With ``--exit-dir`` it also
-writes that status to ``DIR/node<SLURM_NODEID>.exit``: the launcher on the batch node reads
+runs ``CMD`` (torchrun) with ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` set, and exits with
+its status. It waits for the command through SIGTERM / SIGINT (scancel, requeue, time limit):
+Slurm signals every process of the step and a terminal the whole process group, so the command
+gets the signal itself, and the agent outlives it to report its status. With ``--exit-dir`` it
+also writes that status to ``DIR/node<SLURM_NODEID>.exit``: the launcher on the batch node reads
 these to learn that a node's trainers failed while ``srun`` still waits for a node that no
 longer answers (see ``launch.slurm.wait_for_step``).
 
@@ -66,9 +65,9 @@ def run_node(
         ranks = f" ranks {first}-{first + procs_per_node - 1}" if procs_per_node > 1 else f" rank {first}"
         ranks += f" of {procs_per_node * int(nodes)};" if nodes.isdigit() else ";"
     print(f"[node {node}/{nodes}] {host} ({address}):{ranks} gloo/NCCL sockets on {choice.reason}", flush=True)
-    proc = subprocess.Popen(cmd, env={**os.environ, **choice.env})
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a Python handler: the command starts with the default
         signal.signal(sig, _outlive)
+    proc = subprocess.Popen(cmd, env={**os.environ, **choice.env})
     rc = proc.wait()
     if rc < 0:  # killed by a signal: report it the way a shell does
         rc = 128 - rc
