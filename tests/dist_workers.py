@@ -352,3 +352,47 @@ def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
         )
     finally:
         destroy_distributed()
+
+
+def reinit_layout(tp: int, pp: int, ep: int = 1, etp: int = 1) -> None:
+    """Megatron's model-parallel groups of another layout in the same process group, so that one
+    start-up checks several layouts."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
+def moe_layouts_worker(layouts: list, ckpts: list[str], ids_path: str, bucket_bytes: int, out_dir: str) -> None:
+    """For each (tp, pp, ep, etp) layout and checkpoint: the logits (``forward_logits``) and the
+    gathered HF buckets, saved from rank 0 as ``{name}_{tp}{pp}{ep}{etp}.pt``."""
+    from megatron_klear.checkpoint.megatron_ckpt import load_model
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.config import Qwen3Config
+    from megatron_klear.models.forward import forward_logits, send_to_rank0
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
+    from megatron_klear.sync.gather import gather_hf_buckets
+
+    init_distributed(ParallelConfig())
+    try:
+        ids = torch.tensor(json.loads(Path(ids_path).read_text()))
+        for tp, pp, ep, etp in layouts:
+            reinit_layout(tp, pp, ep, etp)
+            for ck in ckpts:
+                cfg = Qwen3Config.from_dict(json.loads((Path(ck) / "config.json").read_text()))
+                model = build_model(cfg, ModelOptions(), init_weights=False)
+                load_model(model, ck)
+                logits = send_to_rank0(forward_logits(model, ids, cfg.vocab_size))
+                buckets = [[(n, t.clone()) for n, t in b] for b in gather_hf_buckets(model, cfg, bucket_bytes)]
+                if torch.distributed.get_rank() == 0:
+                    out = Path(out_dir) / f"{Path(ck).name}_{tp}{pp}{ep}{etp}.pt"
+                    torch.save(dict(logits=logits, buckets=buckets), out)
+                else:
+                    assert buckets == [], "buckets must come out on rank 0 only"
+    finally:
+        destroy_distributed()
