@@ -17,7 +17,7 @@ from megatron_klear.models import hf_mapping
 from megatron_klear.models.config import Qwen3Config, load_hf_config, validate_parallel, validate_training_layout
 from megatron_klear.models.qwen3 import ModelOptions, moe_options
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
-from tests.dist_workers import moe_layouts_worker
+from tests.dist_workers import moe_layouts_worker, sync_worker
 
 # (tp, pp, ep, etp) on 4 ranks: EP=2 (expert-DP 2), EP=4, TP=2 x EP=2 (experts whole), TP=2 x EP=2
 # with expert TP 2, PP=2 x EP=2, TP=2 x PP=2 x EP=2.
@@ -253,3 +253,26 @@ def test_bf16_round_trip_is_bit_exact(moe, tmp_path):
     if not moe:
         assert len([k for k in load_file(src / "model.safetensors") if k.endswith("norm.weight")]) == 17
     _assert_bit_exact(src, tmp_path / "back", torch.bfloat16)
+
+
+def test_sync_into_hf_engine_after_training_at_ep2(moe_models, tmp_path):
+    """4 ranks, EP=2: rank 1 (data-parallel 1) holds the second half of the experts and takes part
+    in the gather, ranks 2 and 3 (expert-data-parallel replica 1) do not. After optimizer steps
+    every engine tensor (transformers' fused experts, through their hub names) equals the
+    trainer's, the probe agrees, and a sync into a model with other experts fails on every rank."""
+    out = str(tmp_path / "sync")
+    spawn(sync_worker, 4, 1, 1, str(moe_models["moe"]), str(moe_models["moe_nonorm_tied"]), out, 2)
+    results = [torch.load(f"{out}.{r}") for r in range(4)]
+    r0 = results[0]
+    assert sorted(r0["engine"]) == sorted(r0["ref"]) == sorted(load_file(moe_models["moe"] / "model.safetensors"))
+    changed = 0
+    for n, t in r0["engine"].items():
+        assert torch.equal(t, r0["ref"][n]), n
+        changed += not torch.equal(t, r0["before"][n])
+    experts = [n for n in r0["engine"] if ".mlp.experts." in n]
+    assert changed >= len(r0["engine"]) - 2 and all(not torch.equal(r0["engine"][n], r0["before"][n]) for n in experts)
+    assert r0["version"] == "step-3" and r0["buckets"] > 1
+    for r in results:
+        assert r["diff"] == r0["diff"] and r["diff"] < 1e-4
+        assert r["failure"] is not None and "has no parameter named" in r["failure"]
+    assert r0["wrong_stale"]
