@@ -405,8 +405,9 @@ def moe_sglang_worker(hf_dir: str, engine_cfg: dict, out: str) -> None:
 
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
     from megatron_klear.inference.sglang import SGLangConfig, SGLangEngine
-    from megatron_klear.sft import nll_loss
+    from megatron_klear.ops.loss import nll_loss
     from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
+    from megatron_klear.training.batches import MicroBatch
     from megatron_klear.training.step import forward_backward, optimizer_step
 
     init_distributed(ParallelConfig(expert_parallel=2), seed=7)
@@ -416,8 +417,9 @@ def moe_sglang_worker(hf_dir: str, engine_cfg: dict, out: str) -> None:
         cfg, state = hf_train_state(hf_dir)
         g = torch.Generator().manual_seed(torch.distributed.get_rank())
         ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
-        mb = dict(input_ids=ids, position_ids=torch.arange(16)[None].expand(2, -1), labels=torch.roll(ids, -1, 1))
-        mb["loss_mask"] = torch.ones_like(ids)
+        mask = torch.ones(2, 16)
+        mask[:, -1] = 0  # the last position predicts nothing
+        mb = MicroBatch(ids, torch.arange(16)[None].expand(2, -1), torch.roll(ids, -1, 1), mask)
 
         def train(steps: int) -> None:
             for _ in range(steps):
