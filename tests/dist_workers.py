@@ -417,9 +417,10 @@ def moe_sglang_worker(hf_dir: str, engine_cfg: dict, out: str) -> None:
         cfg, state = hf_train_state(hf_dir)
         g = torch.Generator().manual_seed(torch.distributed.get_rank())
         ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+        labels = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=ids.dtype)], 1)  # the last predicts nothing
         mask = torch.ones(2, 16)
-        mask[:, -1] = 0  # the last position predicts nothing
-        mb = MicroBatch(ids, torch.arange(16)[None].expand(2, -1), torch.roll(ids, -1, 1), mask)
+        mask[:, -1] = 0
+        mb = MicroBatch(ids, torch.arange(16)[None].expand(2, -1), labels, mask)
 
         def train(steps: int) -> None:
             for _ in range(steps):
@@ -435,6 +436,7 @@ def moe_sglang_worker(hf_dir: str, engine_cfg: dict, out: str) -> None:
         def diff(engine) -> float:
             return probe_logprob_diff(engine, state.module, cfg, probe, temperature=1.0, new_tokens=8, seed=3)
 
+        result["initial"] = diff(dist_engine)  # the same weights on both sides: the engine's numerics
         train(2)
         result["before_sync"] = diff(dist_engine)  # the server still has the initial weights
         stats = sync_weights(dist_engine, state.module, cfg, "step-2", bucket_bytes=20_000)
