@@ -276,3 +276,29 @@ def test_sync_into_hf_engine_after_training_at_ep2(moe_models, tmp_path):
         assert r["diff"] == r0["diff"] and r["diff"] < 1e-4
         assert r["failure"] is not None and "has no parameter named" in r["failure"]
     assert r0["wrong_stale"]
+
+
+def test_qwen3_30b_a3b_examples_fit_their_node_counts():
+    """The examples' layouts against the Slurm launcher's checks (world size, expert layout,
+    batch layout, engine nodes) and the real model's shape (shapes.py's 30b-a3b)."""
+    from megatron_klear.errors import LaunchError
+    from megatron_klear.launch.slurm import SlurmJob, plan_launch
+    from megatron_klear.models.shapes import qwen3_config_dict
+
+    def job(n: int) -> SlurmJob:
+        return SlurmJob(job_id="7", hosts=[f"n{i}" for i in range(n)], procs_per_node=8)
+
+    d = "examples/qwen3_30b_a3b/"
+    assert len(plan_launch("sft", d + "sft_32k.yaml", [], job(4), this_host="n0").trainer_hosts) == 4
+    assert len(plan_launch("sft", d + "sft_32k.yaml", ["parallel.pp=2"], job(2), this_host="n0").trainer_hosts) == 2
+    with pytest.raises(LaunchError, match="parallel.expert_tensor_parallel x parallel.expert_parallel x parallel.pp"):
+        plan_launch("sft", d + "sft_32k.yaml", ["parallel.expert_parallel=16"], job(1))
+    plan = plan_launch("rl", d + "rl_math.yaml", [], job(4), this_host="n0")
+    assert plan.trainer_hosts == ["n0", "n1"] and plan.engines.hosts == ["n2", "n3"]
+    assert plan_launch("rl", d + "rl_math_2node.yaml", [], job(2), this_host="n0").engines is None
+    cfg = Qwen3Config.from_dict(qwen3_config_dict("30b-a3b"))
+    assert round(hf_mapping.num_params(cfg) / 1e9, 1) == 30.5 and 3.3 < hf_mapping.active_params(cfg) / 1e9 < 3.4
+    for name, over in (("sft_32k.yaml", {}), ("rl_math.yaml", {}), ("rl_math_2node.yaml", {})):
+        raw = __import__("yaml").safe_load(open(d + name))
+        par = ParallelConfig(**{**raw["parallel"], **over})
+        validate_training_layout(cfg, par)
