@@ -69,6 +69,8 @@ _QWEN3_30B_A3B = dict(
     router_aux_loss_coef=0.001,
 )
 QWEN3_SHAPES["30b-a3b"] = _QWEN3_30B_A3B
+# two of its layers (1.9B parameters with the embeddings): one GPU's benchmark of its MoE layer
+QWEN3_SHAPES["30b-a3b-2l"] = dict(_QWEN3_30B_A3B, num_hidden_layers=2)
 # the tiny dense shape with 8 experts of width 32 (top-2) in every layer: the CPU benchmarks'
 QWEN3_SHAPES["tiny-moe"] = dict(
     QWEN3_SHAPES["tiny"], num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.001
