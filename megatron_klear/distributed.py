@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from megatron_klear.compat import install_cpu_compat, install_megatron_compat
-from megatron_klear.errors import ConfigError, KlearError
+from megatron_klear.errors import ConfigError, KlearError, LaunchError
 
 
 @dataclass
@@ -105,7 +105,7 @@ def free_port(start: Optional[int] = None, host: str = "127.0.0.1") -> int:
                 return s.getsockname()[1]
             except OSError:
                 continue
-    raise RuntimeError(f"no free port in {start}..{start + 1999} on {host!r}")
+    raise LaunchError(f"no free port in {start}..{start + 1999} on {host!r}")
 
 
 def device() -> torch.device:

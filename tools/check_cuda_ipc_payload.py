@@ -6,7 +6,7 @@
 SGLang cannot be installed on our GPU test machine, so this checks our side of
 ``update_weights_from_tensor`` with torch alone: a bucket of mixed dtypes is flattened on this
 GPU and serialized exactly as ``sync.colocated`` does (``sglang_api.flatten_bucket`` +
-``serialize_payload``); a second process on the same GPU then does what an SGLang TP rank does
+``sync.ipc.serialize_payload``); a second process on the same GPU then does what an SGLang TP rank does
 with its payload (base64-decode, unpickle, ``FlattenedTensorBucket.reconstruct_tensors``:
 slice, view as the dtype, reshape) and returns checksums. It checks that every tensor arrives
 bit-identical, on the same GPU, through an IPC handle (no copy through the host), that the
@@ -26,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from megatron_klear.inference import sglang_api as api  # noqa: E402
-from megatron_klear.inference.sglang import ColocatedTarget  # noqa: E402
+from megatron_klear.sync import ipc  # noqa: E402
 from megatron_klear.sync.colocated import local_device_index, my_slots, senders  # noqa: E402
+from megatron_klear.sync.ipc import ColocatedTarget  # noqa: E402
 
 _RECEIVER = r"""
 import base64, json, pickle, sys
@@ -61,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         ("lm_head.weight", torch.randn(17, 64, device=f"cuda:{dev}", generator=g)),
     ]
     flat, meta = api.flatten_bucket(api.bucket_order(bucket))
-    payload = api.serialize_payload(flat, meta)
-    found = api.payload_globals(payload)
+    payload = ipc.serialize_payload(flat, meta)
+    found = ipc.payload_globals(payload)
     checks["pickle refers only to torch, SimpleNamespace and builtins"] = all(
-        n.startswith(api.PAYLOAD_GLOBAL_PREFIXES) for n in found
+        n.startswith(ipc.PAYLOAD_GLOBAL_PREFIXES) for n in found
     )
     r = subprocess.run([sys.executable, "-c", _RECEIVER], input=payload, capture_output=True, text=True, timeout=300)
     got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None

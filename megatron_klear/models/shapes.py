@@ -3,6 +3,8 @@ random-weight benchmarks (no downloads)."""
 
 from __future__ import annotations
 
+from megatron_klear.errors import ConfigError
+
 QWEN3_VOCAB = 151936
 
 _QWEN3_0_6B = dict(
@@ -80,7 +82,7 @@ QWEN3_SHAPES["tiny-moe"] = dict(
 def qwen3_config_dict(shape: str, dtype: str = "bfloat16", max_positions: int = 40960, **overrides) -> dict:
     """A complete HF ``config.json`` dict for a named shape."""
     if shape not in QWEN3_SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(QWEN3_SHAPES)}")
+        raise ConfigError(f"unknown shape {shape!r}; known: {', '.join(QWEN3_SHAPES)}")
     moe = "num_experts" in QWEN3_SHAPES[shape]
     cfg = dict(
         QWEN3_SHAPES[shape],
