@@ -165,6 +165,7 @@ def iter_hf_weights(
     dense = every_replica or ps.get_data_parallel_rank() == 0
     experts = every_replica or ex.edp_rank == 0
     params = list(local_params(model, cfg))
+    specs = hf_mapping.param_specs(cfg, te=uses_te(model))
     i = 0
     while i < len(params):
         gname, spec, param = params[i]
@@ -173,7 +174,7 @@ def iter_hf_weights(
             while j < len(params) and params[j][1].expert:
                 j += 1
             if experts:
-                yield from _layer_experts(params[i:j], cfg, ex)
+                yield from _layer_experts(params[i:j], specs, cfg, ex)
             i = j
             continue
         i += 1
@@ -190,23 +191,25 @@ def iter_hf_weights(
 
 
 def _layer_experts(
-    run: list[tuple[str, hf_mapping.ParamSpec, torch.Tensor]], cfg: Qwen3Config, ex: ExpertLayout
+    run: list[tuple[str, hf_mapping.ParamSpec, torch.Tensor]],
+    specs: dict[str, hf_mapping.ParamSpec],
+    cfg: Qwen3Config,
+    ex: ExpertLayout,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """A layer's experts in global order from this EP rank's ``run`` of expert parameters.
 
     Collective over the EP and ETP groups. Expert ``e`` is the local expert ``e % local`` of EP
     rank ``e // local``, whose ETP group all-gathers its shards; that rank then broadcasts it."""
     layer = run[0][0].split(".")[2]
-    mine = {}  # (local index, "linear_fc1" / "linear_fc2") -> (spec, shard)
-    for gname, spec, param in run:
+    mine = {}  # (local index, "linear_fc1" / "linear_fc2") -> this rank's shard
+    for gname, _, param in run:
         e, fc = gname.split(".")[5], gname.split(".")[6]
-        mine[(int(e) - ex.offset, fc)] = (spec, param.detach())
-    specs = hf_mapping.param_specs(cfg)
+        mine[(int(e) - ex.offset, fc)] = param.detach()
     for e in range(cfg.moe.num_experts):
         owner, j = divmod(e, ex.local)
         for fc in ("linear_fc1", "linear_fc2"):
             spec = specs[f"decoder.layers.{layer}.mlp.experts.{e}.{fc}.weight"]
-            _, data = mine[(j, fc)]  # every EP rank holds local expert j: the same shape
+            data = mine[(j, fc)]  # every EP rank holds local expert j: the same shape
             if ex.ep_rank == owner and ex.etp > 1:
                 shards = [torch.empty_like(data) for _ in range(ex.etp)]
                 dist.all_gather(shards, data.contiguous(), group=ex.etp_group)
