@@ -19,6 +19,7 @@ from megatron_klear.models.qwen3 import ModelOptions, moe_options
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
 from tests.dist_workers import moe_layouts_worker, sync_worker
 
+ROOT = Path(__file__).resolve().parents[2]
 # (tp, pp, ep, etp) on 4 ranks: EP=2 (expert-DP 2), EP=4, TP=2 x EP=2 (experts whole), TP=2 x EP=2
 # with expert TP 2, PP=2 x EP=2, TP=2 x PP=2 x EP=2.
 LAYOUTS = [(1, 1, 2, 1), (1, 1, 4, 1), (2, 1, 2, 1), (2, 1, 2, 2), (1, 2, 2, 1), (2, 2, 2, 1)]
@@ -302,3 +303,31 @@ def test_qwen3_30b_a3b_examples_fit_their_node_counts():
         raw = __import__("yaml").safe_load(open(d + name))
         par = ParallelConfig(**{**raw["parallel"], **over})
         validate_training_layout(cfg, par)
+
+
+def test_moe_runs_refuse_unsupported_layouts_naming_the_key(moe_models, tmp_path):
+    """Through the real entry points (``--dry-run``: nothing starts): TP without sequence parallel,
+    RL's load-balancing loss with a per-sequence normaliser; one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    def cli(module: str, *args: str) -> subprocess.CompletedProcess:  # as torchrun's rank 0 of 2 would
+        env = dict(os.environ, PYTHONWARNINGS="ignore", RANK="0", WORLD_SIZE="2")
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, env=env)
+
+    SFT, RL = ROOT / "examples/tiny/sft.yaml", ROOT / "examples/tiny/rl_math.yaml"
+    moe = moe_models["moe"]
+    sft = ["--dry-run", f"data.train=[{ROOT / 'examples/data/sft.jsonl'}]", "data.generate=null"]
+    sft += [f"output_dir={tmp_path / 'o'}", f"model.hf={moe}", "model.create_tiny=null"]
+    rl = ["--dry-run", f"output_dir={tmp_path / 'r'}", f"model.hf={moe}", "bootstrap=null", "data.generate=null"]
+    rl += [f"data.train=[{ROOT / 'examples/data/math_train.parquet'}]"]
+    rl += [f"data.eval=[{ROOT / 'examples/data/math_test.parquet'}]"]
+    for module, cfg, args, message in [
+        ("megatron_klear.sft", SFT, sft + ["parallel.tp=2"], "parallel.sequence_parallel=true"),
+        ("megatron_klear.rl", RL, rl + ["algo.agg=seq-mean-token-mean"], "model.moe_aux_loss_coef=0"),
+    ]:
+        r = cli(module, "--config", str(cfg), *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = cli("megatron_klear.rl", "--config", str(RL), *rl, "algo.agg=seq-mean-token-mean", "model.moe_aux_loss_coef=0")
+    assert r.returncode == 0, r.stderr[-2000:]
