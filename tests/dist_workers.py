@@ -550,3 +550,80 @@ def host_sync_worker(hf_dir: str, out: str) -> None:
         torch.save(result, f"{out}.0")
     finally:
         destroy_distributed()
+
+
+def yarn_worker(hf_dir: str, plain_dir: str, ckpt: str, ids_path: str, docs: list[int], out: str) -> None:
+    """A YaRN model at TP=2 (2 ranks), past its original context: logits of whole rows (from the
+    HF weights and from a converted checkpoint), logits of one packed row of ``docs``, the weight
+    sync + probe into HF engines (the YaRN model's, and the same weights without YaRN), and
+    Megatron's THD RoPE under a 2-rank context-parallel group. Rank 0 saves what it saw."""
+    import numpy as np
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    from megatron_klear.checkpoint.megatron_ckpt import load_model
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.inference.hf import HFEngine
+    from megatron_klear.models.forward import forward_logits, gather_vocab
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
+    from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
+    from megatron_klear.training.batches import MicroBatch, context_parallel_index
+    from megatron_klear.training.step import forward_backward
+
+    init_distributed(ParallelConfig(tp=2), seed=7)
+    try:
+        cfg, state = hf_train_state(hf_dir)
+        rank0 = torch.distributed.get_rank() == 0
+        ids = torch.tensor(json.loads(Path(ids_path).read_text()))
+        result = {"rows": forward_logits(state.module, ids, cfg.vocab_size)}
+        converted = build_model(cfg, ModelOptions(), init_weights=False)
+        load_model(converted, ckpt)
+        result["rows_converted"] = forward_logits(converted, ids, cfg.vocab_size)
+
+        cu = np.cumsum([0, *docs])
+        packed = ids[0, : cu[-1]][None]
+        positions = torch.cat([torch.arange(d) for d in docs])[None]  # restarting at every document
+        last = torch.zeros_like(packed, dtype=torch.bool)
+        last[0, torch.from_numpy(cu[1:] - 1)] = True  # a document's last position predicts nothing
+        labels = torch.cat([packed[:, 1:], packed[:, :1]], 1).masked_fill(last, 0)
+        mb = MicroBatch(packed, positions, labels, (~last).float(), cu_seqlens=[cu])
+        seen = []
+
+        def keep_logits(logits, mb):
+            seen.append(gather_vocab(logits.float(), cfg.vocab_size))
+            return logits.sum() * 0, torch.tensor(1), {}
+
+        forward_backward(state, [mb], keep_logits, forward_only=True)
+        result["packed"] = seen[0][0]
+
+        probe = ids[1, :24].tolist()
+        engines = {"yarn": HFEngine(hf_dir), "plain": HFEngine(plain_dir)} if rank0 else {"yarn": None, "plain": None}
+        for name, engine in engines.items():
+            sync_weights(engine, state.module, cfg, "v1")
+            result[f"probe_{name}"] = probe_logprob_diff(engine, state.module, cfg, probe, new_tokens=32)
+
+        # Megatron's THD RoPE (packed, context parallel = 2) with the model's own YaRN table
+        cp = torch.distributed.new_group([0, 1])
+        total = int(cu[-1])
+        g = torch.Generator().manual_seed(3)
+        t = torch.randn(total, 2, cfg.head_dim, generator=g)
+        mine = torch.from_numpy(context_parallel_index(cu, 2, torch.distributed.get_rank()))
+        freqs, _ = state.module.rotary_pos_emb(max(docs))
+        rotated = apply_rotary_pos_emb(
+            t[mine],
+            freqs,
+            config=state.module.config,
+            cu_seqlens=torch.from_numpy(cu).int(),
+            mscale=_yarn_get_concentration_factor_from_config(state.module.config),
+            cp_group=cp,
+        )
+        result.update(thd_input=t, thd_index=mine, thd_rotated=rotated)
+        parts = [None, None]
+        torch.distributed.all_gather_object(parts, (mine, rotated))
+        if rank0:
+            result["thd_parts"] = parts
+            torch.save(result, out)
+    finally:
+        destroy_distributed()

@@ -13,6 +13,7 @@ python tools/make_tiny_model.py --out /tmp/tiny-moe --moe [--experts 8 --experts
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, list):
             p.add_argument(flag, type=int, nargs="*", default=default)
+        elif default is None:  # a mapping (rope_scaling), given as JSON
+            p.add_argument(flag, type=json.loads, default=None, help='JSON, e.g. \'{"rope_type": "yarn"}\'')
         else:
             p.add_argument(flag, type=type(default), default=default)
     a = p.parse_args(argv)

@@ -10,6 +10,14 @@ gradient itself and logs it in its tracker), the all-to-all token dispatcher (on
 ``compat``, on gloo), and TE's grouped GEMM experts when TE is in use, sequential experts
 otherwise. Dense layers among sparse ones (``mlp_only_layers``, ``decoder_sparse_step``) follow
 the HF rule through Megatron's ``moe_layer_freq`` pattern.
+
+Positions: plain RoPE, or YaRN when the config asks for it (``Qwen3Config.rope_scaling``), with
+Megatron-Core 0.16's own ``YarnRotaryEmbedding`` (``position_embedding_type="yarn"``). Its
+angles and its cos / sin scale are those of transformers' Qwen3 bit for bit once our resolved
+values are passed (tests/unit/test_yarn.py compares the tables, then logits at TP=2, packed and
+past the original context), so we use it rather than our own. The attention applies the scale
+(``mscale``) only in Megatron's unfused RoPE: TE's fused THD kernel would drop it, so RoPE
+fusion is off under YaRN.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_klear.errors import ConfigError
-from megatron_klear.models.config import DTYPES, Qwen3Config, padded_vocab_size, validate_parallel
+from megatron_klear.models.config import DTYPES, Qwen3Config, YarnScaling, padded_vocab_size, validate_parallel
 
 FP8_RECIPES = ("hybrid", "e4m3")
 RECOMPUTE = ("full", "selective")
@@ -135,7 +143,7 @@ def transformer_config(
     dtype = DTYPES[opts.params_dtype or cfg.dtype]
     recompute = recompute_options(opts, cfg.num_hidden_layers // pp)
     on_gpu = torch.cuda.is_available()
-    return TransformerConfig(
+    tcfg = TransformerConfig(
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.intermediate_size,
@@ -153,7 +161,7 @@ def transformer_config(
         attention_dropout=0.0,
         bias_activation_fusion=use_te,
         masked_softmax_fusion=False,
-        apply_rope_fusion=use_te,  # TE's fused RoPE kernels (sbhd and thd)
+        apply_rope_fusion=use_te and cfg.rope_scaling is None,  # TE's fused RoPE (sbhd, thd) has no YaRN scale
         gradient_accumulation_fusion=ddp and on_gpu and have_grad_accum_fusion(),
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
@@ -170,6 +178,9 @@ def transformer_config(
         **recompute,
         **moe_options(cfg, opts, ep, etp),
     )
+    if cfg.rope_scaling is not None:
+        set_yarn_fields(tcfg, cfg.rope_scaling)
+    return tcfg
 
 
 def moe_options(cfg: Qwen3Config, opts: ModelOptions, ep: int, etp: int) -> dict:
@@ -197,6 +208,24 @@ def moe_options(cfg: Qwen3Config, opts: ModelOptions, ep: int, etp: int) -> dict
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
     )
+
+
+def set_yarn_fields(tcfg, scaling: YarnScaling) -> None:
+    """Give a ``TransformerConfig`` the ``yarn_*`` fields Megatron's YaRN embedding and attention
+    read (they are declared only on ``MLATransformerConfig``).
+
+    Megatron scales cos / sin by ``mscale(f, yarn_mscale) / mscale(f, yarn_mscale_all_dim)``;
+    transformers by ``mscale(f, mscale) / mscale(f, mscale_all_dim)`` when both are non-zero, else
+    by ``mscale(f)``, which (1.0, 0.0) gives Megatron exactly.
+    """
+    both = bool(scaling.mscale and scaling.mscale_all_dim)
+    tcfg.yarn_rotary_scaling_factor = scaling.factor
+    tcfg.yarn_original_max_position_embeddings = scaling.original_max_position_embeddings
+    tcfg.yarn_beta_fast = scaling.beta_fast
+    tcfg.yarn_beta_slow = scaling.beta_slow
+    tcfg.yarn_mscale = scaling.mscale if both else 1.0
+    tcfg.yarn_mscale_all_dim = scaling.mscale_all_dim if both else 0.0
+    tcfg.yarn_correction_range_round_to_int = scaling.truncate
 
 
 def recompute_options(opts: ModelOptions, layers_per_stage: int) -> dict:
@@ -274,7 +303,7 @@ def build_model(
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="rope" if cfg.rope_scaling is None else "yarn",
         rotary_base=int(cfg.rope_theta),
     )
     if torch.cuda.is_available():

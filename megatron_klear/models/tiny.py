@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -38,6 +39,9 @@ class TinyModelArgs:
     # MoE: router weights' std x sqrt(hidden). Large: router logits of order this, so the
     # top-k of a token is decided by wide margins (no near-ties between implementations).
     router_scale: float = 4.0
+    # RoPE scaling as in an HF config's rope_parameters, e.g. {rope_type: yarn, factor: 4.0,
+    # original_max_position_embeddings: 16}; None: plain RoPE
+    rope_scaling: Optional[dict] = None
 
 
 def qwen3_hf_config(a: TinyModelArgs, tok=None):
@@ -62,7 +66,7 @@ def qwen3_hf_config(a: TinyModelArgs, tok=None):
         max_position_embeddings=a.max_positions,
         tie_word_embeddings=a.tie_embeddings,
         rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
+        rope_parameters={"rope_type": "default", **(a.rope_scaling or {}), "rope_theta": 1_000_000.0},
         dtype=a.dtype,
         **ids,
     )

@@ -31,6 +31,7 @@ from megatron_klear.errors import ConfigError, EngineError, SandboxError, StaleE
 from megatron_klear.inference.base import InferenceEngine
 from megatron_klear.inference.hf import HFEngine
 from megatron_klear.inference.sglang import SGLangEngine
+from megatron_klear.inference.sglang_servers import check_training_positions
 from megatron_klear.models.config import Qwen3Config, validate_training_layout
 from megatron_klear.rewards.code import CodeRewardConfig, check_sandbox
 from megatron_klear.rl.batch import PAD_TO, layout_metrics, minibatches
@@ -98,6 +99,8 @@ def check_model_fits(cfg: RLConfig, hf_cfg: Qwen3Config) -> None:
             f"rollout.max_prompt_len + rollout.max_response_len = {r.max_prompt_len + r.max_response_len} exceeds "
             f"the model's max_position_embeddings={hf_cfg.max_position_embeddings}"
         )
+    if cfg.rollout.engine == "sglang":
+        check_training_positions(cfg.rollout.sglang, hf_cfg, r.max_prompt_len + r.max_response_len)
 
 
 def check_moe_aux_loss(cfg: RLConfig, hf_cfg: Qwen3Config) -> None:

@@ -65,7 +65,7 @@ def test_moe_config_fields_and_sparse_layers():
     "overrides,key",
     [
         (dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size"),
-        (dict(use_sliding_window=True), "use_sliding_window"),
+        (dict(use_sliding_window=True, sliding_window=64, max_window_layers=0), "use_sliding_window"),
         (dict(num_experts_per_tok=9), "num_experts_per_tok"),
         (dict(num_experts_per_tok=1), "num_experts_per_tok"),  # with norm_topk_prob
         (dict(num_experts=0), "num_experts"),
