@@ -83,6 +83,10 @@ def pytest_configure(config) -> None:
         "markers", "real_sglang: drives a real SGLang server and sglang-router (installed by tools/test.sh)"
     )
     config.addinivalue_line("markers", "gpu: needs CUDA, skipped without it (tests/gpu, run by tools/gpu_check.sh)")
+    config.addinivalue_line(
+        "markers",
+        "multinode: Slurm jobs on a cluster of network-namespaced nodes (tools/local_slurm.sh start --nodes 2)",
+    )
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -627,3 +627,58 @@ def yarn_worker(hf_dir: str, plain_dir: str, ckpt: str, ids_path: str, docs: lis
             torch.save(result, out)
     finally:
         destroy_distributed()
+
+
+def collective_failure_worker(out: str) -> None:
+    """Rank 0 records the real gloo errors of two failed all-reduces: rank 1 silent past the
+    2 s timeout, then rank 1 gone (its process exited) in the middle of one."""
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+    dist.barrier()
+    if dist.get_rank() == 1:
+        time.sleep(4)  # rank 0 times out waiting for us
+    errors = {}
+    if dist.get_rank() == 0:
+        try:
+            dist.all_reduce(torch.ones(4))
+        except RuntimeError as e:
+            errors["silent"] = str(e)
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=30))  # a fresh pair
+    dist.barrier(group=group)
+    if dist.get_rank() == 1:
+        os._exit(0)  # gone: no goodbye to rank 0's pending all-reduce
+    try:
+        dist.all_reduce(torch.ones(4), group=group)
+    except RuntimeError as e:
+        errors["gone"] = str(e)
+    Path(out).write_text(json.dumps(errors))
+    os._exit(0)  # the default group's store would wait for rank 1 at destroy
+
+
+def tp_attributes_worker(hf_dir: str, out: str) -> None:
+    """Every parameter's tensor-parallel attributes, built with Megatron's random
+    initialisation and without it (the weights loaded next): saved from each rank."""
+    import os
+
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.config import load_hf_config
+    from megatron_klear.models.qwen3 import build_model
+
+    init_distributed(ParallelConfig(tp=int(os.environ["WORLD_SIZE"])))
+    try:
+        cfg = load_hf_config(hf_dir)
+        seen = {}
+        for init in (True, False):
+            model = build_model(cfg, init_weights=init)
+            seen[init] = {
+                n: tuple(getattr(p, a, None) for a in ("tensor_model_parallel", "partition_dim", "partition_stride"))
+                for n, p in model.named_parameters()
+            }
+        torch.save(seen, f"{out}.{torch.distributed.get_rank()}")
+    finally:
+        destroy_distributed()

@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_klear.config import load_config
-from megatron_klear.data.sft import PackedSample
+from megatron_klear.data.sft import assemble_pack
 from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed, is_main, spawn
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import Qwen3Config, validate_training_layout
@@ -325,13 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     docs = [0] + [int(L * f) // align * align for f in (1 / 3, 1 / 2)] + [L]  # three packed documents
     lengths = np.diff(docs)
 
-    def sample():
-        ids = rng.integers(0, hf.vocab_size, L)
-        pos = np.concatenate([np.arange(n) for n in lengths])
-        labels, mask = np.roll(ids, -1), np.ones(L, np.float32)
-        ends = np.asarray(docs[1:]) - 1  # a document's last position predicts nothing (MicroBatch's contract)
-        labels[ends], mask[ends] = 0, 0.0
-        return PackedSample(ids, labels, mask, pos, np.asarray(docs, np.int32))
+    def sample():  # every token of each document trained on (labels within the document)
+        return assemble_pack([(rng.integers(0, hf.vocab_size, n), np.ones(n, np.float32)) for n in lengths], L)
 
     cp_rank = ps.get_context_parallel_rank()
     micro = [micro_batch([sample()], use_te, a.cp, cp_rank) for _ in range(a.micro_batches)]

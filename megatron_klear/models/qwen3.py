@@ -306,6 +306,41 @@ def build_model(
         position_embedding_type="rope" if cfg.rope_scaling is None else "yarn",
         rotary_base=int(cfg.rope_theta),
     )
+    if not init_weights:
+        mark_tensor_parallel_weights(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give every weight of Megatron's tensor-parallel layers the attributes that say how it is
+    split (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``).
+
+    Megatron-Core 0.16 sets them only inside the random initialisation of
+    ``ColumnParallelLinear``, ``RowParallelLinear`` and ``VocabParallelEmbedding``
+    (``perform_initialization``). Built without it (``init_weights=False``: the weights are
+    loaded next), a split weight looks replicated across the TP ranks: the gradient norm, and
+    so the clipping, then counts only TP rank 0's part of it, and a run resumed from a
+    checkpoint (built with the random initialisation, then loaded) clips differently from the
+    run it resumes. Layers that set the attributes themselves are left alone."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+    from megatron.core.transformer.mlp import MLP
+
+    # A gated MLP's fc1 holds [gate, up] interleaved per TP rank: Megatron builds it with stride 2.
+    gated = {id(m.linear_fc1) for m in model.modules() if isinstance(m, MLP) and m.config.gated_linear_unit}
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 2 if id(module) in gated else 1)
