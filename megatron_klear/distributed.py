@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-from megatron_klear.compat import install_cpu_compat
+from megatron_klear.compat import install_cpu_compat, install_megatron_compat
 from megatron_klear.errors import ConfigError, KlearError, LaunchError
 
 
@@ -40,6 +40,12 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel size
     sequence_parallel: bool = False  # Transformer Engine only; needs tp > 1
     context_parallel: int = 1  # Transformer Engine only; splits every packed sequence over cp ranks
+    # MoE models: experts split over this many ranks (within the data-parallel x tp x cp ranks
+    # of a pipeline stage; the world size must be a multiple of etp x ep x pp)
+    expert_parallel: int = 1
+    # MoE models: each expert's weights split over this many ranks (1: whole experts, the usual
+    # choice for fine-grained experts such as Qwen3-30B-A3B's)
+    expert_tensor_parallel: int = 1
     # How long a collective may wait for a peer before the job fails. It must cover the longest
     # time one rank works alone while the others wait (a checkpoint save, rank 0's HF export;
     # in RL, rank 0's evaluation: see RLParallelConfig).
@@ -50,7 +56,7 @@ class ParallelConfig:
     socket_ifname: str = ""
 
     def validate(self, where: str = "parallel") -> None:
-        for name in ("tp", "pp", "context_parallel", "timeout_minutes"):
+        for name in ("tp", "pp", "context_parallel", "expert_parallel", "expert_tensor_parallel", "timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
         if self.sequence_parallel and self.tp == 1:
@@ -66,6 +72,13 @@ class ParallelConfig:
             raise ConfigError(
                 f"world size {world_size} is not divisible by tp x pp x cp = "
                 f"{self.tp} x {self.pp} x {self.context_parallel} = {mp}"
+            )
+        expert = self.expert_tensor_parallel * self.expert_parallel * self.pp
+        if world_size % expert != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.expert_tensor_parallel x "
+                f"parallel.expert_parallel x parallel.pp = {self.expert_tensor_parallel} x {self.expert_parallel} x "
+                f"{self.pp} = {expert}"
             )
         return world_size // mp
 
@@ -118,6 +131,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234) -> DistEnv:
     """
     env = DistEnv.from_environ()
     parallel.data_parallel_size(env.world_size)
+    install_megatron_compat()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "nccl"
@@ -142,6 +156,8 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234) -> DistEnv:
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             context_parallel_size=parallel.context_parallel,
+            expert_model_parallel_size=parallel.expert_parallel,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel,
             distributed_timeout_minutes=parallel.timeout_minutes,
         )
     torch.manual_seed(seed)

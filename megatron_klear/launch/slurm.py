@@ -190,6 +190,10 @@ def check_world(cfg, world: int, where: str) -> None:
             f"(x context_parallel) = {model_parallel}: change the node count, KLEAR_PROCS_PER_NODE or the "
             "parallel sizes"
         )
+    try:  # the expert layout too (world a multiple of expert TP x EP x PP)
+        par.data_parallel_size(world)
+    except ConfigError as e:
+        raise LaunchError(f"{where} give {world} trainer processes: {e}") from None
     dp = world // model_parallel
     if hasattr(cfg, "batch_layout"):
         try:

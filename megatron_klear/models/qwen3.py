@@ -1,7 +1,15 @@
-"""Qwen3 dense models as Megatron-Core ``GPTModel`` built from an HF ``config.json``.
+"""Qwen3 models (dense and MoE) as Megatron-Core ``GPTModel`` built from an HF ``config.json``.
 
 Layer spec: Transformer Engine when importable (fused norms, FP8), otherwise Megatron-Core's
 torch-native local spec, which is what runs on CPU and on GPUs without TE.
+
+Qwen3-MoE uses Megatron-Core's MoE layer: a softmax top-k router (``norm_topk_prob`` is a
+softmax over the top-k logits, as in transformers; without it, the top-k of a softmax over all
+experts), the load-balancing auxiliary loss (``model.moe_aux_loss_coef``; Megatron adds its
+gradient itself and logs it in its tracker), the all-to-all token dispatcher (on GPUs and, with
+``compat``, on gloo), and TE's grouped GEMM experts when TE is in use, sequential experts
+otherwise. Dense layers among sparse ones (``mlp_only_layers``, ``decoder_sparse_step``) follow
+the HF rule through Megatron's ``moe_layer_freq`` pattern.
 
 Positions: plain RoPE, or YaRN when the config asks for it (``Qwen3Config.rope_scaling``), with
 Megatron-Core 0.16's own ``YarnRotaryEmbedding`` (``position_embedding_type="yarn"``). Its
@@ -28,6 +36,7 @@ RECOMPUTE = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # Megatron-Core 0.16's recompute_modules that exist in a dense model (the others are MoE / MLA).
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
+MOE_DISPATCHERS = ("alltoall", "allgather")
 
 
 @dataclass
@@ -47,6 +56,11 @@ class ModelOptions:
     # "selective": which parts of each layer (Megatron's default: ["core_attn"], which a fused
     # TE attention does not need; ["mlp"] frees the most at long sequence lengths).
     recompute_modules: Optional[list[str]] = None
+    # Qwen3-MoE: the router's load-balancing loss coefficient (null: the model's
+    # router_aux_loss_coef; 0: off). Logged as moe/load_balancing_loss.
+    moe_aux_loss_coef: Optional[float] = None
+    moe_token_dispatcher: str = "alltoall"  # Qwen3-MoE: "alltoall" (GPUs and CPU) or "allgather"
+    moe_grouped_gemm: Optional[bool] = None  # Qwen3-MoE: TE's grouped GEMM experts (default: with TE)
 
     def validate(self, where: str = "model") -> None:
         if self.params_dtype is not None and self.params_dtype not in DTYPES:
@@ -74,6 +88,12 @@ class ModelOptions:
                 )
             if self.fp8 and "layernorm" in self.recompute_modules:  # Megatron: not with delayed scaling
                 raise ConfigError(f"{where}.recompute_modules 'layernorm' does not work with {where}.fp8")
+        if self.moe_aux_loss_coef is not None and not self.moe_aux_loss_coef >= 0:
+            raise ConfigError(f"{where}.moe_aux_loss_coef must be >= 0 (or null), got {self.moe_aux_loss_coef}")
+        if self.moe_token_dispatcher not in MOE_DISPATCHERS:
+            raise ConfigError(
+                f"{where}.moe_token_dispatcher must be one of {MOE_DISPATCHERS}, got {self.moe_token_dispatcher!r}"
+            )
 
 
 def have_transformer_engine() -> bool:
@@ -100,6 +120,8 @@ def transformer_config(
     sequence_parallel: bool = False,
     init_weights: bool = True,
     ddp: bool = False,
+    ep: int = 1,
+    etp: int = 1,
 ):
     """Megatron ``TransformerConfig`` for a Qwen3 model at the given parallel sizes.
 
@@ -109,7 +131,7 @@ def transformer_config(
     """
     from megatron.core.transformer import TransformerConfig
 
-    validate_parallel(cfg, tp, pp)
+    validate_parallel(cfg, tp, pp, ep, etp)
     ModelOptions.validate(opts)  # the option fields (a run's ModelConfig checked them at load too)
     use_te = uses_transformer_engine(opts)
     if opts.fp8 and not use_te:
@@ -154,10 +176,38 @@ def transformer_config(
         perform_initialization=init_weights,
         fp8=opts.fp8,
         **recompute,
+        **moe_options(cfg, opts, ep, etp),
     )
     if cfg.rope_scaling is not None:
         set_yarn_fields(tcfg, cfg.rope_scaling)
     return tcfg
+
+
+def moe_options(cfg: Qwen3Config, opts: ModelOptions, ep: int, etp: int) -> dict:
+    """Megatron ``TransformerConfig`` MoE fields for a Qwen3-MoE model (none for a dense one)."""
+    if cfg.moe is None:
+        return {}
+    moe = cfg.moe
+    grouped = uses_transformer_engine(opts) if opts.moe_grouped_gemm is None else opts.moe_grouped_gemm
+    if grouped and not uses_transformer_engine(opts):  # Megatron's other grouped GEMM is deprecated
+        raise ConfigError("model.moe_grouped_gemm=true needs Transformer Engine (TE's grouped GEMM experts)")
+    coef = moe.router_aux_loss_coef if opts.moe_aux_loss_coef is None else opts.moe_aux_loss_coef
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_ffn_hidden_size=moe.moe_intermediate_size,
+        moe_router_topk=moe.num_experts_per_tok,
+        moe_router_score_function="softmax",
+        # norm_topk_prob: softmax over the top-k logits (= renormalised top-k probabilities);
+        # otherwise the top-k of the softmax over all experts, as transformers computes them.
+        moe_router_pre_softmax=not moe.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=coef,
+        moe_token_dispatcher_type=opts.moe_token_dispatcher,
+        moe_grouped_gemm=grouped,
+        moe_layer_freq=[int(cfg.is_sparse(i)) for i in range(cfg.num_hidden_layers)],
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
 
 
 def set_yarn_fields(tcfg, scaling: YarnScaling) -> None:
@@ -205,10 +255,14 @@ def have_grad_accum_fusion() -> bool:
     return True
 
 
-def layer_spec(use_te: bool):
-    """Transformer Engine layer spec, or the torch-native local spec."""
+def layer_spec(use_te: bool, tcfg=None):
+    """Transformer Engine layer spec, or the torch-native local spec. A MoE model (``tcfg``, its
+    ``TransformerConfig``, has experts) gets this pipeline stage's block spec: MoE layers where
+    its ``moe_layer_freq`` says so, dense ones elsewhere."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    if tcfg is not None and tcfg.num_moe_experts:
+        return specs.get_gpt_decoder_block_spec(tcfg, use_transformer_engine=use_te, normalization="RMSNorm")
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
     return specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
@@ -234,13 +288,15 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
     tcfg = transformer_config(
-        cfg, tp, pp, opts, cp, sequence_parallel=sequence_parallel, init_weights=init_weights, ddp=ddp
+        cfg, tp, pp, opts, cp, sequence_parallel=sequence_parallel, init_weights=init_weights, ddp=ddp, ep=ep, etp=etp
     )
     use_te = uses_transformer_engine(opts)
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(use_te, tcfg),
         vocab_size=padded_vocab_size(cfg.vocab_size, tp),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
