@@ -156,7 +156,8 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str, ep: 
         except SyncError as e:
             failure = str(e)
         result = dict(diff=diff, failure=failure, buckets=stats.buckets, bytes=stats.bytes, probe_lengths=seen,
-                      reprobed=reprobed, noisy_calls=noisy.calls if rank0 else None, off=off)  # fmt: skip
+                      reprobed=reprobed, noisy_calls=noisy.calls if rank0 else None, off=off,
+                      memory_order=released_sync_order(hf_dir, eng.module, cfg))  # fmt: skip
         if rank0:
             result.update(
                 engine={n: p.detach().clone() for n, p in engine.params.items()},
@@ -168,6 +169,38 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str, ep: 
         torch.save(result, f"{out}.{torch.distributed.get_rank()}")
     finally:
         destroy_distributed()
+
+
+def released_sync_order(hf_dir: str, module, cfg) -> list:
+    """Collective: the RL loop's sync (``sync_into_engine``) into an engine whose memory was
+    released (rollout.release_memory), logging on every rank when the trainer's cache is freed
+    (``free_trainer_cache``, the real function, wrapped) and, on rank 0, the engine's memory
+    calls and buckets (the HF engine, logging them). On CPU there is no CUDA cache to measure:
+    the order of the calls is what can be seen of it here."""
+    from megatron_klear.inference.hf import HFEngine
+    from megatron_klear.sync import weights
+
+    log: list = []
+
+    class MemoryLog(HFEngine):
+        def resume_memory(self, tags=("weights", "kv_cache")):
+            log.append(("resume", *tags))
+            super().resume_memory(tags)
+
+        def update_bucket(self, bucket):
+            log.append("bucket")
+            super().update_bucket(bucket)
+
+    real = weights.free_trainer_cache
+    weights.free_trainer_cache = lambda: (log.append("free"), real())[1]
+    try:
+        engine = MemoryLog(hf_dir) if torch.distributed.get_rank() == 0 else None
+        if engine is not None:
+            engine.release_memory(("weights", "kv_cache", "cuda_graph"))
+        weights.sync_into_engine(engine, module, cfg, "released", bucket_bytes=30_000, released=True)
+    finally:
+        weights.free_trainer_cache = real
+    return log
 
 
 class NoisyOnce:

@@ -44,7 +44,7 @@ from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.evaluate import evaluate
 from megatron_klear.rl.rollout import BUFFER_SCHEMA, Collector, Group, PromptStream, groups_from_rows, groups_to_rows
 from megatron_klear.rl.update import update_policy
-from megatron_klear.sync.weights import probe_logprob_diff, resume_engine_memory, sync_weights
+from megatron_klear.sync.weights import probe_logprob_diff, sync_into_engine
 from megatron_klear.training.guards import maybe_crash
 from megatron_klear.training.lifecycle import RunInputs, TrainingRun
 from megatron_klear.training.run import preflight, starting_config
@@ -334,12 +334,9 @@ class RLRun(TrainingRun):
         if self.rank0:  # weights change only between batches (rollout.partial: the one in flight is cut)
             waited = self.rollouts.cut(self.cfg.data.mini_batch_prompts) if r.partial else self.rollouts.wait_idle()
         t0 = time.time()
-        if r.release_memory:
-            resume_engine_memory(self.engine, ("weights",))
         self.train_state.sync_params()  # the last update's all-gather otherwise waits for a forward
-        st = sync_weights(self.engine, self.train_state.module, self.hf_cfg, version, r.bucket_mb * 2**20)
-        if r.release_memory:  # the sync's buckets are in the trainer's cache: freed first, again
-            resume_engine_memory(self.engine, ("kv_cache", "cuda_graph"))
+        module, bucket = self.train_state.module, r.bucket_mb * 2**20
+        st = sync_into_engine(self.engine, module, self.hf_cfg, version, bucket, released=r.release_memory)
         self.engine_step = self.step
         m = {"time/sync_s": time.time() - t0, "sync/gb": st.bytes / 1e9, "sync/buckets": st.buckets}
         m["time/rollout_wait_s"] = broadcast_object(waited)  # generation the step could not hide

@@ -17,7 +17,8 @@ more with other seeds before the sync is declared failed: noise does not stop a 
 that did not arrive still do (they fail every probe by far).
 
 ``resume_engine_memory`` takes a colocated engine's memory back only after every trainer rank
-returned its cached CUDA memory to the driver, the sync's own buckets included.
+returned its cached CUDA memory to the driver, the sync's own buckets included;
+``sync_into_engine`` is the sync as the RL loop runs it, with that memory handling around it.
 """
 
 from __future__ import annotations
@@ -168,6 +169,26 @@ def _probe_once(
             count += len(got)
     diff = total / count if count else 0.0
     return broadcast_object(diff if engine is not None else None)
+
+
+def sync_into_engine(
+    engine: Optional[InferenceEngine],
+    model: torch.nn.Module,
+    cfg: Qwen3Config,
+    version: str,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    released: bool = False,
+) -> SyncStats:
+    """Collective: ``sync_weights``; for an engine whose memory was released around training
+    (``released``, rollout.release_memory) its weights come back first, and its KV cache and CUDA
+    graphs only after the sync, once every rank freed its cached CUDA memory again: the sync's
+    buckets sit in that cache, and the engine taking its KV cache back beside them risks an OOM."""
+    if released:
+        resume_engine_memory(engine, ("weights",))
+    stats = sync_weights(engine, model, cfg, version, bucket_bytes)
+    if released:
+        resume_engine_memory(engine, ("kv_cache", "cuda_graph"))
+    return stats
 
 
 def resume_engine_memory(engine: Optional[InferenceEngine], tags: tuple[str, ...]) -> None:

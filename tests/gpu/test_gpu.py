@@ -3,9 +3,8 @@
 Every test here carries the ``gpu`` marker and is skipped without CUDA (tests/conftest.py):
 the Megatron model on CUDA (torch-native spec) against HF transformers, the Triton log-prob
 kernels compiled and run against the torch reference and float64, 20 SFT steps, 3 RL steps
-with the HF engine on the GPU, the weight gather of a converted checkpoint, the colocated
-sync's CUDA IPC payloads read back by another process, and a colocated engine taking its memory
-back only after the trainer's cache was freed.
+with the HF engine on the GPU, the weight gather of a converted checkpoint, and the colocated
+sync's CUDA IPC payloads read back by another process.
 """
 
 from __future__ import annotations
@@ -169,28 +168,3 @@ def test_colocated_cuda_ipc_payloads_rebuild_in_another_process(hf_model, tmp_pa
     assert sorted(received["tensors"]) == sorted(ref)
     for n, t in ref.items():
         assert torch.equal(received["tensors"][n], t), n
-
-
-def test_engine_memory_comes_back_after_the_trainers_cache_is_freed(hf_model):
-    """A colocated sync leaves its buckets in the trainer's CUDA cache; the engine's KV cache and
-    CUDA graphs come back (``resume_engine_memory``, as ``RLRun.sync`` calls it after the sync)
-    only once that cache was returned to the driver. The engine records the trainer's reserved
-    memory when it is asked to resume: SGLang is not on the GPU machine, so an HF engine stands
-    in for the engine; what is measured is the trainer's side."""
-    from megatron_klear.inference.hf import HFEngine
-    from megatron_klear.sync.weights import resume_engine_memory
-
-    class Recording(HFEngine):
-        seen: list = []
-
-        def resume_memory(self, tags=("weights", "kv_cache")):
-            self.seen.append((tuple(tags), torch.cuda.memory_reserved()))
-            super().resume_memory(tags)
-
-    engine = Recording(str(hf_model), device="cuda")
-    buckets = [torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda") for _ in range(4)]  # a sync's
-    del buckets  # freed into the caching allocator, still reserved
-    cached = torch.cuda.memory_reserved()
-    resume_engine_memory(engine, ("kv_cache", "cuda_graph"))
-    [(tags, reserved)] = engine.seen
-    assert tags == ("kv_cache", "cuda_graph") and reserved <= cached - 256 * 2**20
