@@ -18,7 +18,8 @@ Reported per arm (medians over the steps after ``--warmup``): step time, generat
 reward wait), train (old log-probs + update), sync, the time the trainer waited for rollouts,
 generated tokens/s and the policy lag. The speed-up is the serial arm's step time over the
 overlapped one's; its physical limit is (generate + train) / max(generate, train) of the serial
-arm; also reported: the speed-up as a share of that limit, and the machine's load (load average,
+arm; also reported: the speed-up as a share of that limit (over the means of the arms, and
+for each repeat, whose two arms ran back to back), and the machine's load (load average,
 and how busy each pinned core was, from /proc/stat) while each arm ran. Prints a table and
 writes JSON.
 """
@@ -195,9 +196,9 @@ def report(a, shape: TinyModelArgs, arms: list[dict]) -> dict:
     by = {k: [arm["summary"] for arm in arms if arm["overlap"] == k] for k in (0, 1)}
     mean = {k: {f: statistics.mean(s[f] for s in v) for f in v[0] if f not in ("overlap", "loss_pg", "policy_lag")}
             for k, v in by.items()}  # fmt: skip
-    gen, train = mean[0]["generate_s"], mean[0]["train_s"]
-    limit = (gen + train) / max(gen, train)
-    speedup = mean[0]["step_s"] / mean[1]["step_s"]
+    speedup, limit = speedup_and_limit(mean[0], mean[1])
+    # per repeat: the serial and overlapped arm of one repeat ran back to back, under similar load
+    pairs = [speedup_and_limit(s0, s1) for s0, s1 in zip(by[0], by[1])]
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"], capture_output=True, text=True).stdout
     cols = ("step_s", "generate_s", "train_s", "sync_s", "rollout_wait_s", "tokens_per_s")
     print(f"{'overlap':>8}{'repeat':>8}" + "".join(f"{c:>16}" for c in cols) + f"{'policy lag':>12}{'loadavg':>12}")
@@ -205,7 +206,9 @@ def report(a, shape: TinyModelArgs, arms: list[dict]) -> dict:
         s = arm["summary"]
         print(f"{s['overlap']:>8}{arm['repeat']:>8}" + "".join(f"{s[c]:>16.3f}" for c in cols)
               + f"{s['policy_lag']:>12}{arm['loadavg_before'][0]:>12.1f}")  # fmt: skip
-    print(f"speed-up {speedup:.2f}x; physical limit (generate + train) / max = {limit:.2f}x; "
+    for rep, (sp, lim) in enumerate(pairs):
+        print(f"repeat {rep}: speed-up {sp:.2f}x, limit {lim:.2f}x, share of the limit {sp / lim:.2f}")
+    print(f"means: speed-up {speedup:.2f}x; physical limit (generate + train) / max = {limit:.2f}x; "
           f"share of the limit {speedup / limit:.2f}")  # fmt: skip
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -222,7 +225,15 @@ def report(a, shape: TinyModelArgs, arms: list[dict]) -> dict:
         "speedup": speedup,
         "limit": limit,
         "share_of_limit": speedup / limit,
+        "per_repeat": [{"speedup": sp, "limit": lim, "share_of_limit": sp / lim} for sp, lim in pairs],
     }
+
+
+def speedup_and_limit(serial: dict, overlapped: dict) -> tuple[float, float]:
+    """The serial arm's step time over the overlapped one's, and its physical limit
+    (generate + train) / max(generate, train), from the serial arm's phases."""
+    gen, train = serial["generate_s"], serial["train_s"]
+    return serial["step_s"] / overlapped["step_s"], (gen + train) / max(gen, train)
 
 
 if __name__ == "__main__":
