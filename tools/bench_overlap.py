@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,10 @@ from tests.jobs import run_job  # noqa: E402
 from tests.sglang_real import cpu_engine_config  # noqa: E402
 
 CONFIG = ROOT / "examples" / "tiny" / "rl_math.yaml"
+# the metrics of each step kept in the JSON
+STEP_KEYS = ("step", "time/step_s", "time/generate_s", "time/reward_wait_s", "time/old_logprobs_s", "time/train_s",
+             "time/sync_s", "time/rollout_wait_s", "rollout/policy_lag", "rollout/samples", "response/length_mean",
+             "loss/pg")  # fmt: skip
 
 
 def core_busy() -> dict[int, tuple[int, int]]:
@@ -128,7 +133,8 @@ def run_arm(a, overlap: int, model: Path, work: Path) -> dict:
     load1, busy1 = loadavg(), core_busy()
     if r.returncode != 0:
         raise SystemExit(f"overlap={overlap} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [{k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in STEP_KEYS if k in r} for r in logged]
     cores = {int(c) for c in (a.trainer_cpus + "," + a.engine_cpus).split(",")}
     busy = {c: (busy1[c][0] - busy0[c][0]) / max(busy1[c][1] - busy0[c][1], 1) for c in sorted(cores)}
     return {"overlap": overlap, "steps": rows, "wall_s": time.time() - t0, "loadavg_before": load0,
@@ -184,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                 s, load = arm["summary"], arm["loadavg_before"][0]
                 print(f"repeat {rep} overlap={overlap}: step {s['step_s']:.3f} s, loadavg {load:.1f}", flush=True)
     if {arm["overlap"] for arm in arms} != {0, 1}:
-        Path(a.json).write_text(json.dumps({"arms": arms}, indent=1))
+        Path(a.json).write_text(to_json({"arms": arms}))
         return 0
     result = report(a, shape, arms)
-    Path(a.json).write_text(json.dumps(result, indent=1))
+    Path(a.json).write_text(to_json(result))
     return 0
 
 
@@ -227,6 +233,14 @@ def report(a, shape: TinyModelArgs, arms: list[dict]) -> dict:
         "share_of_limit": speedup / limit,
         "per_repeat": [{"speedup": sp, "limit": lim, "share_of_limit": sp / lim} for sp, lim in pairs],
     }
+
+
+def to_json(obj) -> str:
+    """Indented JSON with every flat object (a step's metrics, say) on one line."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(
+        r"\{\n\s+([^{}\[\]]*?)\n\s*\}", lambda m: "{" + " ".join(s.strip() for s in m.group(1).split("\n")) + "}", text
+    )
 
 
 def speedup_and_limit(serial: dict, overlapped: dict) -> tuple[float, float]:
