@@ -135,15 +135,29 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str, ep: 
         probe = ids[0, :13].tolist()  # + 4 sampled tokens: 17, not a multiple of TP=2
         seen = []
         hook = eng.module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
-        diff = probe_logprob_diff(engine, eng.module, cfg, probe, new_tokens=4)
+        diff = probe_logprob_diff(engine, eng.module, cfg, probe, new_tokens=4, max_diff=1e-3)
         hook.remove()
+        noisy = NoisyOnce(engine) if rank0 else None  # its first probe is off by 0.5 per token
+        reprobed = probe_logprob_diff(noisy, eng.module, cfg, probe, new_tokens=4, max_diff=1e-3)
+        kept = engine.params["lm_head.weight"].detach().clone() if rank0 else None
+        if rank0:  # the engine did not get the trainer's weights: every probe is off
+            engine.params["lm_head.weight"].data.mul_(3.0)
+        try:
+            probe_logprob_diff(engine, eng.module, cfg, probe, new_tokens=4, max_diff=1e-3)
+            off = None
+        except SyncError as e:
+            off = str(e)
+        if rank0:
+            engine.params["lm_head.weight"].data.copy_(kept)
         wrong = HFEngine(wrong_hf_dir) if rank0 else None
         try:
             sync_weights(wrong, eng.module, cfg, "step-3")
             failure = None
         except SyncError as e:
             failure = str(e)
-        result = dict(diff=diff, failure=failure, buckets=stats.buckets, bytes=stats.bytes, probe_lengths=seen)
+        result = dict(diff=diff, failure=failure, buckets=stats.buckets, bytes=stats.bytes, probe_lengths=seen,
+                      reprobed=reprobed, noisy_calls=noisy.calls if rank0 else None, off=off,
+                      memory_order=released_sync_order(hf_dir, eng.module, cfg))  # fmt: skip
         if rank0:
             result.update(
                 engine={n: p.detach().clone() for n, p in engine.params.items()},
@@ -155,6 +169,56 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str, ep: 
         torch.save(result, f"{out}.{torch.distributed.get_rank()}")
     finally:
         destroy_distributed()
+
+
+def released_sync_order(hf_dir: str, module, cfg) -> list:
+    """Collective: the RL loop's sync (``sync_into_engine``) into an engine whose memory was
+    released (rollout.release_memory), logging on every rank when the trainer's cache is freed
+    (``free_trainer_cache``, the real function, wrapped) and, on rank 0, the engine's memory
+    calls and buckets (the HF engine, logging them). On CPU there is no CUDA cache to measure:
+    the order of the calls is what can be seen of it here."""
+    from megatron_klear.inference.hf import HFEngine
+    from megatron_klear.sync import weights
+
+    log: list = []
+
+    class MemoryLog(HFEngine):
+        def resume_memory(self, tags=("weights", "kv_cache")):
+            log.append(("resume", *tags))
+            super().resume_memory(tags)
+
+        def update_bucket(self, bucket):
+            log.append("bucket")
+            super().update_bucket(bucket)
+
+    real = weights.free_trainer_cache
+    weights.free_trainer_cache = lambda: (log.append("free"), real())[1]
+    try:
+        engine = MemoryLog(hf_dir) if torch.distributed.get_rank() == 0 else None
+        if engine is not None:
+            engine.release_memory(("weights", "kv_cache", "cuda_graph"))
+        weights.sync_into_engine(engine, module, cfg, "released", bucket_bytes=30_000, released=True)
+    finally:
+        weights.free_trainer_cache = real
+    return log
+
+
+class NoisyOnce:
+    """An engine whose first generation reports log-probs 0.5 off per token, then the engine's
+    own: one noisy probe. A real engine's numerical noise cannot be produced on demand, so this
+    wrapper stands in for that one draw; everything else is the wrapped HF engine's."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+
+    def generate(self, prompts, params, budgets=None):
+        out = self.engine.generate(prompts, params, budgets)
+        self.calls += 1
+        if self.calls == 1:
+            for group in out:
+                for c in group:
+                    c.logprobs = [lp - 0.5 for lp in c.logprobs]
+        return out
 
 
 def rl_groups(vocab: int, seed: int = 0) -> list:

@@ -6,6 +6,17 @@ buckets. An update is a transaction: ``begin_update`` marks the engine stale, ev
 goes in with ``update_bucket``, and only a successful ``finish_update`` makes it usable again.
 A stale engine refuses to generate, so a half-applied sync can never produce rollouts. That
 the weights took effect is checked by the trainer on a probe (``sync.weights``).
+
+A sync may begin while another thread generates (``rollout.overlap``); no completion ever mixes
+two weight versions, and each names the version that produced all of its tokens
+(``Completion.weight_version``). The HF engine lets the generations in flight finish on the old
+weights before the update starts; SGLang pauses its servers for the sync (requests in flight come
+back aborted and are generated again, entirely on the new weights: ``inference.sglang``).
+
+Partial rollouts (``rollout.partial``): ``interrupt`` makes the generations in flight return at
+once with the tokens they have, finish_reason "abort" (the only time a completion is "abort"),
+until ``end_interrupt``; the RL loop continues them later from their prefix (``budgets``: each
+prompt's own token budget).
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ class Completion:
     output_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # one of FINISH_REASONS
+    weight_version: Optional[str] = None  # the engine's weights that produced every token (None: not reported)
 
     def __post_init__(self) -> None:
         if len(self.output_ids) != len(self.logprobs):
@@ -73,15 +85,27 @@ class InferenceEngine(ABC):
     aborted_samples: int = 0  # samples the engine got back aborted and generated again
 
     @abstractmethod
-    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions for each prompt, in prompt order; none is "abort"."""
+    def generate(
+        self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
+    ) -> list[list[Completion]]:
+        """``params.n`` completions for each prompt, in prompt order, of at most
+        ``budgets[i]`` tokens for prompt i (default ``params.max_new_tokens``); none is "abort"
+        unless the engine was interrupted."""
 
     def generate_stream(
-        self, prompts: Sequence[list[int]], params: SamplingParams
+        self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
     ) -> Iterator[tuple[int, list[Completion]]]:
         """``(prompt index, its n completions)`` as each group completes, every prompt
         submitted at once. Default: ``generate``, in prompt order."""
-        yield from enumerate(self.generate(prompts, params))
+        yield from enumerate(self.generate(prompts, params, budgets))
+
+    def interrupt(self) -> None:
+        """Partial rollouts: the generations in flight return now with what they have (finish
+        reason "abort"), and so does every generation until ``end_interrupt``."""
+        raise EngineError(f"{type(self).__name__} cannot interrupt its generations (rollout.partial)")
+
+    def end_interrupt(self) -> None:
+        """Generations run to their end again."""
 
     @abstractmethod
     def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:

@@ -7,15 +7,22 @@ fused experts through per-expert views, ``hf_mapping.hub_views``).
 
 Long context: ``rope_scaling`` applies YaRN over the model's config as the SGLang engine does
 (``models.config.served_config``); transformers has no context limit of its own.
+
+Thread safety (``rollout.overlap`` generates in a thread of its own): a sync waits for the
+generations in flight to finish on the old weights (each completion is tagged with that version);
+a generation asked for while a sync runs finds the engine stale and is refused. ``abort`` makes
+the generations in flight stop at their next token with an ``EngineError`` (shutting down);
+``interrupt`` makes them return what they have, finish_reason "abort" (partial rollouts).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import threading
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-from megatron_klear.errors import EngineWeightError
+from megatron_klear.errors import EngineError, EngineWeightError
 from megatron_klear.inference.base import Bucket, Completion, InferenceEngine, SamplingParams
 from megatron_klear.models.config import read_config_dict, served_config
 from megatron_klear.models.hf_mapping import hub_views
@@ -74,24 +81,81 @@ class HFEngine(InferenceEngine):
         self.stale = False
         self._seen: set[str] = set()
         self._on_device = True
+        self._busy = threading.Condition()  # guards _active, stale and the weights
+        self._active = 0  # generate / score calls in flight
+        self._aborted = False
+        self._interrupted = False
+        self.decode_steps = 0  # tokens sampled per row so far, over all calls (progress)
+
+    def _enter(self) -> str:
+        """Start a generate / score call on the current weights; returns their version."""
+        with self._busy:
+            self.check_fresh()
+            if self._aborted:
+                raise EngineError("the HF engine was aborted")
+            self._active += 1
+            return self.version
+
+    def _leave(self) -> None:
+        with self._busy:
+            self._active -= 1
+            self._busy.notify_all()
+
+    def abort(self) -> None:
+        """Make every generation in flight stop at its next token (``EngineError``)."""
+        self._aborted = True
+
+    def interrupt(self) -> None:
+        """Generations in flight return at their next token with what they have ("abort")."""
+        self._interrupted = True
+
+    def end_interrupt(self) -> None:
+        self._interrupted = False
 
     # -- generation -------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        self.check_fresh()
-        params.validate()
-        gen = torch.Generator(device="cpu")
-        if params.seed is not None:
-            gen.manual_seed(params.seed)
-        else:
-            gen.seed()
-        flat = [list(p) for p in prompts for _ in range(params.n)]
-        out: list[Completion] = []
-        for i in range(0, len(flat), self.max_batch):
-            out.extend(self._generate_batch(flat[i : i + self.max_batch], params, gen))
-        return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+    def generate(
+        self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
+    ) -> list[list[Completion]]:
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for i, group in self.generate_stream(prompts, params, budgets):
+            out[i] = group
+        return out
 
-    def _generate_batch(self, prompts: list[list[int]], p: SamplingParams, gen: torch.Generator) -> list[Completion]:
+    @torch.no_grad()
+    def generate_stream(
+        self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
+    ) -> Iterator[tuple[int, list[Completion]]]:
+        """Each prompt's group as soon as its last sample finished (samples of a batch finish
+        at different decode steps); batches of ``max_batch`` sequences, one after the other."""
+        params.validate()
+        version = self._enter()
+        try:
+            gen = torch.Generator(device="cpu")
+            if params.seed is not None:
+                gen.manual_seed(params.seed)
+            else:
+                gen.seed()
+            n = params.n
+            flat = [list(p) for p in prompts for _ in range(n)]
+            limits = [b for b in (budgets or [params.max_new_tokens] * len(prompts)) for _ in range(n)]
+            groups: dict[int, list[Optional[Completion]]] = {}
+            for start in range(0, len(flat), self.max_batch):
+                rows = slice(start, start + self.max_batch)
+                for row, c in self._decode(flat[rows], params, gen, limits[rows]):
+                    k = start + row
+                    c.weight_version = version
+                    group = groups.setdefault(k // n, [None] * n)
+                    group[k % n] = c
+                    if all(x is not None for x in group):
+                        yield k // n, groups.pop(k // n)
+        finally:
+            self._leave()
+
+    def _decode(
+        self, prompts: list[list[int]], p: SamplingParams, gen: torch.Generator, limits: list[int]
+    ) -> Iterator[tuple[int, Completion]]:
+        """One left-padded batch; row i samples at most ``limits[i]`` tokens. Yields
+        ``(row, completion)`` as each row finishes (the rows an interrupt cuts: at the end)."""
         b, width = len(prompts), max(len(x) for x in prompts)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
@@ -103,10 +167,18 @@ class HFEngine(InferenceEngine):
         stop = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
         tokens: list[list[int]] = [[] for _ in range(b)]
         logps: list[list[float]] = [[] for _ in range(b)]
-        reason = ["length"] * b
-        done = torch.zeros(b, dtype=torch.bool)
+        done = torch.tensor([n < 1 for n in limits])
+        for i in range(b):
+            if done[i]:
+                yield i, Completion([], [], "length")
+        cut = False
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        for _ in range(p.max_new_tokens):
+        for _ in range(max(limits)):
+            if self._aborted:
+                raise EngineError("the HF engine was aborted (shutting down)")
+            if self._interrupted:
+                cut = True
+                break
             logits = out.logits[:, -1].float().cpu()
             if p.temperature < 1e-6:
                 lp = logits.log_softmax(-1)
@@ -116,16 +188,18 @@ class HFEngine(InferenceEngine):
                 probs = filter_logits(lp, p.top_k, p.top_p).softmax(-1)
                 tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
             tok_lp = lp.gather(-1, tok[:, None]).squeeze(-1)
+            self.decode_steps += 1
             for i in range(b):
                 if done[i]:
                     continue
                 t = int(tok[i])
                 tokens[i].append(t)
                 logps[i].append(float(tok_lp[i]))
-                if t in stop:
-                    done[i], reason[i] = True, "stop"
+                if t in stop or len(tokens[i]) >= limits[i]:
+                    done[i] = True
+                    yield i, Completion(tokens[i], logps[i], "stop" if t in stop else "length")
             if bool(done.all()):
-                break
+                return
             nxt = torch.where(done, torch.tensor(self.pad_id), tok).to(self.device)
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=1)
             pos = pos[:, -1:] + 1
@@ -136,22 +210,30 @@ class HFEngine(InferenceEngine):
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
-        return [Completion(tokens[i], logps[i], reason[i]) for i in range(b)]
+        for i in range(b):  # cut by an interrupt, or the loop ran out (every row has its limit)
+            if not done[i]:
+                yield i, Completion(tokens[i], logps[i], "abort" if cut else "length")
 
     @torch.no_grad()
     def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:
-        self.check_fresh()
-        result = []
-        for seq in sequences:  # one at a time: no padding to get wrong
-            ids = torch.tensor([seq], device=self.device)
-            logits = self.model(input_ids=ids).logits[0, :-1].float()
-            lp = (logits / temperature).log_softmax(-1)
-            result.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().tolist())
-        return result
+        self._enter()
+        try:
+            result = []
+            for seq in sequences:  # one at a time: no padding to get wrong
+                ids = torch.tensor([seq], device=self.device)
+                logits = self.model(input_ids=ids).logits[0, :-1].float()
+                lp = (logits / temperature).log_softmax(-1)
+                result.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().tolist())
+            return result
+        finally:
+            self._leave()
 
     # -- weights ----------------------------------------------------------------------
     def begin_update(self, version: str) -> None:
-        self.stale = True
+        """Wait for the generations in flight to finish on the old weights, then go stale."""
+        with self._busy:
+            self._busy.wait_for(lambda: self._active == 0)
+            self.stale = True
         self._pending_version = version
         self._seen = set()
 
@@ -190,5 +272,8 @@ class HFEngine(InferenceEngine):
         return not self.stale
 
     def shutdown(self) -> None:
+        self.abort()
+        with self._busy:
+            self._busy.wait_for(lambda: self._active == 0)
         self.params = {}
         self.model = None

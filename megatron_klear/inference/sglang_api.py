@@ -20,14 +20,16 @@ from megatron_klear.inference.base import Bucket, Completion, SamplingParams
 # ---------------------------------------------------------------------------- requests
 
 
-def sampling_params_json(p: SamplingParams, seed: Optional[int] = None) -> dict:
+def sampling_params_json(p: SamplingParams, seed: Optional[int] = None, max_new_tokens: Optional[int] = None) -> dict:
     """SGLang ``sampling_params`` of one sample (we repeat prompts for n); ``seed`` is that
-    sample's own ``sampling_seed`` (used by SGLang's deterministic inference)."""
+    sample's own ``sampling_seed``, which SGLang 0.5.23 uses only with
+    ``--enable-deterministic-inference`` (``rollout.sglang.deterministic``); ``max_new_tokens``
+    overrides ``p``'s (a continued sample's remaining budget)."""
     body = {
         "temperature": float(p.temperature),
         "top_p": float(p.top_p),
         "top_k": int(p.top_k),
-        "max_new_tokens": int(p.max_new_tokens),
+        "max_new_tokens": int(p.max_new_tokens if max_new_tokens is None else max_new_tokens),
         "n": 1,
         "stop_token_ids": [int(t) for t in p.stop_token_ids],
         "skip_special_tokens": False,
@@ -47,14 +49,16 @@ def sample_seeds(p: SamplingParams, first_index: int, count: int) -> list[Option
     return [int(p.seed) + first_index + k for k in range(count)]
 
 
-def generate_request(ids: Sequence[int], p: SamplingParams, seed: Optional[int]) -> dict:
+def generate_request(
+    ids: Sequence[int], p: SamplingParams, seed: Optional[int], max_new_tokens: Optional[int] = None
+) -> dict:
     """POST /generate of one sample. One request per sample, not a batch: sglang-router 0.3.2
     accepts only one ``sampling_params`` object per request (a list is rejected with 422), and
     each sample needs its own seed; the radix cache shares the prompt's KV across requests
     and the cache-aware router sends a prompt's samples to the same server."""
     return {
         "input_ids": [int(t) for t in ids],
-        "sampling_params": sampling_params_json(p, seed),
+        "sampling_params": sampling_params_json(p, seed, max_new_tokens),
         "return_logprob": True,
     }
 
@@ -72,11 +76,12 @@ def score_request(sequences: Sequence[list[int]]) -> dict:
 
 
 def update_from_tensor_request(payloads: list[str], version: str) -> dict:
-    """POST /update_weights_from_tensor: one serialized flattened bucket per engine TP rank."""
+    """POST /update_weights_from_tensor: one serialized flattened bucket per engine TP rank.
+    The cache is flushed once per sync, after the last bucket (``flush_cache_request``)."""
     return {
         "serialized_named_tensors": list(payloads),
         "load_format": "flattened_bucket",
-        "flush_cache": True,
+        "flush_cache": False,
         "weight_version": version,
     }
 
@@ -108,16 +113,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 def update_from_distributed_request(bucket: Bucket, group: str, version: str) -> dict:
     """POST /update_weights_from_distributed for one bucket sent as one broadcast of its
     ``flatten_bucket`` bytes (SGLang's ``FlattenedTensorBucket.empty`` lays the receive
-    buffer out from these names, dtypes and shapes in this order)."""
+    buffer out from these names, dtypes and shapes in this order). The cache is flushed once
+    per sync, after the last bucket (``flush_cache_request``)."""
     return {
         "names": [n for n, _ in bucket],
         "dtypes": [dtype_name(t.dtype) for _, t in bucket],
         "shapes": [list(t.shape) for _, t in bucket],
         "group_name": group,
-        "flush_cache": True,
+        "flush_cache": False,
         "weight_version": version,
         "load_format": "flattened_bucket",
     }
+
+
+def flush_cache_request() -> dict:
+    """POST /flush_cache: drop the KV cache the old weights computed, once a sync has loaded
+    every bucket (while generation is paused, so that nothing is running or queued: SGLang
+    refuses to flush then, with 400)."""
+    return {}
 
 
 def memory_request(tags: Sequence[str]) -> dict:
@@ -163,10 +176,14 @@ def end_update_request() -> dict:
 # ---------------------------------------------------------------------------- responses
 
 
-def parse_generate_response(body: Any, expected: int, weight_version: Optional[str] = None) -> list[Completion]:
-    """One ``Completion`` per request entry; anything malformed raises ``EngineError``, and so
-    does a sample that reports weights other than ``weight_version`` (when given): a server the
-    router should no longer have used, such as one restarted with its initial weights."""
+def parse_generate_response(
+    body: Any, expected: int, weight_versions: Optional[Sequence[str]] = None
+) -> list[Completion]:
+    """One ``Completion`` per request entry, tagged with the weight version SGLang reports for
+    it; anything malformed raises ``EngineError``, and so does a sample that reports weights
+    other than ``weight_versions`` (when given: the engine's, and mid-sync the one it syncs),
+    from a server the router should no longer have used, such as one restarted with its
+    initial weights."""
     if isinstance(body, dict):
         body = [body]
     if not isinstance(body, list) or len(body) != expected:
@@ -180,11 +197,12 @@ def parse_generate_response(body: Any, expected: int, weight_version: Optional[s
         if reason not in ("stop", "length", "abort"):
             raise EngineError(f"/generate: unexpected finish_reason {fr!r}")
         served = meta.get("weight_version")
-        if weight_version is not None and served is not None and served != weight_version:
-            raise EngineError(f"/generate: sampled with weight version {served!r}, expected {weight_version!r}")
+        if weight_versions is not None and served is not None and served not in weight_versions:
+            want = " or ".join(repr(v) for v in weight_versions)
+            raise EngineError(f"/generate: sampled with weight version {served!r}, expected {want}")
         ids = [int(t) for t in item.get("output_ids", [])]
         lps = [float(e[0]) for e in meta.get("output_token_logprobs", [])]
-        out.append(Completion(ids, lps, reason))
+        out.append(Completion(ids, lps, reason, weight_version=served))
     return out
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from megatron_klear.distributed import free_port
 from megatron_klear.errors import ConfigError, EngineError
 from megatron_klear.inference import http
 from megatron_klear.inference import sglang_api as api
@@ -67,6 +68,14 @@ class SGLangConfig:
     # Slurm: nodes at the end of the allocation that run only engines (distributed mode);
     # 0: the engines share the trainer's first node.
     nodes: int = 0
+    # The router's Prometheus port. sglang-router 0.3.2 defaults to 29000 and dies when a second
+    # router on the node holds it; unset: a free port at each start.
+    router_metrics_port: Optional[int] = None
+    # --enable-deterministic-inference: SGLang 0.5.23 honours the per-sample seeds we send
+    # (sampling_seed) only with it, and runs slower (batch-invariant kernels). Without it a rerun
+    # samples differently. Needs the attention backends SGLang names for it (fa3, flashinfer,
+    # triton...); its CPU engine's torch_native backend refuses it.
+    deterministic: bool = False
     # Long context: YaRN for the served model, merged into its config's RoPE dict key by key, e.g.
     # {rope_type: yarn, factor: 2.5, original_max_position_embeddings: 32768} (the paper's 64K
     # evaluation). In RL it must be the model's own (the trainer applies the model's config.json).
@@ -88,6 +97,11 @@ class SGLangConfig:
             raise ConfigError(f"{where}.nodes must be >= 0, got {self.nodes}")
         if self.python and self.launch and not Path(self.python).is_file():
             raise ConfigError(f"{where}.python={self.python!r} does not exist")
+        if self.deterministic and self.device == "cpu":
+            raise ConfigError(
+                f"{where}.deterministic=true needs a GPU attention backend: SGLang's CPU engine (torch_native) "
+                "refuses --enable-deterministic-inference"
+            )
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ConfigError(f"{where}.rope_scaling must be a dict (HF rope_parameters), got {self.rope_scaling!r}")
         if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 1):
@@ -128,6 +142,8 @@ def server_command(cfg: SGLangConfig, i: int) -> list[str]:
         ]
         if cfg.mode == "colocated":  # torch_memory_saver: CUDA only
             cmd.append("--enable-memory-saver")
+    if cfg.deterministic:
+        cmd.append("--enable-deterministic-inference")
     return cmd + long_context_args(cfg) + list(cfg.extra_args)
 
 
@@ -180,15 +196,28 @@ def long_context_args(cfg: SGLangConfig, where: str = "rollout.sglang") -> list[
     return args
 
 
+def server_environment(cfg: SGLangConfig) -> dict[str, str]:
+    """What a server's environment adds to ``cfg.env``: on SGLang 0.5.23 ``GET /health``
+    generates a token unless SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, and a paused server
+    (memory released, or a weight sync under way) holds that request, so the router, whose
+    add-worker calls /health, could not register it. Readiness is ``/health_generate``."""
+    return {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0", **{str(k): str(v) for k, v in cfg.env.items()}}
+
+
 def router_command(cfg: SGLangConfig) -> list[str]:
-    """``sglang_router.launch_router`` without health checks and circuit breaker (flags of
-    sglang-router 0.3.2's router_args.py): we restart and re-register servers ourselves, and a
-    health probe must never generate on a server whose memory is released for training."""
+    """``sglang_router.launch_router`` (flags of sglang-router 0.3.2's router_args.py) without
+    health checks and circuit breaker: we restart and re-register servers ourselves, and a
+    health probe must never generate on a server whose memory is released for training. Without
+    retries too: the engine retries a failed request itself (``max_retries``) after restarting
+    what died, and the router's own 5 would multiply them. Its metrics go to
+    ``router_metrics_port`` (or a free port)."""
+    metrics = cfg.router_metrics_port or free_port()
     return [
         cfg.interpreter, "-m", "sglang_router.launch_router",
         "--host", cfg.host, "--port", str(cfg.router_port), "--policy", "cache_aware",
-        "--disable-health-check", "--disable-circuit-breaker",
+        "--disable-health-check", "--disable-circuit-breaker", "--disable-retries",
         "--request-timeout-secs", str(int(cfg.request_timeout_s)),
+        "--prometheus-port", str(metrics),
     ]  # fmt: skip
 
 
@@ -246,7 +275,10 @@ class Server:
     registered: bool = False
     in_group: bool = False  # a member of the current weight-update group (distributed mode)
     released: set = field(default_factory=set)  # memory tags this engine released on it
-    paused: bool = False  # /pause_generation sent, /continue_generation not yet
+    # why generation is paused on it ("memory": released for training; "sync": a weight sync
+    # runs): /pause_generation was sent when the first reason came, /continue_generation goes
+    # when the last one is gone
+    pauses: set = field(default_factory=set)
     in_update: bool = False  # /begin_weight_update sent, /end_weight_update not yet
     receiving: bool = False  # an /update_weights_from_distributed call has not returned
 
@@ -278,7 +310,7 @@ class ServerPool:
             ]
             self.router_proc = spawn_logged(router_command(cfg), self.router_log, cfg.env)
             for i, s in enumerate(self.servers):
-                s.proc = spawn_logged(server_command(cfg, i), s.log, cfg.env)
+                s.proc = spawn_logged(server_command(cfg, i), s.log, server_environment(cfg))
         else:
             self.router_url = cfg.router_url.rstrip("/")
             self.servers = [
@@ -304,6 +336,18 @@ class ServerPool:
     def post(self, s: Server, path: str, body: dict, timeout: Optional[float] = None) -> Any:
         """A weight or group request to one server (``http.post_checked``)."""
         return http.post_checked(s.url + path, body, timeout or self.cfg.request_timeout_s)
+
+    def pause(self, s: Server, reason: str) -> None:
+        """Hold new requests on ``s`` (those in flight come back aborted) for ``reason``."""
+        if not s.pauses:
+            http.call(s.url + "/pause_generation", api.pause_request(), timeout=600)
+        s.pauses.add(reason)
+
+    def unpause(self, s: Server, reason: str) -> None:
+        """Drop ``reason``; generation continues on ``s`` once no reason is left."""
+        if reason in s.pauses and len(s.pauses) == 1:
+            http.call(s.url + "/continue_generation", api.continue_request(), timeout=600)
+        s.pauses.discard(reason)
 
     def each(self, fn: Callable[[Server], None]) -> None:
         """``fn`` on every server at once; the first error is raised."""
@@ -367,9 +411,10 @@ class ServerPool:
             print(f"[sglang] server {s.url} {reason}; restarting, log {s.log}", flush=True)
             self.unregister(s)
             stop_process(s.proc, grace_s=10)
-            s.proc = spawn_logged(server_command(self.cfg, i), s.log, self.cfg.env)
+            s.proc = spawn_logged(server_command(self.cfg, i), s.log, server_environment(self.cfg))
             s.stale, s.registered, s.released = True, False, set()
-            s.in_group = s.in_update = s.receiving = s.paused = False
+            s.in_group = s.in_update = s.receiving = False
+            s.pauses = set()
         for i in why:
             self.wait(self.servers[i])
 

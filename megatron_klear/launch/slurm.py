@@ -51,7 +51,7 @@ from megatron_klear.config import load_config
 from megatron_klear.distributed import free_port
 from megatron_klear.errors import ConfigError, EngineError, LaunchError
 from megatron_klear.inference.http import wait_healthy
-from megatron_klear.inference.sglang_servers import router_command, server_command, spawn_logged
+from megatron_klear.inference.sglang_servers import router_command, server_command, server_environment, spawn_logged
 from megatron_klear.launch.network import choose_socket_ifname
 from megatron_klear.launch.node import exit_file
 
@@ -483,7 +483,7 @@ def run_engines(config: str, overrides: list[str]) -> int:
         procs["router"] = (children.start(router_command(sg), path, sg.env), path)
     for i in range(per_node):
         path = log_dir / f"server-{socket.gethostname()}-{i}.log"
-        procs[f"server {i}"] = (children.start(server_command(sg, i), path, sg.env), path)
+        procs[f"server {i}"] = (children.start(server_command(sg, i), path, server_environment(sg)), path)
     print(f"[engines] node {node}: started {', '.join(procs)}", flush=True)
     try:
         while True:

@@ -309,7 +309,7 @@ def _packed_row(samples: Sequence[Sample], length: int, first_id: int = 0) -> Pa
     for s, a in zip(samples, row.cu_seqlens[:-1].tolist()):
         p, r = len(s.prompt_ids), len(s.response_ids)
         eng[a + p - 1 : a + p + r - 1] = s.engine_logprobs  # shifted: the prediction of each response token
-        versions[a + p - 1 : a + p + r - 1] = s.weight_version
+        versions[a + p - 1 : a + p + r - 1] = s.versions()  # per token (rollout.partial: several)
         adv[a : a + p + r] = s.advantage  # per sequence
         correct[a : a + p + r] = float(s.correct)
     seq_ids = document_ids(row.cu_seqlens, length) + first_id

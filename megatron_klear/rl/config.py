@@ -101,11 +101,25 @@ class RolloutConfig:
     max_response_len: int = 32768  # generated tokens per response; longer ones are cut and counted as clipped
     bucket_mb: int = 512  # weight-sync bucket size
     check_consistency: bool = True  # engine vs trainer log-probs on a probe after every sync
-    # ... at the rollout temperature over probe_tokens sampled tokens; a larger mean |diff|
-    # fails the sync (the engine does not hold the trainer's weights)
+    # ... at the rollout temperature over probe_sequences x probe_tokens sampled tokens; a
+    # larger mean |diff|, twice in a row (one re-probe with other seeds), fails the sync (the
+    # engine does not hold the trainer's weights)
     max_logprob_diff: float = 0.1
-    probe_tokens: int = 16  # sampled tokens of the consistency probe
+    probe_tokens: int = 16  # sampled tokens per sequence of the consistency probe
+    probe_sequences: int = 4  # sequences sampled by the consistency probe
     release_memory: bool = False  # colocated SGLang: free engine memory while training
+    # How many steps rollouts may run ahead of training (0: generate, then train). With 1, the
+    # engine generates (and the reward workers score) the batch of step t + 1 on the weights it
+    # holds while step t trains; those lag the trained policy by one update, and the loss takes
+    # their ratio against the log-probs of the weights that sampled them. Needs an engine that
+    # does not share the trainer's memory: rollout.sglang.mode=distributed, or the HF engine.
+    overlap: int = 0
+    # With rollout.overlap=1: at each step boundary the batch still generating is cut (once a
+    # mini-batch of its groups completed) instead of awaited; its unfinished samples are
+    # continued from their prefix by the next batch on the synced weights, each token keeping
+    # the version that produced it (slime's partial rollout). The trainer does not wait for the
+    # longest samples; where a cut falls depends on timing, so runs are not reproducible.
+    partial: bool = False
     reward_workers: int = 4  # processes scoring responses
     dump: bool = False  # write every generated group to output_dir/rollouts/step_NNNNNN.jsonl
 
@@ -125,7 +139,32 @@ class RolloutConfig:
             raise ConfigError(f"{where}.max_logprob_diff must be > 0, got {self.max_logprob_diff}")
         if self.top_k == 0 or self.top_k < -1:
             raise ConfigError(f"{where}.top_k must be -1 (whole vocabulary) or >= 1, got {self.top_k}")
-        require_at_least(self, where, 1, "hf_max_batch", "bucket_mb", "reward_workers", "probe_tokens")
+        require_at_least(
+            self, where, 1, "hf_max_batch", "bucket_mb", "reward_workers", "probe_tokens", "probe_sequences"
+        )
+        require_at_least(self, where, 0, "overlap")
+
+
+def check_overlap(r: RolloutConfig) -> None:
+    """Rollouts can overlap training only on engines with their own memory: a colocated SGLang
+    engine shares the trainer's GPUs (CUDA IPC sync, memory released around training)."""
+    if r.partial and r.overlap != 1:
+        raise ConfigError(
+            f"rollout.partial=true cuts the batch generating ahead: it needs rollout.overlap=1, got {r.overlap}"
+        )
+    if r.overlap == 0:
+        return
+    if r.engine == "sglang" and r.sglang.mode == "colocated":
+        raise ConfigError(
+            f"rollout.overlap={r.overlap} needs engines on their own GPUs (rollout.sglang.mode=distributed): "
+            "a colocated engine (rollout.sglang.mode=colocated) shares the trainer's GPUs and cannot generate "
+            "while it trains; set rollout.overlap=0 or rollout.sglang.mode=distributed"
+        )
+    if r.release_memory:
+        raise ConfigError(
+            f"rollout.overlap={r.overlap} with rollout.release_memory=true: the engine's memory would be released "
+            "while it generates the next batch; set one of them to 0 / false"
+        )
 
 
 @dataclass
@@ -260,6 +299,7 @@ class RLConfig(RunConfig):
                 "rollout.sglang.mode=colocated needs parallel.pp=1 (each GPU sends its own copy of the "
                 "weights); use rollout.sglang.mode=distributed with pipeline parallelism"
             )
+        check_overlap(self.rollout)
         budget, r = self.data.max_tokens_per_micro_batch, self.rollout
         longest = r.max_prompt_len + r.max_response_len
         if budget is not None and budget < longest:

@@ -4,11 +4,15 @@
 
 One step, top to bottom (``RLRun.train``):
   1. collect (global rank 0): prompts -> G samples each -> rewards -> group advantages ->
-     zero-advantage filtering / dynamic sampling; the batch is broadcast to every rank;
+     zero-advantage filtering / dynamic sampling; the batch is broadcast to every rank. With
+     ``rollout.overlap = K`` the batches of the next K steps are then generated (in a thread of
+     rank 0, ``rl.ahead``) on the engine's current weights while this step trains;
   2. update: the trainer recomputes old log-probs, then one optimizer step per mini-batch of
-     GPPO (token-mean, global normaliser) + alpha x NLL on correct responses;
-  3. sync the weights into the inference engine and check engine vs trainer log-probs on a probe;
-  4. log, evaluate, checkpoint.
+     GPPO (token-mean, global normaliser) + alpha x NLL on correct responses; tokens sampled by
+     older weights take their ratio against the engine's log-probs of those weights (``rl.loss``);
+  3. sync the weights into the inference engine (once no rollout is in flight) and check engine
+     vs trainer log-probs on a probe;
+  4. log, evaluate, checkpoint (with the batches generated ahead, so a resume is exact).
 ``RLRun`` is the run's lifecycle (``training.lifecycle``: checks, process groups, lock, resume,
 logs, export) with what RL sets up once (prompts, inference engine, collector) and names each of
 these phases. Running an SFT stage first when the model is missing (``bootstrap``) is the
@@ -34,12 +38,13 @@ from megatron_klear.inference.sglang import SGLangEngine
 from megatron_klear.inference.sglang_servers import check_training_positions
 from megatron_klear.models.config import Qwen3Config, validate_training_layout
 from megatron_klear.rewards.code import CodeRewardConfig, check_sandbox
+from megatron_klear.rl.ahead import RolloutBatch, RolloutQueue
 from megatron_klear.rl.batch import PAD_TO, layout_metrics, minibatches
 from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.evaluate import evaluate
 from megatron_klear.rl.rollout import BUFFER_SCHEMA, Collector, Group, PromptStream, groups_from_rows, groups_to_rows
 from megatron_klear.rl.update import update_policy
-from megatron_klear.sync.weights import free_trainer_cache, probe_logprob_diff, sync_weights
+from megatron_klear.sync.weights import probe_logprob_diff, sync_into_engine
 from megatron_klear.training.guards import maybe_crash
 from megatron_klear.training.lifecycle import RunInputs, TrainingRun
 from megatron_klear.training.run import preflight, starting_config
@@ -127,6 +132,8 @@ class RLRun(TrainingRun):
         self.cfg: RLConfig = cfg
         self.engine: Optional[InferenceEngine] = None
         self.collector: Optional[Collector] = None
+        self.rollouts: Optional[RolloutQueue] = None  # rank 0: the batches being / already generated
+        self.engine_step = -1  # steps trained into the engine's weights (-1: not synced yet)
         self.last_eval: tuple[int, dict] = (-1, {})
 
     # -- the lifecycle's hooks -------------------------------------------------------------
@@ -155,20 +162,43 @@ class RLRun(TrainingRun):
         return self.cfg.train_steps  # the LR schedule counts RL steps (rl.update)
 
     def started(self) -> None:
-        """Rank 0: the announcement, the inference engine and the collector; every rank: the probe."""
+        """Rank 0: the announcement, the inference engine, the collector and its queue (with the
+        batches a checkpoint held ahead of training); every rank: the probe."""
         cfg, r = self.cfg, self.cfg.rollout
         if self.rank0:
             self._announce()
             self.engine = build_inference_engine(cfg)
             stream = PromptStream(self.train_prompts, self.tokenizer, cfg.data.seed, r.max_prompt_len)
             self.collector = Collector(self.engine, self.tokenizer, stream, cfg)
+            self.rollouts = RolloutQueue(self.collector, self.out / "rollouts" if r.dump else None)
+            self._restore_rollouts()
         probe_prompt = (self.eval_prompts or self.train_prompts)[0]
         self.probe = render_prompt(self.tokenizer, probe_prompt.messages)[: min(128, r.max_prompt_len)]
 
+    def _restore_rollouts(self) -> None:
+        """Rank 0: the queue continues where the checkpoint's batches (trained and ahead) ended."""
+        st = self.state
+        buffer = groups_from_rows(st.buffer, st.buffer_schema, self.step)
+        ahead = [RolloutBatch.from_row(row) for row in st.ahead]
+        pos = (st.position.epoch, st.position.index)
+        dropped = self.rollouts.restore(self.step, pos, buffer, ahead, self.cfg.rollout.overlap)
+        if dropped:
+            print(f"resume: {len(dropped)} batch(es) generated ahead would lag the policy by more than "
+                  f"rollout.overlap={self.cfg.rollout.overlap} updates; generating them again", flush=True)  # fmt: skip
+
     def closing(self) -> None:
-        """Stop the engine's servers, however the run ended."""
-        if self.engine is not None:
-            self.engine.shutdown()
+        """Stop the rollouts and the engine's servers, however the run ended."""
+        stop = self.engine.shutdown if self.engine is not None else None
+        if self.rollouts is not None:
+            self.rollouts.close(before=stop)  # the engine stops first: nothing waits on a generation
+        elif stop is not None:
+            stop()
+
+    def save(self) -> None:
+        """A checkpoint; on rank 0 its run state holds the batches generated ahead of training."""
+        if self.rank0:
+            self.state.ahead = self.rollouts.rows()
+        super().save()
 
     def export_sampling(self) -> dict:
         return {"temperature": self.cfg.eval.temperature, "top_p": self.cfg.eval.top_p}
@@ -181,6 +211,7 @@ class RLRun(TrainingRun):
         while self.step < self.cfg.train_steps:
             t0 = time.time()
             groups, metrics = self.collect()  # rank 0 generates, scores, filters; every rank gets the batch
+            self.generate_ahead()  # rollout.overlap: the next batches generate while this step trains
             maybe_crash("rollout", self.step + 1)
             self.release_engine_memory()
             metrics.update(self.update(groups, metrics))  # old log-probs, one optimizer step per mini-batch
@@ -220,20 +251,18 @@ class RLRun(TrainingRun):
             self.logger.log(0, first)
 
     def collect(self) -> tuple[list[Group], dict]:
-        """Rollouts for the next step on rank 0, shared with all; a stale engine gets one full
-        sync and a retry. The prompt position and the buffer it reaches wait in ``pending``
-        until the step is trained (``advance``)."""
+        """Rollouts for the next step on rank 0 (generated ahead, or now), shared with all; a
+        stale engine gets one full sync and a retry. The prompt position and the buffer it
+        reaches wait in ``pending`` until the step is trained (``advance``)."""
         step = self.step + 1
         for attempt in range(2):
             res: Any = None
             if self.rank0:
                 try:
-                    st = self.state
-                    pos = (st.position.epoch, st.position.index)
-                    dump = self.out / "rollouts" / f"step_{step:06d}.jsonl" if self.cfg.rollout.dump else None
-                    buffer = groups_from_rows(st.buffer, st.buffer_schema, self.step)
-                    res = ("ok", self.collector.collect(step, pos, buffer, dump))
+                    b = self.rollouts.take(step, self.engine_step)
+                    res = ("ok", (b.groups, b.metrics, b.position, b.rest))
                 except StaleEngineError as e:
+                    self.rollouts.restart_from(step)  # generated again after the resync
                     res = ("stale", str(e))
                 except EngineError as e:
                     res = ("error", str(e))
@@ -251,6 +280,16 @@ class RLRun(TrainingRun):
                 continue
             raise EngineError(f"rollout engine failed at step {step}: {res[1]} (last checkpoint is intact)")
         raise AssertionError("unreachable")
+
+    def generate_ahead(self) -> None:
+        """Rank 0: start the batches of the steps up to ``rollout.overlap`` after this one on the
+        engine's current weights; they lag the policy that trains on them by at most that many
+        updates (``rollout/policy_lag``)."""
+        if not self.rank0:
+            return
+        last = min(self.step + 1 + self.cfg.rollout.overlap, self.cfg.train_steps)
+        for step in range(self.rollouts.submitted() + 1, last + 1):
+            self.rollouts.submit(step, self.engine_step)
 
     def release_engine_memory(self) -> None:
         """Rank 0: colocated engines free their GPU memory while the trainer trains."""
@@ -290,20 +329,21 @@ class RLRun(TrainingRun):
         """Collective: push the trainer's weights into the engine (taking back only the memory
         it released, after every rank freed its cached CUDA memory) and check them on the
         probe; a failed check raises ``SyncError`` and stops the run (the checkpoint is intact)."""
-        r, t0 = self.cfg.rollout, time.time()
-        if r.release_memory:
-            free_trainer_cache()
-            if self.rank0:
-                self.engine.resume_memory(("weights",))
+        r = self.cfg.rollout
+        waited = 0.0
+        if self.rank0:  # weights change only between batches (rollout.partial: the one in flight is cut)
+            waited = self.rollouts.cut(self.cfg.data.mini_batch_prompts) if r.partial else self.rollouts.wait_idle()
+        t0 = time.time()
         self.train_state.sync_params()  # the last update's all-gather otherwise waits for a forward
-        st = sync_weights(self.engine, self.train_state.module, self.hf_cfg, version, r.bucket_mb * 2**20)
-        if self.rank0 and r.release_memory:
-            self.engine.resume_memory(("kv_cache", "cuda_graph"))
+        module, bucket = self.train_state.module, r.bucket_mb * 2**20
+        st = sync_into_engine(self.engine, module, self.hf_cfg, version, bucket, released=r.release_memory)
+        self.engine_step = self.step
         m = {"time/sync_s": time.time() - t0, "sync/gb": st.bytes / 1e9, "sync/buckets": st.buckets}
+        m["time/rollout_wait_s"] = broadcast_object(waited)  # generation the step could not hide
         if r.check_consistency:
             m["rollout/logprob_diff"] = probe_logprob_diff(
                 self.engine, self.train_state.module, self.hf_cfg, self.probe,
-                r.temperature, r.probe_tokens, self.cfg.seed, r.max_logprob_diff,
+                r.temperature, r.probe_tokens, self.cfg.seed, r.max_logprob_diff, r.probe_sequences,
             )  # fmt: skip
         return m
 

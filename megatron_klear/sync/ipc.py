@@ -26,6 +26,8 @@ from types import SimpleNamespace
 
 import torch
 
+from megatron_klear import debug
+from megatron_klear.errors import ArgumentError
 from megatron_klear.inference import sglang_api as api
 from megatron_klear.inference.base import Bucket
 from megatron_klear.inference.sglang_servers import Server, ServerPool
@@ -45,21 +47,53 @@ def serialize_payload(flat: torch.Tensor, meta: list[SimpleNamespace]) -> str:
     ``{"flattened_tensor": flat, "metadata": meta}``: base64 of a ForkingPickler dump, in which
     a CUDA tensor travels as an IPC handle (and a CPU tensor as shared memory: the process
     must use ``torch.multiprocessing.set_sharing_strategy("file_system")``, see
-    ``share_cpu_tensors``). Keep ``flat`` alive until the server has answered."""
+    ``share_cpu_tensors``). Keep ``flat`` alive until the server has answered. In debug mode
+    (``megatron_klear.debug``) the payload's globals are checked against SGLang's allow-list."""
     buf = io.BytesIO()
     ForkingPickler(buf).dump({"flattened_tensor": flat, "metadata": meta})
-    return base64.b64encode(buf.getvalue()).decode("utf-8")
+    payload = base64.b64encode(buf.getvalue()).decode("utf-8")
+    if debug.enabled():
+        check_payload(payload)
+    return payload
 
 
-# What SGLang's SafeUnpickler allows a payload to name (srt/utils/common.py, 0.5.23): torch's
-# rebuild functions and types, types.SimpleNamespace, and a few builtins / containers.
-PAYLOAD_GLOBAL_PREFIXES = ("torch.", "types.SimpleNamespace", "builtins.", "copyreg.", "collections.")
+# Every global our payloads name: the byte-flattened bucket (a uint8 tensor) with its metadata
+# (types.SimpleNamespace of torch.Size and the weights' dtypes), as a CUDA IPC handle
+# (rebuild_cuda_tensor) or, on CPU, a shared-memory file (rebuild_tensor and storage). SGLang's
+# SafeUnpickler (srt/utils/common.py, 0.5.23) allows an exact list of (module, name) pairs and
+# refuses anything else, so this is an exact list too (each name in SGLang's, tested against the
+# installed SGLang), not a prefix match: "torch." would pass torch.load, "builtins." eval.
+PAYLOAD_GLOBALS = frozenset(
+    {
+        "types.SimpleNamespace",
+        "torch.Tensor",
+        "torch.Size",
+        "torch.uint8",
+        "torch.float32",
+        "torch.bfloat16",
+        "torch.float16",
+        "torch.storage.UntypedStorage",
+        "torch.storage.TypedStorage",
+        "torch.multiprocessing.reductions.rebuild_cuda_tensor",
+        "torch.multiprocessing.reductions.rebuild_tensor",
+        "torch.multiprocessing.reductions.rebuild_typed_storage",
+        "torch.multiprocessing.reductions.rebuild_storage_filename",
+    }
+)
+
+
+def check_payload(payload: str) -> None:
+    """``ArgumentError`` naming every global of ``payload`` outside ``PAYLOAD_GLOBALS``: SGLang
+    would refuse to unpickle it (its scheduler logs the refusal and the update fails)."""
+    extra = sorted(payload_globals(payload) - PAYLOAD_GLOBALS)
+    if extra:
+        raise ArgumentError(f"a weight payload names globals SGLang's unpickler refuses: {extra}")
 
 
 def payload_globals(payload: str) -> set[str]:
     """The module-qualified globals a serialized payload refers to (checked against what
-    SGLang's unpickler allows, ``PAYLOAD_GLOBAL_PREFIXES``). Reads the pickle with inert
-    stand-ins for every global, so nothing is rebuilt or opened."""
+    SGLang's unpickler allows: ``check_payload``). Reads the pickle with inert stand-ins for
+    every global, so nothing is rebuilt or opened."""
 
     class _Inert:
         def __new__(cls, *args, **kwargs):

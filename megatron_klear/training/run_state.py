@@ -2,14 +2,16 @@
 
 ``RunState`` is the same for SFT and RL: the step, the data position (SFT: epoch and pack; RL:
 epoch and prompt), the tokens trained on, the RL buffer of groups generated for a later step
-(rows in the RL rollout module's schema, with that schema's version) and, at save and load, this
-rank's RNG states. ``trainer_state.json`` holds ``to_json()`` (plus the LR schedule, which
+(rows in the RL rollout module's schema, with that schema's version), the RL batches generated
+ahead of training (``rollout.overlap``: rows of ``rl.ahead``) and, at save and load, this rank's
+RNG states. ``trainer_state.json`` holds ``to_json()`` (plus the LR schedule, which
 ``training.checkpoint`` adds) under ``"version"``; the RNG states go to ``rng/rank_NNNNN.pt``.
 
 Versions: 1 is the untyped dict of the first releases (``data_epoch`` / ``data_pack`` or
-``prompt_epoch`` / ``prompt_index``, ``buffer`` of sample dicts, no ``version`` key); 2 is this
-one. ``from_json`` migrates 1 to 2 and refuses any other version, naming it. A change of the
-fields is a new version with a migration here, never a silent default.
+``prompt_epoch`` / ``prompt_index``, ``buffer`` of sample dicts, no ``version`` key); 2 adds the
+typed fields; 3 (this one) adds ``ahead``. ``from_json`` migrates 1 and 2 to 3 and refuses any
+other version, naming it. A change of the fields is a new version with a migration here, never
+a silent default.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import torch
 
 from megatron_klear.errors import CheckpointError
 
-RUN_STATE_VERSION = 2
-_FIELDS = ("version", "step", "position", "tokens", "buffer", "buffer_schema")
+RUN_STATE_VERSION = 3
+_FIELDS = ("version", "step", "position", "tokens", "buffer", "buffer_schema", "ahead")
 
 
 @dataclass
@@ -47,6 +49,9 @@ class RunState:
     # (``rl.rollout.groups_to_rows``); empty for SFT
     buffer: list = field(default_factory=list)
     buffer_schema: int = 0  # the schema version of ``buffer``'s rows (0: no rows)
+    # RL with rollout.overlap: the batches generated for the steps after ``step``, complete, as
+    # rows of ``rl.ahead.RolloutBatch.to_row`` (each with its buffer schema); empty otherwise
+    ahead: list = field(default_factory=list)
     rng: Optional[dict] = field(default=None, repr=False)  # this rank's RNG states, at save / load only
 
     def advance(self, position: DataPosition, tokens: float = 0.0) -> None:
@@ -64,6 +69,7 @@ class RunState:
             "tokens": self.tokens,
             "buffer": self.buffer,
             "buffer_schema": self.buffer_schema,
+            "ahead": self.ahead,
         }
 
     @classmethod
@@ -73,6 +79,8 @@ class RunState:
         version = saved.get("version", 1)
         if version == 1:
             saved = _migrate_v1(saved)
+        if version in (1, 2):
+            saved = _migrate_v2(saved)
         elif version != RUN_STATE_VERSION:
             raise CheckpointError(
                 f"{source}: run-state version {version!r} is not one this megatron_klear reads "
@@ -88,7 +96,13 @@ class RunState:
             tokens=float(saved["tokens"]),
             buffer=list(saved["buffer"]),
             buffer_schema=int(saved["buffer_schema"]),
+            ahead=list(saved["ahead"]),
         )
+
+
+def _migrate_v2(saved: dict) -> dict:
+    """Version 2 -> 3: nothing was generated ahead of training (no ``rollout.overlap`` yet)."""
+    return {**saved, "version": RUN_STATE_VERSION, "ahead": []}
 
 
 def _migrate_v1(saved: dict) -> dict:
@@ -100,7 +114,7 @@ def _migrate_v1(saved: dict) -> dict:
         position = {"epoch": saved.get("data_epoch", 0), "index": saved.get("data_pack", 0)}
     buffer = saved.get("buffer") or []
     return {
-        "version": RUN_STATE_VERSION,
+        "version": 2,
         "step": saved["step"],
         "position": position,
         "tokens": saved.get("tokens", 0.0),

@@ -1,5 +1,6 @@
 """The GPPO RL loop on CPU with gloo and the HF engine: the numbers that flow between phases,
-dynamic sampling when everything is filtered, TP2 x PP2, exact resume after a kill mid-step.
+dynamic sampling when everything is filtered, TP2 x PP2, exact resume after a kill mid-step, and
+rollouts that overlap training (rollout.overlap=1: one step off policy, resumed exactly).
 The tiny config packs micro-batches into a token budget; the TP=1 run uses the padded fallback."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.jobs import ROOT, torchrun
 
@@ -91,7 +93,7 @@ METRIC_NAMES = (
 )
 
 
-def check_step(out: Path, step: int = 1, max_diff: float = 1e-4) -> None:
+def check_step(out: Path, step: int = 1, max_diff: float = 1e-4, mini_batch: int = 2) -> None:
     m = metrics(out)[step]
     rows = dumped(out, step)
     # the step trains on the buffered groups first, then the kept generated ones, up to 4;
@@ -109,7 +111,7 @@ def check_step(out: Path, step: int = 1, max_diff: float = 1e-4) -> None:
     response_tokens = sum(len(s["response_ids"]) for g in used for s in g["samples"])
     # the loss saw exactly the kept groups' response tokens, and normalised by that count
     assert m["train/tokens"] == response_tokens == m["train/normaliser"]
-    assert m["train/updates"] == -(-len(used) // 2)
+    assert m["train/updates"] == -(-len(used) // mini_batch)
     assert m["rollout/logprob_diff"] < max_diff  # engine == trainer after the sync
     for k in METRIC_NAMES:
         assert k in m, k
@@ -184,15 +186,62 @@ def test_resume_after_kill_mid_step_is_exact(sft_model, tmp_path):
             assert a[step][k] == b[step][k], (step, k)
 
 
+def test_overlap_trains_one_step_off_policy_and_resumes_exactly(sft_model, tmp_path):
+    """rollout.overlap=1 with the HF engine generating in its own thread: the batch of step t + 1
+    is sampled by the weights of step t - 1 while step t trains (rollout/policy_lag 1, the
+    samples' weight versions), its ratio is taken against the log-probs of those weights, and a
+    kill -9 mid-step (the next batch generating) resumes to the same losses as a run without it."""
+    from transformers import AutoModelForCausalLM
+
+    # one update per step: against the trainer's own recomputation the ratio would be exactly 1
+    common = ["rollout.overlap=1", "checkpoint.save_interval=2", "data.max_gen_batches=1", "optim.warmup_steps=0",
+              "optim.lr=1e-5", "optim.min_lr=1e-5", "data.mini_batch_prompts=4"]  # fmt: skip
+    ref = tmp_path / "ref"
+    torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, ref, steps=4) + common)
+    m = metrics(ref)
+    assert [m[s]["rollout/policy_lag"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    for step, version in ((1, 0), (2, 0), (3, 1), (4, 2)):
+        assert {s["weight_version"] for g in dumped(ref, step) for s in g["samples"]} == {version}, step
+        check_step(ref, step, mini_batch=4)
+    # batch 2 was sampled by the starting model: its engine log-probs are transformers' of it
+    model = AutoModelForCausalLM.from_pretrained(str(sft_model), dtype=torch.float64).eval()
+    for g in dumped(ref, 2)[:2]:
+        for s in g["samples"]:
+            ids, p = s["prompt_ids"] + s["response_ids"], len(s["prompt_ids"])
+            with torch.no_grad():
+                logp = model(torch.tensor([ids])).logits[0, p - 1 : -1].log_softmax(-1)
+            want = logp.gather(-1, torch.tensor(s["response_ids"])[:, None]).squeeze(-1)
+            assert torch.allclose(torch.tensor(s["engine_logprobs"], dtype=torch.float64), want, atol=1e-4)
+    # the ratio is against those (ppo_kl = mean(engine - trainer) of the newer policy); against the
+    # trainer's recomputation, as on step 1 (on policy), it is exactly 1 (ppo_kl 0.0)
+    assert abs(m[1]["loss/ppo_kl"]) < 1e-9 and m[1]["rollout/train_engine_diff"] < 1e-5
+    for step in (2, 3, 4):
+        assert 1e-9 < abs(m[step]["loss/ppo_kl"]) <= m[step]["rollout/train_engine_diff"] + 1e-7, step
+
+    crashed = tmp_path / "crashed"
+    r = torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, crashed, 4) + common, crash_at="rollout:3",
+                 expect_ok=False, orphan_grace_s=10)  # fmt: skip
+    assert r.returncode != 0 and (crashed / "checkpoints" / "latest").read_text() == "iter_0000002"
+    saved = json.loads((crashed / "checkpoints" / "iter_0000002" / "trainer_state.json").read_text())
+    assert [(b["step"], b["weight_version"]) for b in saved["ahead"]] == [(3, 1)]  # generated ahead, kept
+    r = torchrun("megatron_klear.rl", CONFIG, 2, rl_overrides(sft_model, crashed, 4) + common)
+    assert "resumed from" in r.stdout
+    b = metrics(crashed)
+    for step in (3, 4):
+        for k in ("reward/mean", "loss/pg", "loss/ppo_kl", "loss/grad_norm", "response/length_mean"):
+            assert m[step][k] == b[step][k], (step, k)
+
+
 def test_long_prompts_skipped_and_nonfinite_update_never_synced(sft_model, tmp_path):
     out = tmp_path / "nan"
     o = rl_overrides(sft_model, out, steps=3) + [
         "rollout.max_prompt_len=60",
         "optim.lr=1e30",
         "optim.weight_decay=1e30",
+        "rollout.overlap=1",  # the run stops while the next batch generates in its thread
     ]
-    r = torchrun("megatron_klear.rl", CONFIG, 2, o, expect_ok=False)
-    assert r.returncode != 0 and "non-finite" in r.stderr
+    r = torchrun("megatron_klear.rl", CONFIG, 2, o, expect_ok=False, orphan_grace_s=10)
+    assert r.returncode != 0 and "non-finite" in r.stderr and r.leftover == []
     diag = json.loads((out / "nan_diagnostics.json").read_text())
     log = out / "metrics.jsonl"
     assert diag["step"] == 1 and (not log.exists() or not log.read_text().strip())  # stopped before sync and log

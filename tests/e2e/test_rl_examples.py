@@ -1,7 +1,7 @@
 """The shipped RL configs as a user runs them, from the tiny SFT (the demo's task): the tiny
-math RL example keeps groups and trains tokens on every step, the demo's RL config gives
-identical metrics when run twice on one machine, and tools/eval.py's docstring example scores
-the tiny SFT model on its held-out prompts."""
+math RL example keeps groups and trains tokens on every step (with rollouts overlapping
+training, rollout.overlap=1), the demo's RL config gives identical metrics when run twice on one
+machine, and tools/eval.py's docstring example scores the tiny SFT model on its held-out prompts."""
 
 from __future__ import annotations
 
@@ -50,10 +50,12 @@ def metrics(out: Path) -> list[dict]:
 
 def test_tiny_rl_math_example_keeps_groups_and_trains(tiny_sft, tmp_path):
     out = tmp_path / "rl"
-    torchrun("megatron_klear.rl", "examples/tiny/rl_math.yaml", 2, rl_paths(tiny_sft, out) + ["train_steps=2",
-             "eval.at_start=false", "eval.at_end=false", "checkpoint.export_hf=false"])  # fmt: skip
+    short = ["train_steps=2", "eval.at_start=false", "eval.at_end=false", "checkpoint.export_hf=false"]
+    short.append("rollout.overlap=1")  # the next batch generates (in rank 0's thread) while a step trains
+    torchrun("megatron_klear.rl", "examples/tiny/rl_math.yaml", 2, rl_paths(tiny_sft, out) + short)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
+    assert [r["rollout/policy_lag"] for r in rows] == [0, 1]  # batch 2 generated while step 1 trained
     for r in rows:
         assert r["rollout/groups_kept"] >= 1 and r["train/updates"] >= 1 and r["train/tokens"] > 0, r
         assert 0 < r["reward/mean"] < 1  # some sums right, some wrong

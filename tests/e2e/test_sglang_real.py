@@ -3,7 +3,9 @@
 One module-scoped engine launches two real servers (float32, SGLang's CPU engine) and a real
 router, and the tests run in file order on it: generation against transformers' log-probs,
 both sync modes inside /begin_weight_update ... /end_weight_update, memory release and resume,
-aborted samples, router registration, and the fault cases (SIGKILL a server mid-generation and
+aborted samples, a sync while generating (paused, no sample mixing weights, one cache flush),
+interrupted samples (partial rollouts), seeds without deterministic inference, a paused server
+registered again after a router restart, router registration, and the fault cases (SIGKILL a server mid-generation and
 mid-sync, a server failing early in a broadcast, SIGKILL the router), each followed by restart,
 re-registration and resync. Every wait is bounded and every process is stopped by PID.
 """
@@ -180,14 +182,14 @@ def test_colocated_sync_of_flattened_buckets(eng, ref, tmp_path):
 
 def test_release_and_resume_only_what_was_released(eng):
     eng.release_memory(["kv_cache"])  # pauses generation first
-    assert all(s.paused and s.released == {"kv_cache"} for s in eng.servers)
+    assert all(s.pauses == {"memory"} and s.released == {"kv_cache"} for s in eng.servers)
     th, box = generate_in_thread(eng, PROMPTS[:2], SamplingParams(max_new_tokens=4))
     time.sleep(3)
     assert th.is_alive()  # held while paused
     eng.resume_memory(MEMORY_TAGS)  # weights and cuda_graph were never released: not resumed
     th.join(timeout=120)
     assert not th.is_alive() and "error" not in box and len(box["out"]) == 2
-    assert all(s.alive() and not s.paused and not s.released for s in eng.servers)
+    assert all(s.alive() and not s.pauses and not s.released for s in eng.servers)
     eng.generate(PROMPTS, SamplingParams(max_new_tokens=2))
 
 
@@ -203,6 +205,92 @@ def test_aborted_samples_are_generated_again_and_counted(eng):
     assert not th.is_alive() and "error" not in box
     assert all(c.finish_reason == "length" and len(c.output_ids) == 300 for g in box["out"] for c in g)
     assert eng.aborted_samples > before
+
+
+def flushes(eng, since: dict) -> dict:
+    """Per server: the KV-cache flushes its log shows past ``since``."""
+    out = {}
+    for s in eng.servers:
+        with open(s.log, "rb") as f:
+            f.seek(since[s.url])
+            out[s.url] = f.read().count(b"Cache flushed successfully")
+    return out
+
+
+def test_a_sync_during_generation_pauses_it_and_no_sample_mixes_weights(eng, ref):
+    """rollout.overlap: a sync while samples are in flight pauses every server (in-flight
+    samples come back aborted and wait), loads both buckets, flushes the KV cache once, then
+    continues; the aborted samples run again entirely on the new weights. Every completion says
+    which weights produced it, and its log-probs are those weights' (transformers)."""
+    old_version, old, new = eng.version, weights(ref, 1.0), weights(ref, 0.7)
+    since, before = log_offsets(eng), eng.aborted_samples
+    th, box = generate_in_thread(eng, PROMPTS + PROMPTS, LONG)
+    await_decoding(eng.servers, since)
+    eng.update_weights([new[:5], new[5:]], "mid-1")  # two buckets
+    th.join(timeout=600)
+    assert not th.is_alive() and "error" not in box, box.get("error")
+    assert eng.aborted_samples > before and all(not s.pauses for s in eng.servers)
+    assert flushes(eng, since) == {s.url: 1 for s in eng.servers}  # once per sync, not per bucket
+    done = [(p, c) for p, g in zip(PROMPTS + PROMPTS, box["out"]) for c in g]
+    assert all(c.finish_reason == "length" and len(c.output_ids) == 300 for _, c in done)
+    assert {c.weight_version for _, c in done} <= {old_version, "mid-1"}
+    assert "mid-1" in {c.weight_version for _, c in done}
+    for version, named in ((old_version, old), ("mid-1", new)):
+        load(ref, named)
+        for p, c in done:
+            if c.weight_version == version:
+                want = ref_logprobs(ref, p, c.output_ids, LONG.temperature)
+                assert torch.allclose(torch.tensor(c.logprobs, dtype=torch.float64), want, atol=2e-3), version
+    load(ref, old)
+    eng.update_weights([weights(ref, 1.0)], "step-2b")
+    check_against(ref, eng)
+
+
+def test_interrupted_samples_return_their_tokens_and_continue_from_them(eng, ref):
+    """Partial rollouts: ``interrupt`` returns the samples in flight with the tokens they have
+    (finish_reason "abort"), and a sample continues from its prefix with its remaining budget."""
+    since = log_offsets(eng)
+    th, box = generate_in_thread(eng, PROMPTS, LONG)
+    await_decoding(eng.servers, since)
+    eng.interrupt()
+    th.join(timeout=300)
+    eng.end_interrupt()
+    assert not th.is_alive() and "error" not in box, box.get("error")
+    cut = [(p, c) for p, g in zip(PROMPTS, box["out"]) for c in g if c.finish_reason == "abort"]
+    assert cut and all(len(c.output_ids) < 300 and len(c.logprobs) == len(c.output_ids) for _, c in cut)
+    for p, c in cut:
+        if c.output_ids:
+            want = ref_logprobs(ref, p, c.output_ids, LONG.temperature)
+            assert torch.allclose(torch.tensor(c.logprobs, dtype=torch.float64), want, atol=2e-3)
+    p, c = max(cut, key=lambda pc: len(pc[1].output_ids))
+    rest = 300 - len(c.output_ids)
+    [[more]] = eng.generate([p + c.output_ids], SamplingParams(temperature=1.0, max_new_tokens=300, ignore_eos=True),
+                            budgets=[rest])  # fmt: skip
+    assert more.finish_reason == "length" and len(more.output_ids) == rest
+
+
+def test_seeds_take_effect_only_with_deterministic_inference(eng):
+    """SGLang 0.5.23 uses the per-sample sampling_seed only with --enable-deterministic-inference
+    (rollout.sglang.deterministic), which its CPU engine refuses: here the same seeds sample
+    differently, so runs on these servers are not reproducible sample by sample."""
+    p = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=5, ignore_eos=True)
+    a, b = eng.generate(PROMPTS, p), eng.generate(PROMPTS, p)
+    assert [[c.output_ids for c in g] for g in a] != [[c.output_ids for c in g] for g in b]
+
+
+def test_a_paused_server_is_registered_again_after_a_router_restart(eng, ref):
+    """A server paused for training (memory released) answers GET /health at once (it no longer
+    generates there), so the restarted router's add-worker, which calls it, registers it."""
+    eng.release_memory(["kv_cache"])
+    t0 = time.time()
+    for s in eng.servers:
+        http.call(s.url + "/health", timeout=5)
+    kill(eng.pool.router_proc)
+    eng._recover()  # restarts the router and registers the in-sync (paused) servers again
+    assert time.time() - t0 < 60
+    assert sorted(w["url"] for w in eng.pool.listed_workers()) == sorted(s.url for s in eng.servers)
+    eng.resume_memory(["kv_cache"])
+    check_against(ref, eng)
 
 
 def test_router_lists_and_drops_workers_by_id(eng):

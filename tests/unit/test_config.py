@@ -78,11 +78,27 @@ def test_every_example_config_loads(path):
         ("data.synthetic.kind=text", "data.synthetic.kind must be one of"),
         ("data.synthetic.levels=[5]", "data.synthetic.levels must be a non-empty list of"),
         ("optim.beta1=1.5", "optim.beta1 must lie in"),
+        ("rollout.overlap=-1", "rollout.overlap must be >= 0"),
+        ("rollout.partial=true", "rollout.partial=true cuts the batch generating ahead: it needs rollout.overlap=1"),
     ],
 )
 def test_rl_section_errors_at_load_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(RLConfig, RL, [override])
+
+
+def test_overlap_is_refused_at_load_for_engines_that_share_the_trainers_memory():
+    """Rollouts may run ahead of training only on engines of their own (distributed SGLang, or
+    the HF engine in a thread); a colocated engine, or one whose memory is released around
+    training, is refused when the config loads, naming the keys."""
+    sglang = ["rollout.engine=sglang", "rollout.overlap=1"]
+    with pytest.raises(ConfigError, match=r"rollout.overlap=1 needs engines on their own GPUs.*rollout.sglang.mode="):
+        load_config(RLConfig, RL, sglang + ["rollout.sglang.mode=colocated"])
+    with pytest.raises(ConfigError, match="rollout.overlap=2 with rollout.release_memory=true"):
+        load_config(RLConfig, RL, ["rollout.overlap=2", "rollout.release_memory=true"])
+    assert load_config(RLConfig, RL, sglang + ["rollout.sglang.mode=distributed"]).rollout.overlap == 1
+    assert load_config(RLConfig, RL, ["rollout.overlap=1"]).rollout.engine == "hf"
+    assert load_config(RLConfig, RL, []).rollout.overlap == 0  # today's behaviour by default
 
 
 def test_rl_waits_hours_in_collectives_sft_minutes():

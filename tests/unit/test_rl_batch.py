@@ -231,7 +231,7 @@ def test_config_errors_name_the_field(tmp_path):
             load_config(RLConfig, ROOT / CONFIG, [f"{key}={bad}"])
 
 
-def _collector(hf_models, surplus: str):
+def _collector(hf_models, surplus: str, *extra: str):
     """A Collector on the tiny HF model: no filtering and twice as many prompts generated as a
     step takes, so every step has a surplus of 2 groups."""
     from transformers import AutoTokenizer
@@ -246,7 +246,7 @@ def _collector(hf_models, surplus: str):
         f"model.hf={model}", "bootstrap=null", "data.generate=null", f"data.train=[{data / 'math_train.parquet'}]",
         "data.prompts_per_step=2", "data.mini_batch_prompts=2", "data.gen_batch_prompts=4",
         "data.max_gen_batches=1", f"data.surplus={surplus}", "rollout.n_samples=2", "rollout.max_response_len=3",
-        "algo.filter_zero_adv=false",
+        "algo.filter_zero_adv=false", *extra,
     ])  # fmt: skip
     tok = AutoTokenizer.from_pretrained(str(model))
     prompts, _ = load_rl_prompts(cfg.data.train, CurationConfig(min_code_tests=0, dedup=False))
@@ -275,6 +275,92 @@ def test_surplus_groups_discarded_by_default_or_kept_as_stale(hf_models, surplus
     assert mb.stale().shape == mb.shape and response.sum(-1).min() > 0
     assert mb.stale()[response].all() and not mb.stale()[~response].any()
     mb.validate()
+
+
+def test_rollout_queue_chains_batches_and_starts_a_failed_one_again(hf_models):
+    """Batches collected ahead (rollout.overlap) continue one another's prompt position and
+    surplus buffer; a batch that fails (a stale engine) is collected again from where it began
+    once the engine is synced; a resume keeps the batches a checkpoint held ahead unless they
+    would lag the policy by more than rollout.overlap."""
+    from megatron_klear.errors import StaleEngineError
+    from megatron_klear.rl.ahead import RolloutBatch, RolloutQueue
+
+    col = _collector(hf_models, "keep")
+    q = RolloutQueue(col)
+    assert q.restore(0, (0, 0), [], [], overlap=1) == []
+    q.submit(1, 0)
+    q.submit(2, 0)
+    first, second = q.take(1, 0), q.take(2, 0)
+    # the 2 surplus groups of batch 1 make batch 2, which needs no new prompt
+    assert (first.position, second.position) == ((0, 4), (0, 4)) and second.groups == first.rest
+    assert second.metrics["rollout/policy_lag"] == 1 and first.metrics["rollout/policy_lag"] == 0
+    assert all(s.weight_version == 0 for g in second.groups for s in g)
+    col.engine.begin_update("v1")  # a sync that did not finish: the engine refuses to generate
+    q.submit(3, 1)
+    q.submit(4, 1)
+    with pytest.raises(StaleEngineError):
+        q.take(3, 1)
+    q.restart_from(3)
+    assert q.submitted() == 2
+    col.engine.update_bucket(list(col.engine.params.items()))
+    col.engine.finish_update()
+    again = q.take(3, 1)
+    assert again.position == (0, 8)
+    assert again.groups == col.collect(3, (0, 4), [], weight_version=1)[0]  # from where batch 3 began
+    # a checkpoint's batches ahead: kept while they lag the policy by at most rollout.overlap
+    ahead = [RolloutBatch(4, 2, [], {}, (0, 16)), RolloutBatch(5, 2, [], {}, (0, 20))]
+    q2 = RolloutQueue(col)
+    assert q2.restore(3, (0, 12), [], ahead, overlap=1) == ahead[1:]  # step 5 on weights of step 2: lag 2
+    assert q2.submitted() == 4 and q2.take(4, 3) is ahead[0] and q2.rows() == []
+    q.close()
+    q2.close()
+
+
+def test_partial_rollouts_continue_interrupted_samples_on_the_newer_weights(hf_models):
+    """rollout.partial: a cut at the step boundary returns the samples in flight unfinished; the
+    batch trains on what completed and the next one continues each interrupted sample from its
+    prefix on the synced weights. Every token keeps the version that produced it, its engine
+    log-prob is that version's, and the loss sees the old ones as stale token by token."""
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_klear.rl.ahead import RolloutQueue
+
+    col = _collector(hf_models, "discard", "rollout.max_response_len=60", "rollout.overlap=1", "rollout.partial=true")
+    q = RolloutQueue(col)
+    assert q.cut() < 0.1 and not col.cut.is_set()  # nothing in flight: nothing to cut
+    q.submit(1, 0)
+    while col.engine.decode_steps < 5:  # every sample has a prefix of a few tokens
+        time.sleep(0.001)
+    q.cut()
+    first = q.take(1, 0)
+    assert first.groups == [] and len(first.rest) == 4 and first.metrics["rollout/groups_unfinished"] == 4
+    assert all(s.unfinished and len(s.response_ids) < 60 for g in first.rest for s in g)
+    old = AutoModelForCausalLM.from_pretrained(str(hf_models["gqa4_untied"])).eval()
+    new = [(n, p.detach().clone() * (2.0 if "lm_head" in n else 1.0)) for n, p in col.engine.params.items()]
+    col.engine.update_weights([new], "step-1")
+    q.submit(2, 1)
+    second = q.take(2, 1)
+    assert second.metrics["rollout/groups_continued"] == 4 and second.metrics["rollout/token_lag_max"] == 1
+    assert len(second.groups) == 2 and second.rest == []  # 2 kept, 2 discarded (data.surplus=discard)
+    prefixes = {(g[0].uid, k): s.response_ids for g in first.rest for k, s in enumerate(g)}
+    for g in second.groups:
+        for k, s in enumerate(g):
+            p = len(prefixes[g[0].uid, k])
+            assert s.response_ids[:p] == prefixes[g[0].uid, k] and not s.unfinished
+            assert s.versions() == [0] * p + [1] * (len(s.response_ids) - p) and s.weight_version == 0
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            with torch.no_grad():
+                ref_old = old(ids).logits[0, len(s.prompt_ids) - 1 : -1].log_softmax(-1)
+            ref_new = torch.tensor(col.engine.score([s.prompt_ids + s.response_ids])[0][len(s.prompt_ids) - 1 :])
+            ref = torch.cat([ref_old.gather(-1, ids[0, len(s.prompt_ids) :, None]).squeeze(-1)[:p], ref_new[p:]])
+            assert torch.allclose(torch.tensor(s.engine_logprobs), ref, atol=1e-4)
+    mb = minibatches(second.groups, 2, dp=1, dp_rank=0, mbs=4, policy_version=1)[0].micro[0]
+    trained = mb.loss_mask > 0
+    assert (mb.stale()[trained] == (mb.versions[trained] == 0)).all() and (mb.versions[trained] == 0).any()
+    mb.validate()
+    q.close()
 
 
 def _sample(p: int, r: int, adv: float, correct: bool, reward: float | None = None) -> Sample:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from megatron_klear.errors import ConfigError, EngineError, EngineWeightError, S
 from megatron_klear.inference import sglang_api as api
 from megatron_klear.inference.base import SamplingParams
 from megatron_klear.inference.hf import HFEngine, filter_logits
-from megatron_klear.inference.sglang_servers import SGLangConfig, router_command, server_command
+from megatron_klear.inference.sglang_servers import SGLangConfig, router_command, server_command, server_environment
 from megatron_klear.sync import ipc
 from megatron_klear.sync.colocated import assemble, my_slots, senders
 from megatron_klear.sync.ipc import ColocatedTarget
@@ -130,6 +131,43 @@ def test_weight_update_rejections_leave_the_engine_stale(hf_models):
     assert not eng.stale and eng.version == "v2" and torch.equal(p, torch.zeros_like(p))
 
 
+def test_a_sync_lets_generations_in_flight_finish_on_the_old_weights_and_tags_them(hf_models):
+    """rollout.overlap generates in a thread while the trainer syncs: the sync waits for the
+    generation in flight, whose every token comes from the old weights (its completions say so),
+    and what is generated after it comes from the new ones."""
+    import threading
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = str(hf_models["gqa1_tied"])
+    eng, old = HFEngine(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    new = [(n, p.detach().clone() * (3.0 if "embed" in n else 1.0)) for n, p in eng.params.items()]
+    params = SamplingParams(temperature=1.0, max_new_tokens=64, n=2, seed=5, ignore_eos=True)
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.update(out=eng.generate(_prompts(), params)))
+    th.start()
+    while eng._active == 0 and th.is_alive():  # the generation has begun
+        time.sleep(0.001)
+    eng.update_weights([new], "v1")  # returns only once the generation in flight is done
+    assert not th.is_alive() and eng.version == "v1"
+    th.join()
+    after = eng.generate(_prompts(), params)
+    for group_old, group_new, prompt in zip(box["out"], after, _prompts()):
+        for c in group_old:
+            with torch.no_grad():
+                logits = old(torch.tensor([prompt + c.output_ids])).logits[0, len(prompt) - 1 : -1].double()
+            ref = logits.log_softmax(-1).gather(-1, torch.tensor(c.output_ids)[:, None]).squeeze(-1)
+            assert c.weight_version == "initial" and torch.allclose(torch.tensor(c.logprobs).double(), ref, atol=1e-5)
+        for c in group_new:
+            full = eng.score([prompt + c.output_ids])[0][len(prompt) - 1 :]
+            assert c.weight_version == "v1" and torch.allclose(torch.tensor(full), torch.tensor(c.logprobs), atol=1e-5)
+    eng.begin_update("v2")  # nothing in flight: at once; a generation asked for now is refused
+    with pytest.raises(StaleEngineError):
+        eng.generate(_prompts(), params)
+    eng.shutdown()
+
+
 # ----------------------------------------------------------------------------- SGLang requests
 # (what SGLang does with them is tested against the real server: tests/e2e/test_sglang_real.py)
 
@@ -140,6 +178,7 @@ def test_flattened_bucket_is_sglangs_byte_layout_and_needs_no_sglang():
     assert [n for n, _ in ordered] == ["b.weight", "c.weight", "a.weight"]  # wide dtypes first: aligned
     flat, meta = api.flatten_bucket(ordered)
     assert flat.dtype == torch.uint8 and flat.numel() == sum(t.numel() * t.element_size() for _, t in bucket)
+    ipc.share_cpu_tensors()  # as the engine does on CPU (fd passing would kill the server's scheduler)
     obj = pickle.loads(base64.b64decode(ipc.serialize_payload(flat, meta)))
     for m, (n, t) in zip(obj["metadata"], ordered):  # FlattenedTensorBucket.reconstruct_tensors
         assert type(m).__module__ == "types" and m.name == n  # SimpleNamespace: in SGLang's allow-list
@@ -147,9 +186,36 @@ def test_flattened_bucket_is_sglangs_byte_layout_and_needs_no_sglang():
         assert torch.equal(got, t) and m.start_idx % t.element_size() == 0
     with pytest.raises(ValueError, match="not a multiple"):
         api.flatten_bucket(bucket)  # half first leaves the float32 tensors unaligned
-    ipc.share_cpu_tensors()
-    found = ipc.payload_globals(ipc.serialize_payload(flat, meta))
-    assert "types.SimpleNamespace" in found and all(n.startswith(ipc.PAYLOAD_GLOBAL_PREFIXES) for n in found)
+    payload = ipc.serialize_payload(flat, meta)
+    assert (
+        "types.SimpleNamespace" in ipc.payload_globals(payload) and ipc.payload_globals(payload) <= ipc.PAYLOAD_GLOBALS
+    )
+    ipc.check_payload(payload)
+
+
+@pytest.mark.real_sglang
+def test_payload_globals_are_an_exact_list_within_sglangs_unpickler():
+    """SGLang's SafeUnpickler (0.5.23) allows an exact list of globals: ours is one too, inside
+    the installed SGLang's (read from its source, not imported), and a payload naming anything
+    else is refused, though a prefix match would have let it through."""
+    import ast
+    import os
+    import subprocess
+
+    from megatron_klear.errors import ArgumentError
+
+    py = os.environ.get("KLEAR_SGLANG_PYTHON") or "python"
+    where = "import importlib.util; print(importlib.util.find_spec('sglang').submodule_search_locations[0])"
+    root = subprocess.run([py, "-c", where], capture_output=True, text=True, check=True).stdout.strip()
+    tree = ast.parse(open(os.path.join(root, "srt", "utils", "common.py")).read())
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "SafeUnpickler")
+    node = next(n for n in ast.walk(cls) if isinstance(n, ast.Assign) and n.targets[0].id == "ALLOWED_GLOBALS")
+    allowed = {f"{m}.{n}" for m, n in ast.literal_eval(node.value)}
+    assert ipc.PAYLOAD_GLOBALS <= allowed, ipc.PAYLOAD_GLOBALS - allowed
+    for gadget in (eval, torch.load):  # "builtins." and "torch." prefixes: SGLang refuses both
+        assert f"{gadget.__module__}.{gadget.__name__}" not in allowed
+        with pytest.raises(ArgumentError, match="globals SGLang's unpickler refuses"):
+            ipc.check_payload(base64.b64encode(pickle.dumps(gadget)).decode())
 
 
 def test_requests_carry_per_sample_seeds_and_sglang_field_names():
@@ -159,8 +225,11 @@ def test_requests_carry_per_sample_seeds_and_sglang_field_names():
     body = api.generate_request([1, 2], p, 107)
     assert body["input_ids"] == [1, 2] and body["sampling_params"]["sampling_seed"] == 107
     assert body["sampling_params"]["n"] == 1 and body["sampling_params"]["ignore_eos"] is True
+    assert api.generate_request([1, 2], p, 107, max_new_tokens=2)["sampling_params"]["max_new_tokens"] == 2
     dist_body = api.update_from_distributed_request([("x", torch.zeros(2, 3, dtype=torch.bfloat16))], "g", "v")
     assert dist_body["dtypes"] == ["bfloat16"] and dist_body["load_format"] == "flattened_bucket"
+    # the KV cache is flushed once per sync (finish_update), not with every bucket
+    assert dist_body["flush_cache"] is False and api.update_from_tensor_request(["p"], "v")["flush_cache"] is False
     with pytest.raises(ValueError, match="unknown memory tags"):
         api.memory_request(["weights", "kv"])
 
@@ -173,8 +242,22 @@ def test_launch_commands():
     cpu = server_command(SGLangConfig(model_path="/m", device="cpu", python="/usr/bin/python3"), 0)
     assert cpu[0] == "/usr/bin/python3" and "--enable-memory-saver" not in cpu and "torch_native" in cpu
     router = router_command(cfg)
-    assert {"--disable-health-check", "--disable-circuit-breaker"} <= set(router)
+    # no retries in the router: the engine's own (max_retries) would multiply with its 5
+    assert {"--disable-health-check", "--disable-circuit-breaker", "--disable-retries"} <= set(router)
     assert router[router.index("--request-timeout-secs") + 1] == str(int(cfg.request_timeout_s))
+    # a second router on the node would die on sglang-router's fixed metrics port (29000)
+    assert router[router.index("--prometheus-port") + 1] != "29000"
+    fixed = router_command(SGLangConfig(model_path="/m", router_metrics_port=31999))
+    assert fixed[fixed.index("--prometheus-port") + 1] == "31999"
+    # /health must not generate: a paused server holds that request, and the router's
+    # add-worker calls it (readiness is /health_generate)
+    assert server_environment(SGLangConfig(env={"A": 1}))["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "0"
+    assert server_environment(SGLangConfig(env={"A": 1}))["A"] == "1"
+    # seeds count only with deterministic inference, which SGLang's CPU engine refuses
+    assert "--enable-deterministic-inference" not in cmd
+    assert "--enable-deterministic-inference" in server_command(replace(cfg, deterministic=True), 0)
+    with pytest.raises(ConfigError, match="rollout.sglang.deterministic=true needs a GPU attention backend"):
+        SGLangConfig(model_path="/m", device="cpu", deterministic=True).validate()
     with pytest.raises(Exception, match="model_path"):
         SGLangConfig().check_launchable()
     with pytest.raises(Exception, match="rollout.sglang.python"):

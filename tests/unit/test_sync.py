@@ -35,8 +35,11 @@ def test_gathered_weights_equal_the_hf_checkpoint(name, tp, pp, hf_models, tmp_p
 
 def test_sync_into_hf_engine_after_training_tp2_pp2(hf_models, tmp_path):
     """After optimizer steps at TP2 x PP2: every engine parameter equals the trainer's, the
-    log-probs agree on the probe's real tokens (its forward padded to a multiple of TP), and a
-    sync into an engine of another shape fails on every rank."""
+    log-probs agree on the probe's real tokens (its forward padded to a multiple of TP), a noisy
+    probe is taken again before anything fails, an engine without the trainer's weights fails
+    the probe and its re-probe, a sync into an engine of another shape fails on every rank, and an
+    engine whose memory was released takes back its KV cache only once the trainer's cache was
+    freed behind the sync's buckets (audit fix 1, the RL loop's ``sync_into_engine``)."""
     out = str(tmp_path / "sync")
     spawn(sync_worker, 4, 2, 2, str(hf_models["gqa4_untied"]), str(hf_models["gqa1_untied"]), out)
     results = [torch.load(f"{out}.{r}") for r in range(4)]
@@ -50,8 +53,19 @@ def test_sync_into_hf_engine_after_training_tp2_pp2(hf_models, tmp_path):
     assert r0["version"] == "step-3" and r0["buckets"] > 1
     for r in results:  # every rank agrees on the probe and on the failure
         assert r["diff"] == r0["diff"] and r["diff"] < 1e-4
-        assert r["probe_lengths"] == [18], "the 17-token probe runs padded to a multiple of TP=2"
+        assert r["probe_lengths"] == [18] * 4, "4 sequences; each 17-token one runs padded to a multiple of TP=2"
         assert r["failure"] is not None and "engine shape" in r["failure"]
+        # one noisy probe does not fail the sync: the re-probe (other seeds) decides
+        assert r["reprobed"] == r0["reprobed"] and r["reprobed"] < 1e-4
+        # weights that did not arrive fail the probe and its re-probe, both named
+        assert r["off"] is not None and "on a re-probe" in r["off"] and "(mean over 4 x 4 sampled tokens)" in r["off"]
+    assert r0["noisy_calls"] == 2
+    # rollout.release_memory: the engine's weights come back after every rank freed its CUDA
+    # cache, and its KV cache and CUDA graphs only after the sync's buckets were freed again
+    order = r0["memory_order"]
+    assert order[:2] == ["free", ("resume", "weights")] and order[-2:] == ["free", ("resume", "kv_cache", "cuda_graph")]
+    assert set(order[2:-2]) == {"bucket"} and len(order[2:-2]) == r0["buckets"]
+    assert all(r["memory_order"] == ["free", "free"] for r in results[1:])
     assert r0["wrong_stale"]
 
 
