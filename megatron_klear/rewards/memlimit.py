@@ -14,10 +14,11 @@ with why the better ones are not used), in this order:
   process's own memory cgroup is writable (root, or a cgroup delegated to the user, e.g. by
   ``cgcreate -a USER -t USER``), every run gets a memory cgroup of its own under it:
   ``memory.limit_in_bytes`` (the limit) and ``memory.memsw.limit_in_bytes`` (the same: no
-  swap; where swap is accounted). v1 has no group kill, so the run is ended at its first
-  out-of-memory kill (the ``oom_kill`` counter of ``memory.oom_control``, read every
-  ``POLL_S``). Where this process's v1 pids cgroup is writable too, the run gets a pids cgroup
-  with ``pids.max`` beside it; else the per-user process rlimit alone limits processes.
+  swap; where swap is not accounted, ``memory.swappiness=0`` instead). v1 has no group kill,
+  so the run is ended at its first out-of-memory kill (the ``oom_kill`` counter of
+  ``memory.oom_control``, read every ``POLL_S``). Where this process's v1 pids cgroup is
+  writable too, the run gets a pids cgroup with ``pids.max`` beside it; else the per-user
+  process rlimit alone limits processes.
 * ``poll``: otherwise the thread that runs the sandbox calls ``PolledRun.over`` every
   ``POLL_S``: it sums the resident memory (RssAnon + RssShmem) of the run's process tree,
   found in /proc from the process it started; above the limit it sums the proportional set
@@ -409,6 +410,11 @@ class Cgroup1Run:
         except OSError as e:
             _remove_dirs(self.dirs)
             raise SandboxError(f"cannot make or limit the run's cgroup under {parent}: {e}") from e
+        if not (self.memory / "memory.memsw.limit_in_bytes").exists():
+            try:  # swap is not accounted: at least keep the run's pages out of swap (best effort)
+                (self.memory / "memory.swappiness").write_text("0")
+            except OSError:
+                pass
 
     def command(self, cmd: list[str]) -> list[str]:
         return joined([d / "cgroup.procs" for d in self.dirs], cmd)
