@@ -78,6 +78,7 @@ class Mechanism:
 
     @property
     def is_cgroup(self) -> bool:
+        """Whether the kernel enforces the limit (a cgroup of either version)."""
         return self.kind in ("cgroup2", "cgroup1")
 
     def describe(self) -> str:
@@ -90,7 +91,8 @@ class Mechanism:
             pids = f", pids.max in a pids cgroup per run under {self.pids_parent}" if self.pids_parent else ""
             return (
                 f"cgroup v1, a memory cgroup per run under {self.parent} (memory.limit_in_bytes, "
-                "memory.memsw.limit_in_bytes where swap is accounted, the run ended at its first "
+                "memory.memsw.limit_in_bytes where swap is accounted, else memory.swappiness=0, the run ended "
+                "at its first "
                 f"out-of-memory kill){pids}; not cgroup v2 because {self.why}"
             )
         return (
@@ -116,7 +118,7 @@ def mechanism() -> Mechanism:
     with _lock:
         if key not in _mechanisms:
             found = Mechanism("poll", why=f"{ENV} is poll") if choice == "poll" else _find(choice)
-            if choice != "auto" and found.kind == "poll" and choice != "poll":
+            if choice not in ("auto", "poll") and found.kind == "poll":
                 raise SandboxError(f"{ENV}={choice}, but no such cgroup is usable here: {found.why}")
             _mechanisms[key] = found
             log.info("sandbox memory limit per run: %s", found.describe())
