@@ -490,10 +490,11 @@ def assert_memory_limited(f: dict, kind: str) -> None:
 
 
 @needs_sandbox
+@pytest.mark.parametrize("backend", BACKENDS or ["none"])
 @pytest.mark.parametrize("who", ["self", "user"])
 @pytest.mark.parametrize("kind", ["cgroup2", "cgroup1", "poll"])
-def test_the_memory_limit_by_each_mechanism(kind, who, clean_machine, monkeypatch, ordinary_user, user_cgroup):
-    """Each mechanism, forced, on the default backend, as this process and as the ordinary user
+def test_the_memory_limit_by_each_mechanism(kind, who, backend, clean_machine, monkeypatch, ordinary_user, user_cgroup):
+    """Each mechanism, forced, on each backend, as this process and as the ordinary user
     (in a v1 memory cgroup delegated to it where this machine has one): the forked children end
     the run as memory exceeded with the host's peak near the limit (at the limit with a cgroup,
     within twice it polling), and nothing else is touched. A mechanism this machine does not
@@ -506,9 +507,9 @@ def test_the_memory_limit_by_each_mechanism(kind, who, clean_machine, monkeypatc
         except SandboxError as e:
             pytest.skip(str(e))
         ctx = {"uid_range": _WINDOW_RANGE if IS_ROOT else [os.getuid(), os.getuid() + 1]}
-        f = battery.forked_children(ctx, BACKENDS[0])
+        f = battery.forked_children(ctx, backend)
     else:
-        f = user_facts(ordinary_user, user_cgroup, BACKENDS[0], ["forked_children"], {memlimit.ENV: kind})
+        f = user_facts(ordinary_user, user_cgroup, backend, ["forked_children"], {memlimit.ENV: kind})
         f = f["forked_children"]
     assert_memory_limited(f, kind)
 
