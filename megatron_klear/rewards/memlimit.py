@@ -375,6 +375,7 @@ def _find_cgroup1(not_v2: str) -> Union[Mechanism, str]:
     pids = cgroup1_dir("pids")
     if isinstance(pids, Path) and not _writable(pids):
         pids = f"this process's pids cgroup {pids} is not writable by uid {os.geteuid()}"
+    _remove_stale(memory, pids)
     if isinstance(pids, Path):
         try:
             _probe(Cgroup1Run(memory, pids, memory_mb=64, max_procs=4))
@@ -386,6 +387,20 @@ def _find_cgroup1(not_v2: str) -> Union[Mechanism, str]:
     except (OSError, SandboxError) as e:
         return f"{memory}: {e}"
     return Mechanism("cgroup1", parent=memory, why=f"{not_v2} (and no pids cgroup: {pids})")
+
+
+def _remove_stale(*parents: Union[Path, str]) -> None:
+    """Remove the empty v1 run cgroups that a trainer killed outright left under ``parents``:
+    those of processes no longer alive (their names hold the pid). Never one with a process."""
+    for parent in parents:
+        if isinstance(parent, Path):
+            for d in parent.glob("megatron-klear-run-*-*"):
+                pid = d.name.split("-")[3]
+                if pid.isdigit() and not os.path.exists(f"/proc/{pid}") and not _words(d / "cgroup.procs"):
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass
 
 
 class Cgroup1Run:

@@ -439,6 +439,27 @@ def test_a_run_cgroup_holds_the_run_alone_and_always_goes():
         assert len(_run_dirs(limit)) == (2 if m.pids_parent else 1)
 
 
+def test_stale_v1_run_cgroups_of_a_killed_trainer_are_removed(monkeypatch):
+    """Empty run cgroups named for a process that is gone (a trainer killed outright) are
+    removed when the next trainer finds its mechanism; one with a live owner stays."""
+    m = _default_cgroup()
+    if m.kind != "cgroup1":
+        pytest.skip(f"the mechanism here is {m.kind}")
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not os.path.exists(f"/proc/{pid}"))
+    stale = [d / f"megatron-klear-run-{dead}-0" for d in (m.parent, m.pids_parent) if d is not None]
+    live = m.parent / f"megatron-klear-run-{os.getpid()}-999999"
+    try:
+        for d in [*stale, live]:
+            d.mkdir()
+        monkeypatch.setattr(memlimit, "_mechanisms", {})
+        assert memlimit.mechanism() == m
+        assert not any(d.exists() for d in stale) and live.exists()
+    finally:
+        for d in [*stale, live]:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
 def test_an_ordinary_user_without_a_delegated_cgroup_polls(ordinary_user):
     """As the v2 path does, an ordinary user whose memory cgroup is root's (not delegated)
     polls, and the log line says why."""
