@@ -186,8 +186,9 @@ def _own_oom_kills() -> int:
 
 
 def _left_cgroups(m: memlimit.Mechanism) -> list[str]:
-    """This process's run cgroups still there."""
-    return [str(p) for d in (m.parent, m.pids_parent) if d is not None for p in d.glob(f"*run-{os.getpid()}-*")]
+    """This process's run cgroups that still hold a process (empty v1 ones wait for the next run)."""
+    dirs = [p for d in (m.parent, m.pids_parent) if d is not None for p in d.glob(f"*run-{os.getpid()}-*")]
+    return [str(p) for p in dirs if (p / "cgroup.procs").read_text().split()]
 
 
 def forked_children(ctx: dict, backend: str) -> dict:

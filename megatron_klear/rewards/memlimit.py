@@ -403,35 +403,61 @@ def _remove_stale(*parents: Union[Path, str]) -> None:
                         pass
 
 
+# Idle v1 run cgroups, reused: a process in a memory cgroup made just for it starts ~8-10 ms
+# slower than in one used before (python -I -S -c pass: 26 vs 20 ms, 18 ms in no new cgroup).
+# (parent, pids parent) -> names of empty run cgroups; removed at exit, or by the next trainer
+# (``_remove_stale``) if this one is killed outright.
+_idle: dict[tuple[Path, Optional[Path]], list[str]] = {}
+_idle_lock = threading.Lock()
+
+
+def release_idle() -> None:
+    """Remove the idle (empty) v1 run cgroups of this process (done at exit)."""
+    with _idle_lock:
+        idle = [(key, name) for key, names in _idle.items() for name in names]
+        _idle.clear()
+    _remove_dirs([d / name for (parent, pids), name in idle for d in (parent, pids) if d is not None])
+
+
+atexit.register(release_idle)
+
+
 class Cgroup1Run:
-    """One run's v1 memory cgroup (and pids cgroup, where ``pids_parent`` is given): made and
-    limited at construction, joined by ``command``'s first process, ended at its first
-    out-of-memory kill (``over``), killed and removed by ``end``."""
+    """One run's v1 memory cgroup (and pids cgroup, where ``pids_parent`` is given): an idle one
+    of this process's or a new one, limited at construction, joined by ``command``'s first
+    process, ended at its first out-of-memory kill (``over``), emptied by ``end`` and kept for
+    the next run (removed at exit)."""
 
     def __init__(self, parent: Path, pids_parent: Optional[Path], memory_mb: int, max_procs: int):
-        name, limit = f"megatron-klear-{_run_name()}", str(memory_mb * 2**20)
-        self.memory = parent / name
-        self.dirs: list[Path] = []
-        self.exceeded = False
-        # memsw (memory + swap) may not be set below memory.limit_in_bytes: the limit goes first.
-        settings = [(self.memory, "memory.limit_in_bytes", limit), (self.memory, "memory.memsw.limit_in_bytes", limit)]
-        if pids_parent is not None:
-            settings.append((pids_parent / name, "pids.max", str(max_procs + MACHINERY_PIDS)))
+        self.key, self.exceeded = (parent, pids_parent), False
+        with _idle_lock:
+            idle = _idle.get(self.key)
+            self.name = idle.pop() if idle else f"megatron-klear-{_run_name()}"
+        self.memory = parent / self.name
+        self.dirs = [d / self.name for d in (parent, pids_parent) if d is not None]
         try:
-            for d, file, value in settings:
-                if d not in self.dirs:
-                    d.mkdir()
-                    self.dirs.append(d)
-                if file == "memory.limit_in_bytes" or (d / file).exists():  # no swap accounting: no memsw
-                    (d / file).write_text(value)
+            for d in self.dirs:
+                d.mkdir(exist_ok=True)
+            self._limit(memory_mb * 2**20, max_procs + MACHINERY_PIDS)
+            self.kills_before = self._oom_kills()
         except OSError as e:
             _remove_dirs(self.dirs)
             raise SandboxError(f"cannot make or limit the run's cgroup under {parent}: {e}") from e
-        if not (self.memory / "memory.memsw.limit_in_bytes").exists():
+
+    def _limit(self, limit: int, pids_max: int) -> None:
+        mem, memsw = self.memory / "memory.limit_in_bytes", self.memory / "memory.memsw.limit_in_bytes"
+        if memsw.exists():  # memory + swap may never be below memory: lower memory first, raise it last
+            files = [mem, memsw] if limit <= int(mem.read_text()) else [memsw, mem]
+        else:
+            files = [mem]
             try:  # swap is not accounted: at least keep the run's pages out of swap (best effort)
                 (self.memory / "memory.swappiness").write_text("0")
             except OSError:
                 pass
+        for f in files:
+            f.write_text(str(limit))
+        if len(self.dirs) == 2:
+            (self.dirs[1] / "pids.max").write_text(str(pids_max))
 
     def command(self, cmd: list[str]) -> list[str]:
         return joined([d / "cgroup.procs" for d in self.dirs], cmd)
@@ -439,22 +465,27 @@ class Cgroup1Run:
     def started(self, pid: int) -> None:
         pass
 
-    def _oom_killed(self) -> bool:
+    def _oom_kills(self) -> int:
         fields = dict(line.split() for line in _lines(str(self.memory / "memory.oom_control")) if " " in line)
-        return int(fields.get("oom_kill", 0)) > 0
+        return int(fields.get("oom_kill", 0))
 
     def over(self) -> bool:
         """True once the kernel has killed a process of the run for memory (v1 kills only one:
         the caller ends the rest)."""
-        self.exceeded = self.exceeded or self._oom_killed()
+        self.exceeded = self.exceeded or self._oom_kills() > self.kills_before
         return self.exceeded
 
     def end(self) -> None:
         """Kill whatever is left, wait until the cgroups are empty, read whether the kernel killed
-        a process of the run for memory, remove the cgroups."""
+        a process of the run for memory; keep the cgroups for the next run (removed if a process
+        would not go)."""
         _empty(self.dirs)
         self.over()  # after the last process: a kill at the very end counts too
-        _remove_dirs(self.dirs)
+        if any(_words(d / "cgroup.procs") for d in self.dirs):
+            _remove_dirs(self.dirs)  # logs a warning
+            return
+        with _idle_lock:
+            _idle.setdefault(self.key, []).append(self.name)
 
 
 # --- polling --------------------------------------------------------------------------------

@@ -405,11 +405,17 @@ def _run_dirs(limit) -> list[Path]:
     return limit.dirs if hasattr(limit, "dirs") else [limit.dir]
 
 
+def _ended(limit) -> bool:
+    """The run's cgroups are gone (v2) or empty and idle for the next run (v1)."""
+    return all(not d.exists() or not (d / "cgroup.procs").read_text().split() for d in _run_dirs(limit))
+
+
 def test_a_run_cgroup_holds_the_run_alone_and_always_goes():
     """With the default cgroup mechanism, unsandboxed (no sandbox needed): the run's cgroups
     hold its process and nothing else (never this process); a program over the limit is killed
-    by the kernel and reported; the cgroups are removed after a normal end, after a time-out
-    and when the run fails to start."""
+    by the kernel and reported, and the next run in the same (reused) cgroup is not; the
+    cgroups are emptied after a normal end, after a time-out and when the run fails to start,
+    and removed by ``release_idle`` (at exit)."""
     m = _default_cgroup()
     limit = memlimit.open_run(64, 8)
     proc = subprocess.Popen(limit.command(["sleep", "30"]))
@@ -422,21 +428,27 @@ def test_a_run_cgroup_holds_the_run_alone_and_always_goes():
             assert (d / "cgroup.procs").read_text().split() == [str(proc.pid)]
     finally:
         limit.end()
-    assert proc.wait(timeout=10) == -9 and not limit.exceeded
-    assert not any(d.exists() for d in _run_dirs(limit)), "a run's cgroup was left behind"
+    assert proc.wait(timeout=10) == -9 and not limit.exceeded and _ended(limit)
     env, big = {"PATH": "/usr/bin:/bin"}, "x = b'1' * (200 << 20); print('survived')"
-    limit = memlimit.open_run(64, 8)
-    r = sb._run([sys.executable, "-c", big], env, "/", "", "unsafe-local", False, 30.0, 1024, None, limit)
-    assert r.memory_exceeded and "survived" not in r.stdout and not any(d.exists() for d in _run_dirs(limit)), r
+    used = []
+    for program, exceeded in ((big, True), ("print('fine')", False)):
+        limit = memlimit.open_run(64, 8)
+        r = sb._run([sys.executable, "-c", program], env, "/", "", "unsafe-local", False, 30.0, 1024, None, limit)
+        assert r.memory_exceeded == exceeded and ("survived" not in r.stdout) and _ended(limit), r
+        used.append(_run_dirs(limit))
+    if m.kind == "cgroup1":
+        assert used[0] == used[1], "the idle cgroup was not reused"
     limit = memlimit.open_run(64, 8)
     r = sb._run(["sleep", "30"], env, "/", "", "unsafe-local", False, 0.3, 1024, None, limit)
-    assert r.timed_out and not r.memory_exceeded and not any(d.exists() for d in _run_dirs(limit)), r
+    assert r.timed_out and not r.memory_exceeded and _ended(limit), r
     limit = memlimit.open_run(64, 8)
     with pytest.raises(FileNotFoundError):
         sb._run(["true"], env, "/no/such/directory", "", "unsafe-local", False, 5.0, 1024, None, limit)
-    assert not any(d.exists() for d in _run_dirs(limit))
+    assert _ended(limit)
     if m.kind == "cgroup1":
         assert len(_run_dirs(limit)) == (2 if m.pids_parent else 1)
+        memlimit.release_idle()
+        assert not any(d.exists() for dirs in used for d in dirs) and not any(d.exists() for d in _run_dirs(limit))
 
 
 def test_stale_v1_run_cgroups_of_a_killed_trainer_are_removed(monkeypatch):
@@ -490,6 +502,8 @@ def user_facts(ordinary_user, user_cgroup, backend: str, cases: list[str], env: 
     if "no such cgroup is usable here" in r.stderr:
         pytest.skip(r.stderr.strip().splitlines()[-1])
     assert r.returncode == 0, r.stderr[-2000:]
+    if user_cgroup is not None:  # the user's idle run cgroups went when its process exited
+        assert [p for p in user_cgroup.iterdir() if p.is_dir()] == []
     return json.loads(r.stdout)
 
 
