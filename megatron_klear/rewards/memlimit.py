@@ -403,8 +403,9 @@ def _remove_stale(*parents: Union[Path, str]) -> None:
                         pass
 
 
-# Idle v1 run cgroups, reused: a process in a memory cgroup made just for it starts ~8-10 ms
-# slower than in one used before (python -I -S -c pass: 26 vs 20 ms, 18 ms in no new cgroup).
+# Idle v1 run cgroups, reused: on a loaded machine a process in a memory cgroup made just for
+# it started slower than in one used before (python -I -S -c pass: 26 vs 20 ms at a load average
+# of 8; on a quiet machine the same, 6.8 ms), and making and removing one is work saved.
 # (parent, pids parent) -> names of empty run cgroups; removed at exit, or by the next trainer
 # (``_remove_stale``) if this one is killed outright.
 _idle: dict[tuple[Path, Optional[Path]], list[str]] = {}
