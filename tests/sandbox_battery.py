@@ -13,13 +13,16 @@ system python.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from megatron_klear.rewards import memlimit
 from megatron_klear.rewards.code import score_code
 from megatron_klear.rewards.sandbox import run_program
 
@@ -167,8 +170,34 @@ def fork_bomb_that_exits(ctx: dict, backend: str) -> dict:
 MEMORY_MB = 256  # the run's limit in the memory cases: small, the machine is shared
 
 
+def _own_oom_kills() -> int:
+    """Out-of-memory kills in this process's own memory cgroup, not counting its children's
+    (v1: memory.oom_control; v2: memory.events.local); 0 where there is none to read."""
+    v1 = memlimit.cgroup1_dir("memory")
+    files = [v1 / "memory.oom_control"] if isinstance(v1, Path) else []
+    v2 = next((line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line[:3] == "0::"), None)
+    if v2 is not None:
+        files.append(Path("/sys/fs/cgroup") / v2.lstrip("/") / "memory.events.local")
+    total = 0
+    for f in files:
+        with contextlib.suppress(OSError):
+            total += sum(int(line.split()[1]) for line in f.read_text().splitlines() if line.startswith("oom_kill "))
+    return total
+
+
+def _left_cgroups(m: memlimit.Mechanism) -> list[str]:
+    """This process's run cgroups that still hold a process (empty v1 ones wait for the next run)."""
+    dirs = [p for d in (m.parent, m.pids_parent) if d is not None for p in d.glob(f"*run-{os.getpid()}-*")]
+    return [str(p) for p in dirs if (p / "cgroup.procs").read_text().split()]
+
+
 def forked_children(ctx: dict, backend: str) -> dict:
-    """Eight children of 100 MB each under a 256 MB limit for the whole run."""
+    """Eight children of 100 MB each under a 256 MB limit for the whole run; and what the host
+    saw: the run's peak, a bystander process (alive after?), this process's cgroups (the same?)
+    and its own memory cgroup's out-of-memory kills (none?)."""
+    m = memlimit.mechanism()
+    own, kills = Path("/proc/self/cgroup").read_text(), _own_oom_kills()
+    bystander = subprocess.Popen(["sleep", "60"])
     peak = sandbox_user.HostPeak(tuple(ctx["uid_range"]))
     t = time.monotonic()
     try:
@@ -176,8 +205,21 @@ def forked_children(ctx: dict, backend: str) -> dict:
     finally:
         run_s = time.monotonic() - t
         peak_mb = peak.stop_mb()
+        bystander_alive = bystander.poll() is None
+        bystander.kill()
+        bystander.wait()
     facts = scored(sandbox_user.FORKED_CHILDREN, "done", backend, memory_mb=MEMORY_MB, timeout_s=10)
-    return {**facts, "memory_exceeded": r.memory_exceeded, "ok": r.ok, "run_s": run_s, "peak_mb": peak_mb}
+    host = {"bystander_alive": bystander_alive, "own_cgroups_same": own == Path("/proc/self/cgroup").read_text()}
+    host.update(own_oom_kills=_own_oom_kills() - kills, left_cgroups=_left_cgroups(m))
+    return {
+        **facts,
+        "memory_exceeded": r.memory_exceeded,
+        "ok": r.ok,
+        "run_s": run_s,
+        "peak_mb": peak_mb,
+        "mechanism": m.kind,
+        **host,
+    }
 
 
 _POOL = """import sys, threading

@@ -4,14 +4,18 @@ user and, when root, as an ordinary user) and what the isolation costs over a ba
 interpreter, and code test executions/s with N workers on a realistic mix.
 
     python tools/bench_rewards.py [--workers 1 2 4] [--runs 40] [--user NAME] [--baseline DIR]
-                                  [--json bench_rewards.json]
+                                  [--undelegated] [--json bench_rewards.json]
 
 Start-up is the wall time of a whole ``run_program("pass")`` call: a temporary directory, the
 run's memory limit (its cgroup, or the poller's snapshot and polls; the mechanism is printed
 and in the JSON), the sandbox, the supervisor, the interpreter, teardown. The bare interpreter
 row is the sandbox's interpreter with the same flags and no sandbox; a backend's isolation
-overhead is its median minus that. As root, the ordinary-user figures come from a user created
-for the run (or ``--user``), running this script with ``--sandbox-only`` through runuser.
+overhead is its median minus that. Where the mechanism is a cgroup, rows "<backend> (polling)"
+take turns with the others, the same sandbox with the poller forced: what the cgroup costs. As
+root, the ordinary-user figures come from a user created for the run (or ``--user``), running
+this script with ``--sandbox-only`` through runuser, in a cgroup v1 memory cgroup delegated to it
+where this machine has one (``sandbox_user.delegated_memory_cgroup``; ``--undelegated``: not,
+so that it polls).
 ``--baseline DIR``: another checkout's sandbox (e.g. the main branch) takes turns with this
 one, run by run, as rows "<backend> (baseline)": what a change costs, measured under the same
 load (its sandbox.py may import only what this tree has). The JSON has the load average before
@@ -91,6 +95,15 @@ def _timed(run, backend: str) -> float:
     return time.perf_counter() - t
 
 
+def _polled(run, backend: str) -> float:
+    """``_timed`` with the poller forced for this one run."""
+    os.environ[memlimit.ENV] = "poll"
+    try:
+        return _timed(run, backend)
+    finally:
+        del os.environ[memlimit.ENV]
+
+
 def _baseline(tree: str):
     """``tree``'s megatron_klear/rewards/sandbox.py, loaded as a module of its own."""
     spec = importlib.util.spec_from_file_location("baseline_sandbox", Path(tree) / "megatron_klear/rewards/sandbox.py")
@@ -103,7 +116,8 @@ def _baseline(tree: str):
 def startup(runs: int, baseline: str | None = None) -> dict:
     """{backend: {median_ms, p95_ms, overhead_ms}} for every working backend and for the bare
     interpreter (the sandbox's own, same flags, no sandbox), and "<backend> (baseline)" rows
-    for ``baseline``'s sandbox; {backend: {"unusable": reason}} for the others. The kinds take
+    for ``baseline``'s sandbox, "<backend> (polling)" rows where the mechanism is a cgroup;
+    {backend: {"unusable": reason}} for the others. The kinds take
     turns run by run, so that a burst of load on a shared machine weighs on all of them alike."""
     kinds = {"bare interpreter": _bare_run}
     base = _baseline(baseline) if baseline else None
@@ -111,6 +125,8 @@ def startup(runs: int, baseline: str | None = None) -> dict:
     for backend in ["bwrap", "firejail"]:
         if backend in available_backends():
             kinds[backend] = functools.partial(_timed, run_program, backend)
+            if memlimit.mechanism().is_cgroup and memlimit.ENV not in os.environ:
+                kinds[f"{backend} (polling)"] = functools.partial(_polled, run_program, backend)
             if base is not None:
                 kinds[f"{backend} (baseline)"] = functools.partial(_timed, base.run_program, backend)
         else:
@@ -157,6 +173,7 @@ def sandbox_figures(runs: int, baseline: str | None, memory_runs: int) -> dict:
     """This user's start-up table, memory-limit figures and mechanism."""
     return {
         "memory_limit": memlimit.mechanism().describe(),
+        "memory_mechanism": memlimit.mechanism().kind,
         "startup": startup(runs, baseline),
         "memory": memory_limit(memory_runs),
     }
@@ -169,12 +186,13 @@ def sandbox_figures_as_user(a: argparse.Namespace) -> dict:
     try:
         with contextlib.ExitStack() as stack:
             name = a.user or stack.enter_context(sandbox_user.temporary_user("mkbench"))
+            cgroup = None if a.undelegated else stack.enter_context(sandbox_user.delegated_memory_cgroup(name))
             args = ["--sandbox-only", "--runs", str(a.runs), "--memory-runs", str(a.memory_runs)]
             args += ["--baseline", a.baseline] if a.baseline else []
-            r = sandbox_user.python_as(name, ["tools/bench_rewards.py", *args])
+            r = sandbox_user.python_as(name, ["tools/bench_rewards.py", *args], cgroup=cgroup)
             if r.returncode != 0:
                 return {"skipped": f"the run as {name} failed: {r.stderr.strip()[-500:]}"}
-            return {"user": name, **json.loads(r.stdout)}
+            return {"user": name, "delegated_cgroup": str(cgroup) if cgroup else None, **json.loads(r.stdout)}
     except sandbox_user.UserUnavailable as e:
         return {"skipped": str(e)}
 
@@ -207,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-runs", type=int, default=3, help="memory-limit runs per backend")
     p.add_argument("--sandbox-only", action="store_true", help="print the sandbox figures as JSON and exit")
     p.add_argument("--baseline", default=None, help="another checkout whose sandbox takes turns with this one")
+    p.add_argument("--undelegated", action="store_true", help="no delegated cgroup for the ordinary user")
     p.add_argument("--json", default="bench_rewards.json")
     a = p.parse_args(argv)
     if a.sandbox_only:

@@ -5,7 +5,10 @@ Root only: ``temporary_user`` creates a user with a home directory (firejail nee
 removes it, home included, afterwards. ``python_as`` runs a script of this repository as that
 user with a clean environment and an interpreter the user can execute (a virtualenv under
 /root is not one: the system python3 is used then, with the repository on ``PYTHONPATH``;
-the reward code needs only the standard library for code scoring). ``HostPeak`` samples the
+the reward code needs only the standard library for code scoring), optionally in a cgroup v1
+memory cgroup delegated to that user (``delegated_memory_cgroup``, as an admin delegates one
+with ``cgcreate -a USER -t USER``: the user's sandbox runs then get cgroups of their own in
+it). ``HostPeak`` samples the
 memory of a run's processes from /proc, independently of the sandbox's own accounting;
 ``FORKED_CHILDREN`` is the program that a per-process memory limit did not stop.
 """
@@ -22,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
+
+from megatron_klear.rewards import memlimit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,12 +149,35 @@ def user_python(user: str) -> tuple[str, ...]:
 
 
 def python_as(
-    user: str, args: list[str], env: Optional[dict] = None, timeout: float = 300
+    user: str, args: list[str], env: Optional[dict] = None, timeout: float = 300, cgroup: Optional[Path] = None
 ) -> subprocess.CompletedProcess:
-    """Run ``python args...`` as ``user`` from the repository root, with a minimal environment."""
+    """Run ``python args...`` as ``user`` from the repository root, with a minimal environment;
+    in ``cgroup`` (a delegated cgroup's directory) if given."""
     home = os.path.expanduser(f"~{user}")
     base = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT)}
     argv = ["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in {**base, **(env or {})}.items())]
-    return subprocess.run(
-        argv + list(user_python(user)) + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    argv += list(user_python(user)) + args
+    if cgroup is not None:
+        argv = memlimit.joined([cgroup / "cgroup.procs"], argv)
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def delegated_memory_cgroup(user: str) -> Iterator[Optional[Path]]:
+    """A cgroup v1 memory cgroup under this (root) process's own, owned by ``user`` as
+    ``cgcreate -a USER -t USER`` makes one, for ``python_as(cgroup=...)``; removed afterwards
+    with whatever is left in it. Yields None where this process's v1 memory cgroup is not
+    writable (no v1 memory hierarchy, or not root)."""
+    own = memlimit.cgroup1_dir("memory")
+    if isinstance(own, str) or not os.access(own, os.W_OK):
+        yield None
+        return
+    d = own / f"megatron-klear-user-{user}"
+    d.mkdir()
+    try:
+        entry = pwd.getpwnam(user)
+        for p in (d, d / "cgroup.procs", d / "tasks"):
+            os.chown(p, entry.pw_uid, entry.pw_gid)
+        yield d
+    finally:
+        memlimit.end_cgroups([*(p for p in d.iterdir() if p.is_dir()), d])

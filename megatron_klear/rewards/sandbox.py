@@ -19,8 +19,8 @@ Backends, in order of preference; both work as root and as an ordinary user:
   program runs as a pool uid (``setpriv``).
 
 The run's memory limit (``memory_mb``) holds for all of its processes together, in resident
-memory: a cgroup v2 of its own where one can be made, else a poller outside the sandbox that
-kills the run over the limit (``memlimit``; the mechanism is logged once). Inside either
+memory: a cgroup of its own (v2, else v1) where one can be made, else a poller outside the
+sandbox that kills the run over the limit (``memlimit``; the mechanism is logged once). Inside either
 sandbox, rlimits (processes and threads, file size, no core dumps, an 8 MB stack, and an
 address space per process of ``memory_mb`` plus a stack for each thread the run may have, as a
 backstop) are set after the sandbox's user namespace exists, where the process count is the
