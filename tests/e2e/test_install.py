@@ -1,0 +1,100 @@
+"""The install resolves: pip's resolver (``pip install --dry-run --report``, against the package
+index) on every extra of setup.py, and what it would install.
+
+* ``trainer`` / ``trainer-cu12`` in this environment (which has its torch, like a cluster's
+  trainer venv): Transformer Engine of megatron-core 0.16.1's range with the named core wheel
+  (cu13 / cu12), and no torch replaced. Transformer Engine's torch extension is not resolved
+  here: it is an sdist whose metadata step reads ``torch.version.cuda`` (None on a CPU build),
+  which is why it is not in the extra and tools/setup_cluster_envs.sh builds it after.
+* ``rollout`` in an empty environment (``--ignore-installed``: its own venv): the SGLang pins,
+  the torch and transformers they force, and a transformers our declared range accepts.
+
+Run with a current pip (its wheel, cached under ``$KLEAR_CACHE``, default ~/.cache/megatron-klear):
+pip 23 loses the ``core_cu13`` extra inside ours. Skips, saying why, when no package index answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+from tests.jobs import ROOT
+
+CACHE = Path(os.environ.get("KLEAR_CACHE", Path.home() / ".cache" / "megatron-klear"))
+TE_RANGE = SpecifierSet(">=2.9.0a0,<2.12.0")  # megatron-core 0.16.1's "dev" extra
+
+
+@pytest.fixture(scope="module")
+def pip() -> list[str]:
+    """``[python, <current pip wheel>/pip]``: a current pip run from its wheel, on this Python."""
+    folder = CACHE / "pip"
+    wheels = sorted(folder.glob("pip-*.whl"))
+    if not wheels:
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "pip", "-d", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        wheels = sorted(folder.glob("pip-*.whl"))
+        if r.returncode != 0 or not wheels:
+            pytest.skip(f"no package index answers here (pip download pip: {r.stderr.strip()[-300:]})")
+    return [sys.executable, f"{wheels[-1]}/pip"]
+
+
+def resolve(pip: list[str], spec: str, tmp_path: Path, empty_env: bool = False) -> dict[str, dict]:
+    """What ``pip install spec`` would install here (or into an empty venv): name -> metadata."""
+    report = tmp_path / f"report-{abs(hash(spec))}.json"
+    cmd = [*pip, "install", "--dry-run", "--quiet", "--report", str(report), spec]
+    if empty_env:
+        cmd.insert(len(pip) + 2, "--ignore-installed")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"pip's resolver failed on {spec}:\n{r.stderr[-3000:]}"
+    return {canonicalize_name(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
+
+
+def extra(ours: dict, name: str) -> list[Requirement]:
+    """The requirements of our extra ``name``, from the metadata pip built of setup.py."""
+    reqs = [Requirement(line) for line in ours["requires_dist"]]
+    return [r for r in reqs if r.marker is not None and r.marker.evaluate({"extra": name})]
+
+
+def test_trainer_extras_keep_this_torch(pip, tmp_path):
+    import torch
+
+    for name, core in (("trainer", "transformer-engine-cu13"), ("trainer-cu12", "transformer-engine-cu12")):
+        plan = resolve(pip, f".[{name},wandb,test]", tmp_path)
+        assert "torch" not in plan, f"[{name}] would replace torch {torch.__version__} with {plan['torch']['version']}"
+        assert not {"sglang", "sglang-router", "flashinfer-python"} & set(plan), f"[{name}] pulls the rollout stack"
+        te, te_core = plan["transformer-engine"]["version"], plan[core]["version"]
+        assert te == te_core and te in TE_RANGE, (name, te, te_core)
+        other = {"transformer-engine-cu12", "transformer-engine-cu13"} - {core}
+        assert not other & set(plan), f"[{name}] installs both core wheels"
+        assert "megatron-core" not in plan or plan["megatron-core"]["version"].startswith("0.16.")
+        (req,) = extra(plan["megatron-klear"], name)
+        assert req.specifier == TE_RANGE, f"[{name}] is not megatron-core 0.16.1's Transformer Engine range: {req}"
+
+
+def test_rollout_extra_resolves_in_its_own_venv(pip, tmp_path):
+    plan = resolve(pip, ".[rollout]", tmp_path, empty_env=True)
+    ours = plan["megatron-klear"]
+    pins = {canonicalize_name(r.name): str(r.specifier) for r in extra(ours, "rollout")}
+    assert pins == {"sglang": "==0.5.23", "sglang-router": "==0.3.2"}
+    assert plan["sglang"]["version"] == "0.5.23" and plan["sglang-router"]["version"] == "0.3.2"
+    # what SGLang forces, and why it has a venv of its own (README, "Install on a GPU cluster")
+    assert plan["torch"]["version"] == "2.14.1", plan["torch"]["version"]
+    declared = next(Requirement(r) for r in ours["requires_dist"] if Requirement(r).name == "transformers")
+    assert plan["transformers"]["version"] in declared.specifier, (plan["transformers"]["version"], declared)
+    assert plan["megatron-core"]["version"].startswith("0.16.")
+    # the CPU test venv (.venv-sglang, tools/setup_env.sh) installs the same pins
+    text = (ROOT / "tools" / "setup_env.sh").read_text()
+    assert re.search(r"SGLANG_PINS=\((.*)\)", text).group(1).split() == [f"{k}{v}" for k, v in pins.items()]
