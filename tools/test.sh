@@ -11,7 +11,7 @@ source tools/setup_env.sh
 # The real SGLang server of the real_sglang tests (its own venv, .venv-sglang).
 setup_sglang_env
 
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Without a GPU the Triton kernels run (slowly, for correctness) under the interpreter.
 [ -e /dev/nvidia0 ] || export TRITON_INTERPRET=1
 # A real one-node Slurm for tests/e2e/test_slurm.py (installs slurmctld/slurmd/munge when root on

@@ -9,57 +9,27 @@ index) on every extra of setup.py, and what it would install.
 * ``rollout`` in an empty environment (``--ignore-installed``: its own venv): the SGLang pins,
   the torch and transformers they force, and a transformers our declared range accepts.
 
-Run with a current pip (its wheel, cached under ``$KLEAR_CACHE``, default ~/.cache/megatron-klear):
-pip 23 loses the ``core_cu13`` extra inside ours. Skips, saying why, when no package index answers.
+Run with a current pip (``tests.pypi.current_pip``: pip 23 loses the ``core_cu13`` extra inside
+ours); skips, saying why, when no package index answers.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from tests.jobs import ROOT
+from tests.pypi import ROOT, current_pip, resolve
 
-CACHE = Path(os.environ.get("KLEAR_CACHE", Path.home() / ".cache" / "megatron-klear"))
 TE_RANGE = SpecifierSet(">=2.9.0a0,<2.12.0")  # megatron-core 0.16.1's "dev" extra
 
 
 @pytest.fixture(scope="module")
 def pip() -> list[str]:
-    """``[python, <current pip wheel>/pip]``: a current pip run from its wheel, on this Python."""
-    folder = CACHE / "pip"
-    wheels = sorted(folder.glob("pip-*.whl"))
-    if not wheels:
-        r = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "pip", "-d", str(folder)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        wheels = sorted(folder.glob("pip-*.whl"))
-        if r.returncode != 0 or not wheels:
-            pytest.skip(f"no package index answers here (pip download pip: {r.stderr.strip()[-300:]})")
-    return [sys.executable, f"{wheels[-1]}/pip"]
-
-
-def resolve(pip: list[str], spec: str, tmp_path: Path, empty_env: bool = False) -> dict[str, dict]:
-    """What ``pip install spec`` would install here (or into an empty venv): name -> metadata."""
-    report = tmp_path / f"report-{abs(hash(spec))}.json"
-    cmd = [*pip, "install", "--dry-run", "--quiet", "--report", str(report), spec]
-    if empty_env:
-        cmd.insert(len(pip) + 2, "--ignore-installed")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"pip's resolver failed on {spec}:\n{r.stderr[-3000:]}"
-    return {canonicalize_name(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
+    return current_pip()
 
 
 def extra(ours: dict, name: str) -> list[Requirement]:
@@ -68,11 +38,11 @@ def extra(ours: dict, name: str) -> list[Requirement]:
     return [r for r in reqs if r.marker is not None and r.marker.evaluate({"extra": name})]
 
 
-def test_trainer_extras_keep_this_torch(pip, tmp_path):
+def test_trainer_extras_keep_this_torch(pip):
     import torch
 
     for name, core in (("trainer", "transformer-engine-cu13"), ("trainer-cu12", "transformer-engine-cu12")):
-        plan = resolve(pip, f".[{name},wandb,test]", tmp_path)
+        plan = resolve(pip, f".[{name},wandb,test]")
         assert "torch" not in plan, f"[{name}] would replace torch {torch.__version__} with {plan['torch']['version']}"
         assert not {"sglang", "sglang-router", "flashinfer-python"} & set(plan), f"[{name}] pulls the rollout stack"
         te, te_core = plan["transformer-engine"]["version"], plan[core]["version"]
@@ -84,8 +54,8 @@ def test_trainer_extras_keep_this_torch(pip, tmp_path):
         assert req.specifier == TE_RANGE, f"[{name}] is not megatron-core 0.16.1's Transformer Engine range: {req}"
 
 
-def test_rollout_extra_resolves_in_its_own_venv(pip, tmp_path):
-    plan = resolve(pip, ".[rollout]", tmp_path, empty_env=True)
+def test_rollout_extra_resolves_in_its_own_venv(pip):
+    plan = resolve(pip, ".[rollout]", empty_env=True)
     ours = plan["megatron-klear"]
     pins = {canonicalize_name(r.name): str(r.specifier) for r in extra(ours, "rollout")}
     assert pins == {"sglang": "==0.5.23", "sglang-router": "==0.3.2"}

@@ -26,6 +26,7 @@ LAYERS = {
     "distributed": 0,
     "cli": 0,
     "console": 0,
+    "known_warnings": 0,
     "data": 1,
     "ops": 1,
     "rewards": 1,
