@@ -40,19 +40,18 @@ def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, 
 
 def ipc_receiver(payloads: list[str], out: str) -> None:
     """What an SGLang TP rank on the same GPU does with a colocated payload: unpickle it (the
-    flat CUDA tensor comes back from its IPC handle) and slice the tensors out of it
-    (``FlattenedTensorBucket.reconstruct_tensors``). Saves the tensors on the CPU."""
-    import base64
-    import pickle
+    flat CUDA tensor comes back from its IPC handle, its GPU named by UUID) and slice the tensors
+    out of it (``FlattenedTensorBucket.reconstruct_tensors``). Saves the tensors on the CPU."""
+    from megatron_klear.inference import sglang_api as api
 
-    got, devices = {}, set()
+    got, devices, sent = {}, set(), []
     for payload in payloads:
-        obj = pickle.loads(base64.b64decode(payload))
+        obj = api.load_payload(payload, sent)
         flat = obj["flattened_tensor"]
         devices.add(str(flat.device))
         for m in obj["metadata"]:
             got[m.name] = flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape).cpu()
-    torch.save(dict(tensors=got, devices=sorted(devices)), out)
+    torch.save(dict(tensors=got, devices=sorted(devices), devices_sent=sorted(set(map(str, sent)))), out)
 
 
 def ipc_sender_worker(hf_dir: str, out: str) -> None:
@@ -80,6 +79,8 @@ def ipc_sender_worker(hf_dir: str, out: str) -> None:
         receiver = torch.multiprocessing.get_context("spawn").Process(target=ipc_receiver, args=(payloads, out))
         receiver.start()
         receiver.join(120)
-        torch.save(dict(exitcode=receiver.exitcode, globals=sorted(names), sent=str(flats[0].device)), out + ".sender")
+        uuid = str(torch.cuda.get_device_properties(flats[0].device).uuid)
+        sender = dict(exitcode=receiver.exitcode, globals=sorted(names), sent=str(flats[0].device), uuid=uuid)
+        torch.save(sender, out + ".sender")
     finally:
         destroy_distributed()
