@@ -74,6 +74,12 @@ KNOWN: tuple[tuple[type[Warning], str, str], ...] = (
 )
 
 
+def pytest_filters() -> list[str]:
+    """``KNOWN`` as pytest ``filterwarnings`` lines (tests/conftest.py): pytest restores the
+    filters after collecting, so the ones ``install`` set at import would not reach the tests."""
+    return [f"ignore:{message}:{category.__name__}" for category, message, _why in KNOWN]
+
+
 def install() -> None:
     """Ignore the warnings in ``KNOWN`` (once per process; filters given with ``-W`` stay behind)."""
     for category, message, _why in KNOWN:

@@ -50,11 +50,13 @@ from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.models.hf_mapping import num_params
 from megatron_klear.models.qwen3 import (
+    FP8_FORMATS,
     FP8_RECIPES,
     RECOMPUTE,
     RECOMPUTE_METHODS,
     RECOMPUTE_MODULES,
     ModelOptions,
+    fp8_sequence_multiple,
     have_transformer_engine,
 )
 from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict
@@ -262,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None)
     p.add_argument("--recompute-method", choices=RECOMPUTE_METHODS, default="uniform")
     p.add_argument("--recompute-num-layers", type=int, default=None)
-    p.add_argument("--fp8", choices=FP8_RECIPES, default=None, help="Transformer Engine FP8 recipe")
+    p.add_argument("--fp8", choices=FP8_FORMATS, default=None, help="Transformer Engine FP8 format")
+    p.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="tensorwise", help="FP8 scaling recipe")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--logprob-impl", default="torch", choices=["torch", "triton"])
     p.add_argument("--peak-tflops", type=float, default=None, help="per device, for MFU (H100 SXM bf16: 989)")
@@ -289,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ModelOptions(
         use_te=have_transformer_engine(),
         fp8=a.fp8,
+        fp8_recipe=a.fp8_recipe,
         recompute=a.recompute,
         recompute_method=a.recompute_method,
         recompute_num_layers=a.recompute_num_layers,
@@ -299,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         par.validate()
         opts.validate()
         check_sequence_layout(L, par, "--seq-len")
+        multiple = fp8_sequence_multiple(a.tp, a.sequence_parallel, a.cp)
+        if a.fp8 and L % multiple:
+            raise ConfigError(f"--seq-len {L} must be a multiple of {multiple} with --fp8 (FP8 GEMM alignment)")
     except ConfigError as e:
         p.error(str(e))
     init_distributed(par)
@@ -357,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         recompute_method=a.recompute_method if a.recompute == "full" else None,
         recompute_num_layers=a.recompute_num_layers,
         fp8=a.fp8,
+        fp8_recipe=a.fp8_recipe if a.fp8 else None,
         documents=lengths.tolist(),
         devices=world,
         dtype=dtype,
@@ -374,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{a.shape} ({num_params(hf) / 1e6:.2f}M params) seq {L} x {a.micro_batches} micro-batches, "
             f"tp={a.tp} pp={a.pp} cp={a.cp} dp={dp} sp={a.sequence_parallel} recompute={a.recompute} "
-            f"{a.recompute_modules or ''} fp8={a.fp8} on {result['device']}, {dtype}, TE={use_te}"
+            f"{a.recompute_modules or ''} fp8={a.fp8}{'/' + a.fp8_recipe if a.fp8 else ''} on {result['device']}, "
+            f"{dtype}, TE={use_te}"
         )
         print("| step s | fwd+bwd s | optimizer s | tokens/s/device | model TFLOP/s/device | MFU |")
         print("|---:|---:|---:|---:|---:|---:|")

@@ -139,5 +139,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop_daemons; log "stopped" ;;
   env) echo "export SLURM_CONF=$CONF" ;;
+  -h | --help) sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' ;;
   *) die "usage: $0 start|stop|env" ;;
 esac

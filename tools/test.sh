@@ -5,6 +5,7 @@
 # (torch==2.13.0: never a multi-GB CUDA build on a CPU machine), the project with its test
 # extra, the system packages the tests use, and the pinned SGLang in .venv-sglang. Idempotent: quick the second time.
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 source tools/setup_env.sh

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, out: str) -> None:
-    """The Megatron model (torch-native spec) on CUDA: float32 logits and the gradients of
-    ``sum(logits * weights)`` w.r.t. two norm weights; bfloat16 logits of the same ids."""
+def model_fwd_bwd_worker(
+    hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, out: str, use_te: bool = False
+) -> None:
+    """The Megatron model on CUDA (the torch-native spec, or Transformer Engine's with ``use_te``):
+    float32 logits and the gradients of ``sum(logits * weights)`` w.r.t. two norm weights;
+    bfloat16 logits of the same ids."""
     from megatron_klear.checkpoint.hf_io import HFReader
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
     from megatron_klear.models.config import load_hf_config
@@ -20,7 +23,7 @@ def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, 
         cfg = load_hf_config(hf_dir)
         result = {}
         for dtype in ("float32", "bfloat16"):
-            opts = ModelOptions(params_dtype=dtype, use_te=False)  # the torch-native spec, TE or not
+            opts = ModelOptions(params_dtype=dtype, use_te=use_te)  # explicit: TE installed or not
             model = build_model(cfg, opts, init_weights=False)
             load_hf_weights(model, cfg, HFReader(hf_dir).get)
             dev = next(model.parameters()).device
