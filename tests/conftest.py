@@ -11,6 +11,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Debug mode (megatron_klear.debug): every micro-batch's shape contract and every log-prob
+# target are checked, in this process and in the jobs it starts.
+os.environ.setdefault("MEGATRON_KLEAR_DEBUG", "1")
 # Triton kernels run under the interpreter on CPU machines; must be set before triton loads.
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -107,8 +107,10 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
     from megatron_klear.errors import SyncError
     from megatron_klear.inference.hf import HFEngine
+    from megatron_klear.ops.loss import nll_loss
     from megatron_klear.sync.gather import gather_hf_buckets
     from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
+    from megatron_klear.training.batches import MicroBatch
     from megatron_klear.training.step import forward_backward, optimizer_step
 
     init_distributed(ParallelConfig(tp=tp, pp=pp), seed=7)
@@ -116,20 +118,13 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         cfg, eng = hf_train_state(hf_dir)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
-        mb = dict(  # plain rows: forward_backward builds the causal mask
-            input_ids=ids,
-            position_ids=torch.arange(16)[None].expand(2, -1),
-            labels=torch.roll(ids, -1, 1),
-        )
-
-        def loss(logits, mb):
-            from megatron_klear.sft import nll_loss
-
-            m = dict(mb, loss_mask=torch.ones_like(mb["labels"]))
-            return nll_loss(cfg.vocab_size, "torch")(logits, m)
-
+        labels = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=ids.dtype)], 1)  # the last predicts nothing
+        mask = torch.ones(2, 16)
+        mask[:, -1] = 0
+        # plain rows: forward_backward builds the causal mask
+        mb = MicroBatch(ids, torch.arange(16)[None].expand(2, -1), labels, mask)
         for _ in range(3):
-            forward_backward(eng, [mb], loss)
+            forward_backward(eng, [mb], nll_loss(cfg.vocab_size, "torch"))
             optimizer_step(eng)
         rank0 = torch.distributed.get_rank() == 0
         engine = HFEngine(hf_dir) if rank0 else None
@@ -235,12 +230,12 @@ def rl_layout_worker(tp: int, pp: int, hf_dir: str, cases: dict, out: str) -> No
             if ps.is_pipeline_last_stage():
                 for i, (k, row, a) in mini.placement.items():
                     p, r = len(seqs[i].prompt_ids), len(seqs[i].response_ids)
-                    logp[i] = mini.micro[k]["old_lp"][row, a + p - 1 : a + p + r - 1].clone()
+                    logp[i] = mini.micro[k].old_lp[row, a + p - 1 : a + p + r - 1].clone()
             result[name] = dict(
                 logp=logp,
                 report=reduce_reports(reps, REPORT_KEYS),
                 grads=dp_full_grads(state),
-                shapes=[tuple(mb["input_ids"].shape) for mb in mini.micro],
+                shapes=[mb.shape for mb in mini.micro],
             )
         torch.save(result, f"{out}.{torch.distributed.get_rank()}")
     finally:
@@ -322,10 +317,11 @@ def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
     any forward); the saved weights must be the updated ones on every rank's shard."""
     from megatron_klear.checkpoint.megatron_ckpt import load_model
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
-    from megatron_klear.models.forward import causal_mask
     from megatron_klear.models.qwen3 import ModelOptions, build_model
-    from megatron_klear.sft import nll_loss
+    from megatron_klear.ops.loss import nll_loss
+    from megatron_klear.training.batches import MicroBatch
     from megatron_klear.training.checkpoint import save_checkpoint
+    from megatron_klear.training.run_state import RunState
     from megatron_klear.training.step import forward_backward, optimizer_step
 
     init_distributed(ParallelConfig(), seed=3)
@@ -334,12 +330,14 @@ def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
         assert ts.model.ddp_config.overlap_param_gather and ts.model.ddp_config.overlap_grad_reduce
         g = torch.Generator().manual_seed(torch.distributed.get_rank())
         ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=g)
-        mb = dict(input_ids=ids, position_ids=torch.arange(16)[None], attention_mask=causal_mask(16))
-        mb.update(labels=torch.roll(ids, -1, 1), loss_mask=torch.ones(1, 16))
+        labels = torch.cat([ids[:, 1:], torch.zeros(1, 1, dtype=ids.dtype)], 1)
+        mask = torch.ones(1, 16)
+        mask[:, -1] = 0
+        mb = MicroBatch(ids, torch.arange(16)[None], labels, mask)
         forward_backward(ts, [mb], nll_loss(cfg.vocab_size, "torch"))
         optimizer_step(ts)
         before_sync = [p.detach().clone() for p in ts.module.parameters()]
-        ckpt = save_checkpoint(ts, Path(root), 1, {})
+        ckpt = save_checkpoint(ts, Path(root), RunState(step=1))
         current = [p.detach().clone() for p in ts.module.parameters()]
         saved = build_model(cfg, ModelOptions(), init_weights=False)
         load_model(saved, ckpt)

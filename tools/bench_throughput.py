@@ -60,12 +60,13 @@ from megatron_klear.models.qwen3 import (
     have_transformer_engine,
 )
 from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict
+from megatron_klear.ops.loss import nll_loss
 from megatron_klear.rl.batch import minibatches
 from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.rollout import Sample
 from megatron_klear.rl.trainer import train
 from megatron_klear.rl.update import update_policy
-from megatron_klear.sft import check_sequence_layout, nll_loss
+from megatron_klear.sft.config import check_sequence_layout
 from megatron_klear.training.batches import micro_batch
 from megatron_klear.training.metrics import model_flops
 from megatron_klear.training.state import OptimConfig, build_train_state

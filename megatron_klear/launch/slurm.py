@@ -45,7 +45,7 @@ from megatron_klear.inference.sglang_api import wait_healthy
 
 # entry -> (trainer module, "module:ConfigClass")
 ENTRIES = {
-    "sft": ("megatron_klear.sft", "megatron_klear.sft:SFTConfig"),
+    "sft": ("megatron_klear.sft", "megatron_klear.sft.config:SFTConfig"),
     "rl": ("megatron_klear.rl", "megatron_klear.rl.config:RLConfig"),
 }
 

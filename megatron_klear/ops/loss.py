@@ -13,6 +13,8 @@ Per response token, with ``delta = exp(logp - logp_old)`` and group advantage ``
 ``log r = logp - logp_old`` is clamped to +-``LOG_RATIO_LIMIT`` in value only (straight-through
 gradient), so ``exp`` stays finite while GPPO's clipped branches keep their gradient at any ratio.
 
+``nll_loss`` is SFT's micro-batch loss (the token-sum NLL over assistant tokens).
+
 Aggregation (paper Eq. 7, "token-mean"): the sum over response tokens divided by the token
 count of the *whole mini-batch* (pass ``num_tokens``), so the gradient does not depend on how
 the mini-batch is split into micro-batches or data-parallel ranks.
@@ -23,6 +25,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from megatron_klear.ops.logprobs import model_output_logprobs
 
 ALGOS = ("gppo", "clip", "cispo")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -240,3 +244,18 @@ def sft_on_correct_loss(
     keep = (mask > 0) & (correct > 0)[:, None]
     denom = keep.sum().to(logprobs.dtype) if num_tokens is None else torch.as_tensor(num_tokens, dtype=logprobs.dtype)
     return -torch.where(keep, logprobs, torch.zeros((), dtype=logprobs.dtype)).sum() / denom.clamp_min(1)
+
+
+def nll_loss(vocab_size: int, impl: str):
+    """SFT's loss of one micro-batch (anything with ``labels`` and ``loss_mask``) for Megatron's
+    schedule: ``(sum of -log p over supervised tokens, their count, report)``; everything stays
+    on the device."""
+
+    def loss(logits: torch.Tensor, mb):
+        logp, _ = model_output_logprobs(logits, mb.labels, vocab_size, impl=impl)
+        mask = mb.loss_mask.to(logp.dtype)
+        total = -(logp * mask).sum()
+        count = mask.sum().to(torch.int)
+        return total, count, {"loss_sum": total.detach(), "tokens": count.detach()}
+
+    return loss

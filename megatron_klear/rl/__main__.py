@@ -1,5 +1,5 @@
 import sys
 
-from megatron_klear.rl.trainer import main
+from megatron_klear.pipeline import rl_main
 
-sys.exit(main())
+sys.exit(rl_main())

@@ -18,10 +18,12 @@ scored at positions [P - 1, P + R - 1) of their sequence. Two layouts:
   mini-batch is padded with empty sequences to a multiple of DP x ``mbs`` and cut into
   contiguous shares.
 
-Every per-token field travels with its token: the loss mask, the advantage, correctness and
-staleness (a kept surplus group's sample) of its sequence, the engine's log-prob (later also
-the trainer's old log-prob, same layout), and the index of its sequence in the micro-batch
-(``seq_ids``, for sequence-mean aggregation). The global normalisers (response tokens,
+Every per-token field travels with its token in one typed micro-batch (``RLMicroBatch``, whose
+class docstring says which fields are shifted by one token): the loss mask, the advantage and
+correctness of its sequence, the engine's log-prob and the weight version that sampled the
+token (later also the trainer's old log-prob, same layout), and the index of its sequence in
+the micro-batch (``seq_ids``, for sequence-mean aggregation). A new per-token field is one
+field of ``RLMicroBatch`` and one line of ``_packed_row``. The global normalisers (response tokens,
 sequences, tokens of correct responses) are computed from the whole mini-batch before any
 layout, identically on every rank, so the loss does not depend on where a sequence lands. A
 sequence longer than the model's context (``max_seq_len``) is an error. Every rank computes the
@@ -32,19 +34,87 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import numpy as np
+import torch
 
 from megatron_klear.data.sft import PackedSample, assemble_pack
 from megatron_klear.errors import ConfigError
 from megatron_klear.rl.rollout import Group, Sample
-from megatron_klear.training.batches import document_ids, micro_batch
+from megatron_klear.training.batches import MicroBatch, check_field, document_ids, stack_rows
 
 PAD_TO = 8  # rows are padded to a multiple of this many tokens
 
 # rank -> micro-batch -> indices of the mini-batch's sequences (rows of a padded micro-batch)
 Plan = list[list[list[int]]]
+
+
+@dataclass(kw_only=True)
+class RLMicroBatch(MicroBatch):
+    """An RL micro-batch: ``MicroBatch`` (ids, positions, shifted labels and loss mask; the loss
+    mask is 1 exactly on the predictions of response tokens) and, per position:
+
+    shifted by one token, like the labels (position t: the prediction of token t + 1):
+      ``engine_lp``  the engine's log-prob of that token when it sampled it (0 elsewhere);
+      ``old_lp``     the trainer's recomputation before the step's updates (``rl.update``; None
+                     until then);
+      ``ref_lp``     a reference policy's log-prob (None: GPPO uses no reference);
+      ``versions``   the weight version that sampled that token (-1 where no sampled token is
+                     predicted); older than ``policy_version``: stale (``stale``);
+    one value per sequence, on each of its positions (padding is a sequence of its own):
+      ``adv`` (group advantage), ``correct`` (1.0 / 0.0), ``seq_ids`` (its index in the micro-batch).
+    """
+
+    SHIFTED_FIELDS: ClassVar[tuple[str, ...]] = MicroBatch.SHIFTED_FIELDS + (
+        "engine_lp",
+        "old_lp",
+        "ref_lp",
+        "versions",
+    )
+    SEQUENCE_FIELDS: ClassVar[tuple[str, ...]] = ("adv", "correct", "seq_ids")
+    INT_FIELDS: ClassVar[tuple[str, ...]] = MicroBatch.INT_FIELDS + ("versions", "seq_ids")
+
+    engine_lp: torch.Tensor  # [b, s] float32, shifted
+    versions: torch.Tensor  # [b, s] int64, shifted
+    adv: torch.Tensor  # [b, s] float32, per sequence
+    correct: torch.Tensor  # [b, s] float32, per sequence
+    seq_ids: torch.Tensor  # [b, s] int64, per sequence, in [0, b * s)
+    policy_version: int  # the weights trained at: steps trained before this one
+    old_lp: Optional[torch.Tensor] = None  # [b, s] float32, shifted
+    ref_lp: Optional[torch.Tensor] = None  # [b, s] float32, shifted
+
+    def stale(self) -> torch.Tensor:
+        """``[b, s]`` bool: the token was sampled by weights older than the policy trained at."""
+        return (self.versions >= 0) & (self.versions < self.policy_version)
+
+    def validate(self) -> None:
+        """``MicroBatch.validate`` and RL's own contract; an ``AssertionError`` names the field."""
+        super().validate()
+        trained = self.loss_mask > 0
+        v = self.versions
+        check_field(bool(((v[trained] >= 0) & (v[trained] <= self.policy_version)).all()), "versions",
+               f"of trained tokens must lie in [0, policy_version={self.policy_version}]")  # fmt: skip
+        check_field(bool((v[~trained] == -1).all()), "versions", "must be -1 where no sampled token is predicted")
+        for name in ("engine_lp", "old_lp", "ref_lp"):
+            t = getattr(self, name)
+            if t is not None:
+                ok = bool((torch.isfinite(t[trained]) & (t[trained] <= 0)).all())
+                check_field(ok, name, "must be finite log-probs (<= 0) on trained tokens")
+        check_field(bool((self.engine_lp[~trained] == 0).all()), "engine_lp", "must be 0 where nothing is trained")
+        ids = self.seq_ids.reshape(-1)
+        check_field(bool((ids >= 0).all() and (ids < ids.numel()).all()), "seq_ids", "must lie in [0, b * s)")
+        if self.cu_seqlens is not None and self.cp_size == 1:
+            for row, cu in enumerate(self.cu_seqlens):
+                docs = torch.as_tensor(document_ids(np.asarray(cu), self.shape[1]))
+                first = self.seq_ids[row][torch.as_tensor(np.asarray(cu[:-1]), dtype=torch.long)]
+                ok = torch.equal(self.seq_ids[row], first[docs]) and len(set(first.tolist())) == len(first)
+                check_field(ok, "seq_ids", f"of row {row} do not number its documents (cu_seqlens)")
+        for name in ("adv", "correct"):
+            values = getattr(self, name).reshape(-1).double()
+            hi = values.new_full((ids.numel(),), -torch.inf).scatter_reduce(0, ids, values, "amax")
+            lo = values.new_full((ids.numel(),), torch.inf).scatter_reduce(0, ids, values, "amin")
+            check_field(bool((hi[ids] == lo[ids]).all()), name, "is not constant within a sequence (seq_ids)")
 
 
 @dataclass
@@ -63,7 +133,7 @@ class LayoutStats:
 
 @dataclass
 class MiniBatch:
-    micro: list[dict]  # this DP rank's micro-batches
+    micro: list[RLMicroBatch]  # this DP rank's micro-batches
     num_tokens: int  # response tokens in the whole mini-batch (all DP ranks)
     num_seqs: int  # sequences with at least one response token
     correct_tokens: int  # response tokens of correct responses
@@ -84,10 +154,13 @@ def minibatches(
     pad_to: int = PAD_TO,
     max_seq_len: Optional[int] = None,
     use_te: bool = False,
+    policy_version: int = 0,
 ) -> list[MiniBatch]:
     """Split ``groups`` into mini-batches of ``mini_batch_prompts`` groups (the last may be
     smaller when dynamic sampling came up short) and build this rank's micro-batches: packed
-    into ``max_tokens`` budgets, or ``mbs`` padded sequences each when it is None."""
+    into ``max_tokens`` budgets, or ``mbs`` padded sequences each when it is None.
+    ``policy_version``: the weight version trained at (steps trained before this one); a
+    sample of an older version is stale."""
     out = []
     for start in range(0, len(groups), mini_batch_prompts):
         gs = groups[start : start + mini_batch_prompts]
@@ -113,7 +186,8 @@ def minibatches(
                 rows = [_packed_row([seqs[i] for i in members], widths[dp_rank][k])]
                 starts = rows[0].cu_seqlens
                 placement.update({i: (k, 0, int(starts[j])) for j, i in enumerate(members)})
-            micro.append(micro_batch(rows, use_te))
+            fields, cu = stack_rows(rows, use_te)
+            micro.append(RLMicroBatch(**fields, cu_seqlens=cu, policy_version=policy_version))
         out.append(
             MiniBatch(
                 micro=micro,
@@ -230,15 +304,16 @@ def _packed_row(samples: Sequence[Sample], length: int, first_id: int = 0) -> Pa
         target[len(s.prompt_ids) :] = 1.0  # the response tokens are the ones predicted
         docs.append((np.asarray(s.prompt_ids + s.response_ids, np.int64), target))
     row = assemble_pack(docs, length)
-    eng, adv, correct, stale = (np.zeros(length, np.float32) for _ in range(4))
+    eng, adv, correct = (np.zeros(length, np.float32) for _ in range(3))
+    versions = np.full(length, -1, np.int64)
     for s, a in zip(samples, row.cu_seqlens[:-1].tolist()):
         p, r = len(s.prompt_ids), len(s.response_ids)
-        eng[a + p - 1 : a + p + r - 1] = s.engine_logprobs
-        adv[a : a + p + r] = s.advantage
+        eng[a + p - 1 : a + p + r - 1] = s.engine_logprobs  # shifted: the prediction of each response token
+        versions[a + p - 1 : a + p + r - 1] = s.weight_version
+        adv[a : a + p + r] = s.advantage  # per sequence
         correct[a : a + p + r] = float(s.correct)
-        stale[a : a + p + r] = float(s.stale)  # a kept surplus group's sample (rl.loss.ratio_baseline)
     seq_ids = document_ids(row.cu_seqlens, length) + first_id
-    row.extra = dict(engine_lp=eng, adv=adv, correct=correct, stale=stale, seq_ids=seq_ids)
+    row.extra = dict(engine_lp=eng, versions=versions, adv=adv, correct=correct, seq_ids=seq_ids)
     return row
 
 

@@ -4,8 +4,10 @@ Dynamic sampling: groups without signal (``algo.filter_metric``: every reward eq
 response equally correct) are dropped; generation batches continue (up to ``max_gen_batches``)
 until ``prompts_per_step`` groups are kept, and the step then trains on what there is. Kept
 groups beyond the batch are discarded (``data.surplus=discard``, the public code's choice) or,
-with ``keep``, wait in a checkpointed buffer for the next step marked ``stale``: the loss then
-takes their ratio against the engine's log-probs of the policy that sampled them (``rl.loss``).
+with ``keep``, wait in a checkpointed buffer for the next step. Every sample carries the weight
+version that sampled it (the number of steps the engine's weights had trained): a buffered
+group's is older than the policy it is trained at, so the loss takes its ratio against the
+engine's log-probs of the policy that sampled it (``rl.loss``).
 Every prompt of a generation batch is submitted at once (``generate_stream``) and each group is
 scored as soon as its samples are in, so no group waits for the slowest sample of another.
 Samples the engine got back aborted were generated again (``rollout/samples_aborted`` counts
@@ -18,7 +20,7 @@ import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +28,7 @@ import numpy as np
 
 from megatron_klear.data.chat import decode_response, render_prompt, stop_token_ids
 from megatron_klear.data.rl import RLPrompt
+from megatron_klear.errors import CheckpointError, ConfigError
 from megatron_klear.inference.base import Completion, InferenceEngine, SamplingParams
 from megatron_klear.rewards.batch import RewardItem, SandboxFailureBudget, score_batch
 from megatron_klear.rewards.types import RewardResult
@@ -45,10 +48,18 @@ class Sample:
     correct: bool
     reason: str
     advantage: float = 0.0
-    stale: bool = False  # sampled before the previous step's updates (a kept surplus group)
+    # the weights that sampled it: the engine's after this many trained steps (a kept surplus
+    # group's is older than the policy it is trained at: rl.loss.ratio_baseline)
+    weight_version: int = 0
 
 
 Group = list[Sample]
+
+# The checkpointed buffer's rows (``RunState.buffer``): 1 = sample dicts with ``stale`` (every
+# buffered group was stale), 2 = sample dicts with ``weight_version`` instead.
+BUFFER_SCHEMA = 2
+_SAMPLE_FIELDS = tuple(Sample.__dataclass_fields__)
+_SCHEMA_FIELDS = {1: tuple(f for f in _SAMPLE_FIELDS if f != "weight_version") + ("stale",), 2: _SAMPLE_FIELDS}
 
 
 def group_advantages(rewards: Sequence[float], eps: float = 1e-6, std: str = "population") -> list[float]:
@@ -117,7 +128,7 @@ class PromptStream:
             k += 1
             scanned += 1
             if scanned > 2 * len(self.prompts) + n and not out:
-                raise RuntimeError(f"every prompt is longer than rollout.max_prompt_len={self.max_len}")
+                raise ConfigError(f"every prompt is longer than rollout.max_prompt_len={self.max_len}")
             if i not in self._ids:
                 self._ids[i] = render_prompt(self.tok, self.prompts[i].messages)
             if len(self._ids[i]) > self.max_len:
@@ -188,9 +199,10 @@ class Collector:
                         sandbox_failures += failed
                         continue
                     g = [
-                        Sample(prompt.uid, ids, c.output_ids, c.logprobs, c.finish_reason, r.score, r.correct, r.reason)
+                        Sample(prompt.uid, ids, c.output_ids, c.logprobs, c.finish_reason, r.score, r.correct, r.reason,
+                               weight_version=step - 1)  # the engine holds the weights of step - 1
                         for c, r in zip(comps, results)
-                    ]
+                    ]  # fmt: skip
                     for s, adv in zip(g, group_advantages([s.reward for s in g], a.adv_eps, a.adv_std)):
                         s.advantage = adv
                     stats["groups_generated"] += 1
@@ -202,7 +214,7 @@ class Collector:
                     kept.append(g)
                 t_wait += time.time() - t0
         groups, surplus = kept[: d.prompts_per_step], kept[d.prompts_per_step :]
-        rest = [[replace(s, stale=True) for s in g] for g in surplus] if keep_surplus else []
+        rest = surplus if keep_surplus else []
         if dump is not None:
             dump.parent.mkdir(parents=True, exist_ok=True)
             used = {id(g) for g in groups}
@@ -217,7 +229,7 @@ class Collector:
         metrics["rollout/groups_kept"] = len(groups)
         metrics["rollout/groups_buffered"] = len(rest)
         metrics["rollout/groups_discarded"] = len(surplus) - len(rest)
-        metrics["rollout/groups_stale"] = sum(g[0].stale for g in groups)
+        metrics["rollout/groups_stale"] = sum(g[0].weight_version < step - 1 for g in groups)
         metrics["reward/sandbox_failures"] = sandbox_failures
         metrics["time/generate_s"] = t_gen
         metrics["time/reward_wait_s"] = t_wait
@@ -242,9 +254,33 @@ def rollout_metrics(samples: Sequence[Sample]) -> dict:
     }
 
 
-def groups_to_json(groups: list[Group]) -> list[list[dict]]:
+def groups_to_rows(groups: list[Group]) -> list[list[dict]]:
+    """The buffer's rows (schema ``BUFFER_SCHEMA``) of ``groups``, for the run state."""
     return [[asdict(s) for s in g] for g in groups]
 
 
-def groups_from_json(rows: Optional[list]) -> list[Group]:
-    return [[Sample(**s) for s in g] for g in rows or []]
+def groups_from_rows(rows: list, schema: int, step: int) -> list[Group]:
+    """The groups of buffer ``rows`` written in ``schema`` by a checkpoint of ``step``, migrated
+    to this version's samples; rows whose fields are not exactly the schema's, or a schema this
+    code does not know, are a ``CheckpointError`` naming it."""
+    if not rows:
+        return []
+    if schema not in _SCHEMA_FIELDS:
+        raise CheckpointError(
+            f"RL buffer schema {schema!r} is not one this megatron_klear reads (1 to {BUFFER_SCHEMA})"
+        )
+    want = set(_SCHEMA_FIELDS[schema])
+    groups = []
+    for g in rows:
+        group = []
+        for row in g:
+            if set(row) != want:
+                raise CheckpointError(
+                    f"RL buffer schema {schema}: a sample has fields {sorted(set(row) - want)} it should not have "
+                    f"and lacks {sorted(want - set(row))}"
+                )
+            if schema == 1:  # every buffered sample was stale: sampled for step `step`, by its weights
+                row = {k: v for k, v in row.items() if k != "stale"} | {"weight_version": step - 1}
+            group.append(Sample(**row))
+        groups.append(group)
+    return groups

@@ -2,15 +2,17 @@
 
     torchrun --nproc-per-node N -m megatron_klear.rl --config examples/tiny/rl_math.yaml [key=value ...]
 
-One step, top to bottom (``train``):
+One step, top to bottom (``RLRun.train``):
   1. collect (global rank 0): prompts -> G samples each -> rewards -> group advantages ->
      zero-advantage filtering / dynamic sampling; the batch is broadcast to every rank;
   2. update: the trainer recomputes old log-probs, then one optimizer step per mini-batch of
      GPPO (token-mean, global normaliser) + alpha x NLL on correct responses;
   3. sync the weights into the inference engine and check engine vs trainer log-probs on a probe;
   4. log, evaluate, checkpoint.
-``RLRun`` holds what a run sets up once (train state, inference engine, prompts, logger) and
-names each of these phases.
+``RLRun`` is the run's lifecycle (``training.lifecycle``: checks, process groups, lock, resume,
+logs, export) with what RL sets up once (prompts, inference engine, collector) and names each of
+these phases. Running an SFT stage first when the model is missing (``bootstrap``) is the
+pipeline's job (``megatron_klear.pipeline``), not this module's.
 """
 
 from __future__ import annotations
@@ -22,13 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch.distributed as dist
-
-from megatron_klear.cli import run_config_entry
-from megatron_klear.config import load_config, read_yaml, to_dict
 from megatron_klear.data.chat import render_prompt
 from megatron_klear.data.rl import CurationConfig, RLPrompt, load_rl_prompts
-from megatron_klear.distributed import DistEnv, broadcast_object, destroy_distributed, init_distributed, is_main
+from megatron_klear.distributed import DistEnv, broadcast_object, is_main
 from megatron_klear.errors import ConfigError, EngineError, SandboxError, StaleEngineError
 from megatron_klear.inference.base import InferenceEngine
 from megatron_klear.inference.hf import HFEngine
@@ -38,45 +36,20 @@ from megatron_klear.rewards.code import CodeRewardConfig, check_sandbox
 from megatron_klear.rl.batch import PAD_TO, layout_metrics, minibatches
 from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.evaluate import evaluate
-from megatron_klear.rl.rollout import Collector, Group, PromptStream, groups_from_json, groups_to_json
+from megatron_klear.rl.rollout import BUFFER_SCHEMA, Collector, Group, PromptStream, groups_from_rows, groups_to_rows
 from megatron_klear.rl.update import update_policy
-from megatron_klear.sft import SFTConfig
-from megatron_klear.sft import train as sft_train
 from megatron_klear.sync.weights import free_trainer_cache, probe_logprob_diff, sync_weights
-from megatron_klear.training.checkpoint import export_hf, load_first, save_checkpoint
 from megatron_klear.training.guards import maybe_crash
-from megatron_klear.training.metrics import MetricsLogger
-from megatron_klear.training.run import model_source, preflight, prepare_assets, starting_config
-from megatron_klear.training.rundir import open_run, start_logs, writable_problem
-from megatron_klear.training.state import build_train_state
+from megatron_klear.training.lifecycle import RunInputs, TrainingRun
+from megatron_klear.training.run import preflight, starting_config
+from megatron_klear.training.run_state import DataPosition
+from megatron_klear.training.rundir import writable_problem
 
 
 def train(cfg: RLConfig) -> dict:
-    """Run (or resume) RL; returns the last step's metrics."""
-    preflight(cfg, cfg.data.train + cfg.data.eval, cfg.data.generate, model_will_exist=cfg.bootstrap is not None)
-    bootstrap(cfg)
-    run = RLRun(cfg)
-    metrics: dict = {}
-    try:
-        run.start()  # first sync (+ step-0 eval)
-        while run.step < cfg.train_steps:
-            t0 = time.time()
-            groups, metrics = run.collect()  # rank 0 generates, scores, filters; every rank gets the batch
-            maybe_crash("rollout", run.step + 1)
-            run.release_engine_memory()
-            metrics.update(run.update(groups, metrics))  # old log-probs, one optimizer step per mini-batch
-            run.advance()
-            metrics.update(run.sync(f"step-{run.step}"))  # push weights into the engine, check the probe
-            metrics.update(run.evaluate_on_schedule())  # every eval.interval steps, and the final one
-            run.log(metrics, time.time() - t0)
-            maybe_crash("step", run.step)
-            run.save_on_interval()
-        run.finish()  # final_eval.json
-    finally:
-        run.close()
-    run.export()
-    run.release()
-    return metrics
+    """Run (or resume) RL on ``model``; returns the last step's metrics."""
+    with RLRun(cfg) as run:
+        return run.train()
 
 
 def build_inference_engine(cfg: RLConfig) -> InferenceEngine:
@@ -114,23 +87,6 @@ def load_prompts(cfg: RLConfig) -> tuple[list[RLPrompt], list[RLPrompt], dict]:
     return train_prompts, evals, stats
 
 
-def bootstrap(cfg: RLConfig) -> None:
-    """Run the config named by ``bootstrap`` (an SFT or an earlier RL stage) first when
-    ``model.hf`` does not exist yet: its run must export that directory."""
-    if cfg.bootstrap is None or cfg.model.hf is None or (Path(cfg.model.hf) / "config.json").is_file():
-        return
-    raw = read_yaml(cfg.bootstrap)
-    if is_main():
-        print(f"{cfg.model.hf} is missing: running {cfg.bootstrap} first", flush=True)
-    if "rollout" in raw or "algo" in raw:
-        train(load_config(RLConfig, cfg.bootstrap, []))
-    else:
-        sft_train(load_config(SFTConfig, cfg.bootstrap, []))
-    destroy_distributed()
-    if not (Path(cfg.model.hf) / "config.json").is_file():
-        raise ConfigError(f"bootstrap {cfg.bootstrap} ran but model.hf={cfg.model.hf} still does not exist")
-
-
 def check_model_fits(cfg: RLConfig, hf_cfg: Qwen3Config) -> None:
     """The parallel layout divides the model, and prompt + response fit its positions."""
     validate_parallel(hf_cfg, cfg.parallel.tp, cfg.parallel.pp)
@@ -142,71 +98,87 @@ def check_model_fits(cfg: RLConfig, hf_cfg: Qwen3Config) -> None:
         )
 
 
-class RLRun:
+class RLRun(TrainingRun):
     """One RL run's state between steps. Every method is collective (all ranks call it) unless
     it says rank 0; the inference engine, collector and evaluation live on global rank 0."""
 
-    def __init__(self, cfg: RLConfig):
-        from megatron.core import parallel_state as ps
-        from transformers import AutoTokenizer
+    kind = "rl"
 
-        self.cfg, r = cfg, cfg.rollout
-        init_distributed(cfg.parallel, seed=cfg.seed)
-        self.lock, resume = open_run(cfg)  # output_dir is this run's (or an error), the resume point is known
-        prepare_assets(cfg.model, cfg.data.generate, cfg.data.train, cfg.data.synthetic)
-        self.hf_cfg, init_weights = model_source(cfg.model)
-        check_model_fits(cfg, self.hf_cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir)
-        train_prompts, self.eval_prompts, curation = load_prompts(cfg)
-        check_code_sandbox(cfg.reward.code, train_prompts + self.eval_prompts)  # before the model is built
-        self.out = Path(cfg.output_dir)
-        self.ckpt_root = self.out / "checkpoints"
-        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.train_state = build_train_state(
-            self.hf_cfg,
-            cfg.model,
-            cfg.optim,
-            cfg.train_steps,  # the LR schedule counts RL steps (rl.update)
-            init_weights=None if resume.candidates else init_weights,
-            sequence_parallel=cfg.parallel.sequence_parallel,
-        )
-        self.state: dict = {"step": 0, "prompt_epoch": 0, "prompt_index": 0, "buffer": []}
-        resume_from = None
-        if resume.candidates:
-            resume_from, loaded = load_first(self.train_state, resume)
-            self.state.update(loaded)
-        start_logs(cfg, self.step if resume_from else None)
-        self.rank0 = is_main()
-        if self.rank0:
-            self._announce(resume_from, train_prompts, curation)
-        self.engine = build_inference_engine(cfg) if self.rank0 else None
-        stream = PromptStream(train_prompts, self.tokenizer, cfg.data.seed, r.max_prompt_len)
-        self.collector = Collector(self.engine, self.tokenizer, stream, cfg) if self.rank0 else None
-        probe_prompt = (self.eval_prompts or train_prompts)[0]
-        self.probe = render_prompt(self.tokenizer, probe_prompt.messages)[: min(128, r.max_prompt_len)]
-        self.logger = MetricsLogger(
-            self.out,
-            cfg.train_steps,
-            self.state["step"],
-            tensorboard=cfg.log.tensorboard,
-            wandb_project=cfg.log.wandb_project,
-            run_name=self.out.name,
-            config=to_dict(cfg),
-            desc="rl",
-        )
+    def __init__(self, cfg: RLConfig):
+        super().__init__(cfg)
+        self.cfg: RLConfig = cfg
+        self.engine: Optional[InferenceEngine] = None
+        self.collector: Optional[Collector] = None
         self.last_eval: tuple[int, dict] = (-1, {})
 
-    @property
-    def step(self) -> int:
-        """RL steps completed."""
-        return self.state["step"]
+    # -- the lifecycle's hooks -------------------------------------------------------------
+    def inputs(self) -> RunInputs:
+        d = self.cfg.data
+        bootstrapped = self.cfg.bootstrap is not None
+        return RunInputs(d.train + d.eval, d.generate, d.train, d.synthetic, model_will_exist=bootstrapped)
 
-    def _announce(self, resume_from: Optional[Path], train_prompts: list, curation: dict) -> None:
+    def check_layout(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+    def check_model(self, hf_cfg: Qwen3Config) -> None:
+        check_model_fits(self.cfg, hf_cfg)
+
+    def load_data(self) -> None:
+        """The tokenizer and the prompts; with code prompts, the sandbox is checked before the model is built."""
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.tokenizer_dir)
+        self.train_prompts, self.eval_prompts, self.curation = load_prompts(self.cfg)
+        check_code_sandbox(self.cfg.reward.code, self.train_prompts + self.eval_prompts)
+
+    def total_steps(self) -> int:
+        return self.cfg.train_steps  # the LR schedule counts RL steps (rl.update)
+
+    def started(self) -> None:
+        """Rank 0: the announcement, the inference engine and the collector; every rank: the probe."""
+        cfg, r = self.cfg, self.cfg.rollout
+        if self.rank0:
+            self._announce()
+            self.engine = build_inference_engine(cfg)
+            stream = PromptStream(self.train_prompts, self.tokenizer, cfg.data.seed, r.max_prompt_len)
+            self.collector = Collector(self.engine, self.tokenizer, stream, cfg)
+        probe_prompt = (self.eval_prompts or self.train_prompts)[0]
+        self.probe = render_prompt(self.tokenizer, probe_prompt.messages)[: min(128, r.max_prompt_len)]
+
+    def closing(self) -> None:
+        """Stop the engine's servers, however the run ended."""
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def export_sampling(self) -> dict:
+        return {"temperature": self.cfg.eval.temperature, "top_p": self.cfg.eval.top_p}
+
+    # -- the loop --------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Collect -> update -> sync -> log / evaluate / checkpoint until the last step; returns its metrics."""
+        metrics: dict = {}
+        self.start()  # first sync (+ step-0 eval)
+        while self.step < self.cfg.train_steps:
+            t0 = time.time()
+            groups, metrics = self.collect()  # rank 0 generates, scores, filters; every rank gets the batch
+            maybe_crash("rollout", self.step + 1)
+            self.release_engine_memory()
+            metrics.update(self.update(groups, metrics))  # old log-probs, one optimizer step per mini-batch
+            self.advance()
+            metrics.update(self.sync(f"step-{self.step}"))  # push weights into the engine, check the probe
+            metrics.update(self.evaluate_on_schedule())  # every eval.interval steps, and the final one
+            self.log_step(metrics, time.time() - t0)
+            maybe_crash("step", self.step)
+            self.save_on_interval()
+        self.finish()  # final_eval.json
+        return metrics
+
+    def _announce(self) -> None:
         cfg, r, a = self.cfg, self.cfg.rollout, self.cfg.algo
-        if resume_from is not None:
-            print(f"resumed from {resume_from} at step {self.step}", flush=True)
         print(
-            f"RL: {len(train_prompts)} train prompts {curation}, {len(self.eval_prompts)} eval prompts | "
+            f"RL: {len(self.train_prompts)} train prompts {self.curation}, {len(self.eval_prompts)} eval prompts | "
             f"{cfg.data.prompts_per_step} prompts x {r.n_samples} samples per step, mini-batches of "
             f"{cfg.data.mini_batch_prompts} | dp={self.dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp} | "
             f"algo={a.loss} alpha={a.sft_alpha} | engine={r.engine} | micro-batches: {self._layout_name()}",
@@ -231,15 +203,17 @@ class RLRun:
 
     def collect(self) -> tuple[list[Group], dict]:
         """Rollouts for the next step on rank 0, shared with all; a stale engine gets one full
-        sync and a retry. Advances the prompt position and the buffer in ``pending``."""
+        sync and a retry. The prompt position and the buffer it reaches wait in ``pending``
+        until the step is trained (``advance``)."""
         step = self.step + 1
         for attempt in range(2):
             res: Any = None
             if self.rank0:
                 try:
-                    pos = (self.state["prompt_epoch"], self.state["prompt_index"])
+                    st = self.state
+                    pos = (st.position.epoch, st.position.index)
                     dump = self.out / "rollouts" / f"step_{step:06d}.jsonl" if self.cfg.rollout.dump else None
-                    buffer = groups_from_json(self.state["buffer"])
+                    buffer = groups_from_rows(st.buffer, st.buffer_schema, self.step)
                     res = ("ok", self.collector.collect(step, pos, buffer, dump))
                 except StaleEngineError as e:
                     res = ("stale", str(e))
@@ -252,7 +226,7 @@ class RLRun:
                 raise SandboxError(f"step {step}: {res[1]} (last checkpoint is intact)")
             if res[0] == "ok":
                 groups, metrics, pos, rest = res[1]
-                self.pending = dict(prompt_epoch=pos[0], prompt_index=pos[1], buffer=groups_to_json(rest))
+                self.pending = (DataPosition(*pos), groups_to_rows(rest))
                 return groups, metrics
             if res[0] == "stale" and attempt == 0:
                 self.sync(f"step-{step - 1}-resync")
@@ -278,6 +252,7 @@ class RLRun:
             pad_to=PAD_TO * (par.tp if par.sequence_parallel else 1),  # sequence parallel splits rows over TP
             max_seq_len=self.hf_cfg.max_position_embeddings,
             use_te=self.train_state.use_te,
+            policy_version=self.step,  # the weights trained at: those of the steps done
         )
         metrics = update_policy(
             self.train_state, minis, self.cfg, self.hf_cfg.vocab_size, self.out, self.step + 1, rollout_metrics
@@ -288,8 +263,10 @@ class RLRun:
         return metrics
 
     def advance(self) -> None:
-        """The step is trained: count it and take the prompt position the rollouts reached."""
-        self.state.update(step=self.step + 1, **self.pending)
+        """The step is trained: count it and take the prompt position and buffer the rollouts reached."""
+        position, rows = self.pending
+        self.state.advance(position)
+        self.state.buffer, self.state.buffer_schema = rows, BUFFER_SCHEMA if rows else 0
 
     def sync(self, version: str) -> dict:
         """Collective: push the trainer's weights into the engine (taking back only the memory
@@ -346,19 +323,12 @@ class RLRun:
         self.last_eval = (step, self.evaluate())
         return self.last_eval[1]
 
-    def log(self, metrics: dict, step_seconds: float) -> None:
+    def log_step(self, metrics: dict, step_seconds: float) -> None:
         """The step's row; throughput counts the step's time without its evaluation."""
         gen_tokens = metrics.get("response/length_mean", 0.0) * metrics.get("rollout/samples", 0)
         work_seconds = max(step_seconds - metrics.get("time/eval_s", 0.0), 1e-9)
         metrics.update({"time/step_s": step_seconds, "perf/tokens_per_s": gen_tokens / work_seconds})
-        last = self.step == self.cfg.train_steps
-        self.logger.log(self.step, metrics, console=self.step % self.cfg.log.interval == 0 or last)
-        self.logger.advance()
-
-    def save_on_interval(self) -> None:
-        ck = self.cfg.checkpoint
-        if self.step % ck.save_interval == 0 or self.step == self.cfg.train_steps:
-            save_checkpoint(self.train_state, self.ckpt_root, self.step, self.state, ck.keep_last, to_dict(self.cfg))
+        self.log(metrics)
 
     def finish(self) -> None:
         """``final_eval.json``: the final evaluation (that of the last step, or a new one when a
@@ -368,25 +338,6 @@ class RLRun:
         final = self.last_eval[1] if self.last_eval[0] == self.step else self.evaluate()
         if self.rank0 and final:
             (self.out / "final_eval.json").write_text(json.dumps(dict(step=self.step, **final), indent=1))
-
-    def close(self) -> None:
-        """Flush the logs and stop the engine's servers, however the run ended."""
-        self.logger.close()
-        if self.engine is not None:
-            self.engine.shutdown()
-
-    def export(self) -> None:
-        """The HF export of the last checkpoint (rank 0; it samples like the evaluation), then a barrier."""
-        if self.cfg.checkpoint.export_hf and self.rank0:
-            sampling = {"temperature": self.cfg.eval.temperature, "top_p": self.cfg.eval.top_p}
-            export_hf(self.cfg.model.tokenizer_dir, self.ckpt_root, self.out / "hf", sampling)
-        if dist.is_initialized():
-            dist.barrier()
-
-    def release(self) -> None:
-        """Rank 0: the output directory is free for another run."""
-        if self.lock is not None:
-            self.lock.release()
 
 
 def dry_run(cfg: RLConfig) -> None:
@@ -402,10 +353,6 @@ def dry_run(cfg: RLConfig) -> None:
     hf_cfg = starting_config(cfg.model, may_be_missing=cfg.model.create_tiny is not None or cfg.bootstrap is not None)
     if hf_cfg is not None:
         check_model_fits(cfg, hf_cfg)
-    if cfg.bootstrap is not None and hf_cfg is None:
-        raw = read_yaml(cfg.bootstrap)
-        load_config(RLConfig if "rollout" in raw or "algo" in raw else SFTConfig, cfg.bootstrap, [])
-        print(f"bootstrap {cfg.bootstrap}: config loads (it runs first: model.hf is not there yet)", flush=True)
     if all(Path(f).is_file() for f in d.train + d.eval):
         train_prompts, evals, stats = load_prompts(cfg)
         print(f"prompts: {len(train_prompts)} for training {stats}, {len(evals)} for evaluation", flush=True)
@@ -423,7 +370,3 @@ def dry_run(cfg: RLConfig) -> None:
                 "rollout.engine=sglang launches servers but sglang is not installed here (the gpu extra; "
                 "or set rollout.sglang.python to an interpreter that has it)"
             )
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    return run_config_entry(RLConfig, train, __doc__, argv, dry_run, prog="python -m megatron_klear.rl")

@@ -25,13 +25,14 @@ from megatron_klear.training.step import forward_backward, optimizer_step, reduc
 
 
 def compute_old_logprobs(train_state: TrainState, minis: list[MiniBatch], cfg: RLConfig, vocab_size: int) -> None:
-    """Collective: store the trainer's log-probs of every response token as ``mb["old_lp"]``."""
+    """Collective: store the trainer's log-probs of every response token in each micro-batch's
+    ``old_lp`` (on the device the last pipeline stage computed them on)."""
     old_fn = old_logprob_fn(vocab_size, cfg.rollout.temperature, cfg.model.logprob_impl)
     for mini in minis:
         reps = forward_backward(train_state, mini.micro, old_fn, forward_only=True)
         for i, mb in enumerate(mini.micro):
             # Only the last pipeline stage computes log-probs; the loss reads them there only.
-            mb["old_lp"] = reps[i]["logp"] if reps else torch.zeros_like(mb["engine_lp"])
+            mb.old_lp = reps[i]["logp"] if reps else torch.zeros_like(mb.engine_lp)
     train_state.model.train()
 
 

@@ -6,7 +6,8 @@ Layout under ``<output_dir>/checkpoints/``::
       megatron_klear.json    marker, written last (see checkpoint.megatron_ckpt)
       config.json            the HF config of the model
       model/                 Megatron-Core dist checkpoint of model and optimizer (TP/PP-agnostic)
-      trainer_state.json     step, LR schedule, data position, anything the loop adds
+      trainer_state.json     the run state (training.run_state: step, data position, RL buffer,
+                             versioned) and the LR schedule
       run_config.json        the run's config (a resume compares it with its own)
       rng/rank_00000.pt      each rank's RNG states
     latest                   name of the newest complete checkpoint
@@ -23,14 +24,12 @@ written (a missing or truncated file) never stops a run that has an intact older
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -50,30 +49,10 @@ from megatron_klear.checkpoint.megatron_ckpt import (
 from megatron_klear.distributed import broadcast_object, comm_device
 from megatron_klear.errors import CheckpointError
 from megatron_klear.training.guards import maybe_crash
+from megatron_klear.training.run_state import RunState, rng_state, set_rng_state
 from megatron_klear.training.state import TrainState
 
 _ITER = re.compile(r"^iter_(\d{7})$")
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    state["tracker"] = get_cuda_rng_tracker().get_states()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -128,15 +107,16 @@ def _ensure_optimizer_state(train_state: TrainState) -> None:
 def save_checkpoint(
     train_state: TrainState,
     root: Path,
-    step: int,
-    trainer_state: dict,
+    run_state: RunState,
     keep_last: int = 3,
     run_config: Optional[dict] = None,
 ) -> Path:
-    """Collective: every rank must call it. Returns the checkpoint directory.
+    """Collective: every rank must call it. Saves the train state and ``run_state`` (at its
+    step; this rank's RNG states with it) and returns the checkpoint directory.
 
     ``run_config`` (the run's config as a mapping) is kept with the checkpoint, for a resume
     to compare with its own."""
+    step = run_state.step
     name = f"iter_{step:07d}"
     final, tmp = root / name, root / f".{name}.tmp"
     if rank() == 0:
@@ -149,11 +129,12 @@ def save_checkpoint(
     train_state.sync_params()
     _ensure_optimizer_state(train_state)
     save_sharded(_sharded_state(train_state, is_loading=False), tmp / "model")
-    torch.save(rng_state(), tmp / "rng" / f"rank_{rank():05d}.pt")
+    run_state.rng = rng_state()
+    torch.save(run_state.rng, tmp / "rng" / f"rank_{rank():05d}.pt")
     maybe_crash("save", step)
     barrier()
     if rank() == 0:
-        state = dict(trainer_state, step=step, scheduler=train_state.scheduler.state_dict())
+        state = dict(run_state.to_json(), scheduler=train_state.scheduler.state_dict())
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         if run_config is not None:
             (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
@@ -169,14 +150,17 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(train_state: TrainState, path: Path) -> dict:
-    """Load model, optimizer, schedule and this rank's RNG; returns the trainer state."""
+def load_checkpoint(train_state: TrainState, path: Path) -> RunState:
+    """Load model, optimizer, schedule and this rank's RNG; returns the run state (migrated
+    from an older version, or a ``CheckpointError`` naming a version this code cannot read)."""
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint")
+    state_file = path / "trainer_state.json"
     try:
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        trainer_state = json.loads(state_file.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({e})") from e
+        raise CheckpointError(f"{state_file}: unreadable ({e})") from e
+    run_state = RunState.from_json(trainer_state, state_file)  # before any tensor is touched
     # Before its first step the optimizer has no state to describe (torch Adam creates it
     # lazily), so Megatron cannot build the sharded state dict to load into. Megatron's own
     # helper takes one zero-gradient step to create it; the load overwrites all of it.
@@ -202,8 +186,9 @@ def load_checkpoint(train_state: TrainState, path: Path) -> dict:
     train_state.scheduler.load_state_dict(trainer_state["scheduler"])
     rng_file = path / "rng" / f"rank_{rank():05d}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return trainer_state
+        run_state.rng = torch.load(rng_file, weights_only=False)
+        set_rng_state(run_state.rng)
+    return run_state
 
 
 def export_hf(tokenizer_src: str, root: Path, out: Path, sampling: dict) -> Path:
@@ -273,9 +258,9 @@ def find_resumable(root: Path) -> Resume:
     return res
 
 
-def load_first(train_state: TrainState, resume: Resume) -> tuple[Path, dict]:
+def load_first(train_state: TrainState, resume: Resume) -> tuple[Path, RunState]:
     """Collective: load the newest candidate that loads on every rank; returns (its path, its
-    trainer state). A candidate that fails is skipped with its reason; when all fail, the
+    run state). A candidate that fails is skipped with its reason; when all fail, the
     newest one's error is raised."""
     first_error: Optional[CheckpointError] = None
     for path in resume.candidates:

@@ -13,22 +13,23 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_klear import debug
 from megatron_klear.distributed import comm_device
-from megatron_klear.training.batches import attention_inputs
+from megatron_klear.training.batches import MicroBatch, attention_inputs
 from megatron_klear.training.state import TrainState
 
 # A micro-batch loss: (logits of this micro-batch [b, s, V/TP], the micro-batch) ->
-# (sum of per-token losses, number of tokens, dict of float tensors to report).
-LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
+# (sum of per-token losses, number of tokens, dict of tensors to report, kept on the device).
+LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 def forward_backward(
-    train_state: TrainState, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool = False
+    train_state: TrainState, micro_batches: list[MicroBatch], loss_fn: LossFn, *, forward_only: bool = False
 ) -> list[dict]:
     """Collective: run Megatron's pipeline schedule over ``micro_batches``; returns the loss dicts.
 
-    Each micro-batch holds ``input_ids`` and ``position_ids`` ``[b, s]`` (plus ``cu_seqlens``
-    for packed rows, see ``training.batches``, and whatever ``loss_fn`` needs). Attention
+    Each micro-batch is a ``training.batches.MicroBatch`` (or an extension with the fields
+    ``loss_fn`` needs); in debug mode its shape contract is checked as it runs. Attention
     masks are built as each micro-batch runs. Shapes may differ between micro-batches: at
     PP > 1 the stages then exchange each activation's shape first (``variable_seq_lengths``).
     Every rank of a pipeline must pass micro-batches of the same shapes in the same order.
@@ -36,16 +37,18 @@ def forward_backward(
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
+    shapes = {mb.shape for mb in micro_batches}
     b, s = max(shapes, key=lambda shape: shape[0] * shape[1])  # s: this context-parallel rank's share
     dev = next(train_state.model.parameters()).device
     train_state.module.config.variable_seq_lengths = len(shapes) > 1
     causal_masks: dict = {}  # one plain causal mask per length, for this call only
 
     def step(data_iter, model):
-        mb = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in next(data_iter).items()}
+        mb = next(data_iter).to(dev)
+        if debug.enabled():
+            mb.validate()
         attn = attention_inputs(mb, train_state.use_te, dev, causal_masks)
-        logits = model(mb["input_ids"], mb["position_ids"], **attn)
+        logits = model(mb.input_ids, mb.position_ids, **attn)
 
         def loss(output):
             total, count, report = loss_fn(output, mb)

@@ -14,7 +14,7 @@ import pytest
 from megatron_klear.checkpoint.hf_io import file_mode
 from megatron_klear.config import load_config
 from megatron_klear.errors import ConfigError
-from megatron_klear.sft import SFTConfig
+from megatron_klear.sft.config import SFTConfig
 from megatron_klear.training.rundir import RunLock
 from tests.jobs import torchrun
 

@@ -28,7 +28,7 @@ from megatron_klear.ops.loss import policy_loss
 from megatron_klear.rewards.code import CodeRewardConfig
 from megatron_klear.rewards.math import MathRewardConfig
 from megatron_klear.rl.config import RLConfig
-from megatron_klear.sft import SFTConfig
+from megatron_klear.sft.config import SFTConfig
 from megatron_klear.training.rundir import flatten
 from tests.jobs import ROOT
 

@@ -48,16 +48,19 @@ def test_filter_metric_score_or_acc():
 def test_stale_rows_take_the_engine_logprobs_as_old_unless_tis():
     """Kept surplus groups (data.surplus=keep) were sampled before the previous step's updates:
     their ratio is against the engine's log-probs of that policy, not a recomputation."""
-    mb = {
-        "old_lp": torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]),
-        "engine_lp": torch.tensor([[-1.5, -2.5], [-3.5, -4.5]]),
-        "stale": torch.tensor([[0.0, 0.0], [1.0, 1.0]]),  # per token: the second sequence is stale
-    }
-    trainer = AlgoConfig()
-    old = ratio_baseline(trainer, mb, torch.float64)
-    assert old.dtype == torch.float64 and old.tolist() == [[-1.0, -2.0], [-3.5, -4.5]]
-    assert ratio_baseline(AlgoConfig(old_logprobs="engine"), mb, torch.float32).tolist() == mb["engine_lp"].tolist()
-    assert ratio_baseline(AlgoConfig(tis_cap=2.0), mb, torch.float32).tolist() == mb["old_lp"].tolist()
+    fresh, kept = _sample(2, 2, 1.0, True), _sample(2, 2, -1.0, False)
+    fresh.weight_version, kept.weight_version = 3, 2  # trained at policy version 3: the second is stale
+    [mini] = minibatches([[fresh, kept]], 1, dp=1, dp_rank=0, mbs=2, policy_version=3)
+    [mb] = mini.micro
+    response = mb.loss_mask > 0
+    assert mb.stale()[response].tolist() == [False, False, True, True] and not mb.stale()[~response].any()
+    mb.old_lp = torch.where(response, mb.engine_lp - 1.0, torch.zeros(()))  # the trainer's recomputation
+    mb.validate()
+    trainer = ratio_baseline(AlgoConfig(), mb, torch.float64)
+    assert trainer.dtype == torch.float64
+    assert trainer[0].tolist() == mb.old_lp[0].tolist() and trainer[1].tolist() == mb.engine_lp[1].tolist()
+    assert torch.equal(ratio_baseline(AlgoConfig(old_logprobs="engine"), mb, torch.float32), mb.engine_lp)
+    assert torch.equal(ratio_baseline(AlgoConfig(tis_cap=2.0), mb, torch.float32), mb.old_lp)
 
 
 def test_minibatches_normalisers_masks_and_dp_split():
@@ -70,15 +73,18 @@ def test_minibatches_normalisers_masks_and_dp_split():
         [mb] = minis[r]
         assert (mb.num_tokens, mb.num_seqs, mb.correct_tokens) == (13, 4, 5)
     rows = [m for r in range(2) for m in minis[r][0].micro]
-    assert len(rows) == 4 and sum(int(m["loss_mask"].sum()) for m in rows) == 13  # every response token once
+    assert len(rows) == 4 and sum(int(m.loss_mask.sum()) for m in rows) == 13  # every response token once
     first = rows[0]  # prompt 1 2 3, response 50..53: positions 2..5 predict the response tokens
-    assert first["loss_mask"][0].nonzero().flatten().tolist() == [2, 3, 4, 5]
-    assert first["cu_seqlens"] is None  # a plain row: causal attention, no mask built here
-    assert first["labels"][0, 2:6].tolist() == [50, 51, 52, 53]
-    assert torch.allclose(first["engine_lp"][0, 2:6], torch.tensor([-0.1, -0.2, -0.3, -0.4]))
+    assert first.loss_mask[0].nonzero().flatten().tolist() == [2, 3, 4, 5]
+    assert first.cu_seqlens is None  # a plain row: causal attention, no mask built here
+    assert first.labels[0, 2:6].tolist() == [50, 51, 52, 53]
+    assert torch.allclose(first.engine_lp[0, 2:6], torch.tensor([-0.1, -0.2, -0.3, -0.4]))
+    assert first.versions[0].tolist() == [-1, -1, 0, 0, 0, 0, -1, -1]  # shifted like the log-probs
+    for mb in rows:
+        mb.validate()
     # a mini-batch of 3 sequences at dp=2 gains one empty sequence, not a loss token
     odd = minibatches([groups[0] + [_sample(2, 2, 0.0, False)]], 1, dp=2, dp_rank=1, mbs=1)[0]
-    assert odd.num_seqs == 3 and sum(int(m["loss_mask"].sum()) for m in odd.micro) == 2
+    assert odd.num_seqs == 3 and sum(int(m.loss_mask.sum()) for m in odd.micro) == 2
 
 
 def test_packed_layout_balances_ranks_and_keeps_every_field_with_its_tokens():
@@ -103,7 +109,7 @@ def test_packed_layout_balances_ranks_and_keeps_every_field_with_its_tokens():
     rank_tokens = minis[0].layout.rank_tokens
     assert sum(rank_tokens) == sum(p + r for p, r in lengths)
     assert max(rank_tokens) - min(rank_tokens) <= max(p + r for p, r in lengths)  # longest-first balance
-    fill = sum(rank_tokens) / sum(mb["input_ids"].numel() for m in minis for mb in m.micro)
+    fill = sum(rank_tokens) / sum(mb.input_ids.numel() for m in minis for mb in m.micro)
     assert minis[0].layout.fill == pytest.approx(fill) and fill > 0.85
     for m in minis:
         used = [0] * len(m.micro)
@@ -111,23 +117,25 @@ def test_packed_layout_balances_ranks_and_keeps_every_field_with_its_tokens():
             used[k] += len(seqs[i].prompt_ids) + len(seqs[i].response_ids)
         assert max(used) <= budget  # sequence tokens within the budget
         for mb, n in zip(m.micro, used):
-            assert mb["input_ids"].shape[0] == 1 and mb["input_ids"].shape[1] == -(-n // 8) * 8
+            assert mb.shape == (1, -(-n // 8) * 8)
+            mb.validate()
         for i, (k, row, a) in m.placement.items():
             s, mb = seqs[i], m.micro[k]
             p, r = len(s.prompt_ids), len(s.response_ids)
             n = p + r
-            assert mb["input_ids"][row, a : a + n].tolist() == s.prompt_ids + s.response_ids
-            assert mb["position_ids"][row, a : a + n].tolist() == list(range(n))  # restart per sequence
-            assert int(a) in mb["cu_seqlens"][row].tolist() and int(a + n) in mb["cu_seqlens"][row].tolist()
-            assert mb["labels"][row, a + p - 1 : a + n - 1].tolist() == s.response_ids
-            assert int(mb["labels"][row, a + n - 1]) == 0  # the last token predicts nothing across the boundary
-            loss = mb["loss_mask"][row, a : a + n]
+            assert mb.input_ids[row, a : a + n].tolist() == s.prompt_ids + s.response_ids
+            assert mb.position_ids[row, a : a + n].tolist() == list(range(n))  # restart per sequence
+            assert int(a) in mb.cu_seqlens[row].tolist() and int(a + n) in mb.cu_seqlens[row].tolist()
+            assert mb.labels[row, a + p - 1 : a + n - 1].tolist() == s.response_ids
+            assert int(mb.labels[row, a + n - 1]) == 0  # the last token predicts nothing across the boundary
+            loss = mb.loss_mask[row, a : a + n]
             assert loss.nonzero().flatten().tolist() == list(range(p - 1, n - 1))
-            assert torch.allclose(mb["engine_lp"][row, a + p - 1 : a + n - 1], torch.tensor(s.engine_logprobs))
-            assert torch.all(mb["adv"][row, a : a + n] == torch.tensor(s.advantage, dtype=torch.float32))
-            assert torch.all(mb["correct"][row, a : a + n] == float(s.correct))
-            ids = mb["seq_ids"][row, a : a + n]
-            assert torch.all(ids == ids[0]) and int((mb["seq_ids"] == ids[0]).sum()) == n  # its own sequence id
+            assert torch.allclose(mb.engine_lp[row, a + p - 1 : a + n - 1], torch.tensor(s.engine_logprobs))
+            assert mb.versions[row, a : a + n].tolist() == [-1] * (p - 1) + [0] * r + [-1]
+            assert torch.all(mb.adv[row, a : a + n] == torch.tensor(s.advantage, dtype=torch.float32))
+            assert torch.all(mb.correct[row, a : a + n] == float(s.correct))
+            ids = mb.seq_ids[row, a : a + n]
+            assert torch.all(ids == ids[0]) and int((mb.seq_ids == ids[0]).sum()) == n  # its own sequence id
 
 
 def test_budget_edges_long_sequences_empty_micro_batches_and_the_context():
@@ -138,23 +146,62 @@ def test_budget_edges_long_sequences_empty_micro_batches_and_the_context():
     minis = [minibatches(groups, 1, dp=2, dp_rank=r, max_tokens=16)[0] for r in range(2)]
     assert [len(m.micro) for m in minis] == [2, 2]
     assert minis[0].placement == {0: (0, 0, 0), 2: (1, 0, 0)} and minis[1].placement == {1: (0, 0, 0)}
-    assert [mb["input_ids"].shape[1] for m in minis for mb in m.micro] == [32, 8, 32, 8]
+    assert [mb.shape[1] for m in minis for mb in m.micro] == [32, 8, 32, 8]
     empty = minis[1].micro[1]
-    assert not empty["loss_mask"].any() and empty["cu_seqlens"][0].tolist() == [0, 8]
+    assert not empty.loss_mask.any() and empty.cu_seqlens[0].tolist() == [0, 8]
+    empty.validate()
     with pytest.raises(ConfigError, match="30 tokens .* exceeds the model's context max_position_embeddings=24"):
         minibatches(groups, 1, dp=1, dp_rank=0, max_tokens=64, max_seq_len=24)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_typed_micro_batch_validate_names_the_broken_field(packed):
+    """The shape contract of RLMicroBatch (and of MicroBatch under it): every way a field can
+    lose its token (a one-token offset, a wrong shape, a value outside its sequence) is named."""
+    import dataclasses
+
+    groups = [[_sample(3, 4, 0.5, True), _sample(2, 6, -0.5, False), _sample(4, 2, 0.0, False)]]
+    layout = dict(max_tokens=64) if packed else dict(mbs=3)
+    [mb] = minibatches(groups, 1, dp=1, dp_rank=0, policy_version=2, **layout)[0].micro
+    mb.validate()
+    trained = mb.loss_mask > 0
+
+    def broken(**changes):
+        return dataclasses.replace(mb, **changes)
+
+    cases = [
+        (broken(labels=torch.roll(mb.labels, 1, 1)), "labels: are not input_ids shifted by one"),
+        (broken(loss_mask=torch.roll(mb.loss_mask, 1, 1)), "loss_mask: trains a document's last position"),
+        (broken(engine_lp=torch.roll(mb.engine_lp, 1, 1)), "engine_lp"),  # off by one token
+        (broken(adv=mb.adv[:, :-1]), "adv: must be a"),
+        (broken(correct=mb.correct.long()), "correct: has dtype torch.int64"),
+        (broken(versions=torch.where(trained, 3, -1)), r"versions: of trained tokens must lie in \[0, policy"),
+        (broken(versions=torch.zeros_like(mb.versions)), "versions: must be -1 where no sampled token"),
+        (broken(adv=mb.adv + torch.arange(mb.shape[1]) * 1e-3), "adv: is not constant within a sequence"),
+        (broken(old_lp=torch.where(trained, float("nan"), 0.0)), "old_lp: must be finite log-probs"),
+        (broken(position_ids=mb.position_ids + 1), "position_ids: must start every row at 0"),
+    ]
+    if packed:
+        cases.append((broken(seq_ids=torch.zeros_like(mb.seq_ids)), "seq_ids: of row 0 do not number its"))
+        cases.append((broken(cu_seqlens=[mb.cu_seqlens[0][:-1]]), "cu_seqlens: .* must rise from 0 to"))
+    for bad, match in cases:
+        with pytest.raises(AssertionError, match=f"micro-batch field {match}"):
+            bad.validate()
+
+
 def test_block_diagonal_mask_never_crosses_a_document():
-    from megatron_klear.training.batches import attention_inputs
+    from megatron_klear.training.batches import MicroBatch, attention_inputs
+
+    def zeros(b):
+        return torch.zeros(b, 8, dtype=torch.long)
 
     cu = np.array([0, 3, 5, 8], np.int32)
-    mb = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "cu_seqlens": [cu]}
+    mb = MicroBatch(zeros(1), zeros(1), zeros(1), zeros(1).float(), cu_seqlens=[cu])
     blocked = attention_inputs(mb, use_te=False, device="cpu", causal_masks={})["attention_mask"][0, 0]
     doc = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
     allowed = (doc[:, None] == doc[None, :]) & torch.ones(8, 8, dtype=torch.bool).tril()
     assert torch.equal(~blocked, allowed)
-    plain, cache = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "cu_seqlens": None}, {}
+    plain, cache = MicroBatch(zeros(2), zeros(2), zeros(2), zeros(2).float()), {}
     first = attention_inputs(plain, use_te=False, device="cpu", causal_masks=cache)["attention_mask"]
     assert attention_inputs(plain, use_te=False, device="cpu", causal_masks=cache)["attention_mask"] is first
     assert len(cache) == 1 and first.shape == (1, 1, 8, 8)  # one mask per length, shared
@@ -212,7 +259,7 @@ def test_surplus_groups_discarded_by_default_or_kept_as_stale(hf_models, surplus
     col = _collector(hf_models, surplus)
     groups, m, pos, rest = col.collect(1, (0, 0), [])
     assert len(groups) == 2 and m["rollout/groups_generated"] == 4 and pos == (0, 4)
-    assert not any(s.stale for g in groups for s in g)
+    assert all(s.weight_version == 0 for g in groups for s in g)  # sampled by the weights of step 0
     if surplus == "discard":
         assert rest == [] and m["rollout/groups_discarded"] == 2 and m["rollout/groups_buffered"] == 0
         # a buffer from an older checkpoint is not trained on either
@@ -220,13 +267,14 @@ def test_surplus_groups_discarded_by_default_or_kept_as_stale(hf_models, surplus
         assert m2["rollout/groups_stale"] == 0 and not {g[0].uid for g in again} & {g[0].uid for g in groups}
         return
     assert len(rest) == 2 and m["rollout/groups_buffered"] == 2 and m["rollout/groups_discarded"] == 0
-    assert all(s.stale for g in rest for s in g)
+    assert all(s.weight_version == 0 for g in rest for s in g)
     nxt, m2, _, _ = col.collect(2, pos, rest)
-    assert nxt[:2] == rest and m2["rollout/groups_stale"] == 2  # trained first, marked stale
-    mb = minibatches(nxt, 2, dp=1, dp_rank=0, mbs=4)[0].micro[0]
-    response = mb["loss_mask"] > 0  # four rows of one sequence each; staleness travels per token
-    assert mb["stale"].shape == (4, mb["input_ids"].shape[1]) and response.sum(-1).min() > 0
-    assert mb["stale"][response].eq(1.0).all()
+    assert nxt[:2] == rest and m2["rollout/groups_stale"] == 2  # trained first, older than the policy
+    mb = minibatches(nxt, 2, dp=1, dp_rank=0, mbs=4, policy_version=1)[0].micro[0]
+    response = mb.loss_mask > 0  # four rows of one sequence each; staleness travels per token
+    assert mb.stale().shape == mb.shape and response.sum(-1).min() > 0
+    assert mb.stale()[response].all() and not mb.stale()[~response].any()
+    mb.validate()
 
 
 def _sample(p: int, r: int, adv: float, correct: bool, reward: float | None = None) -> Sample:

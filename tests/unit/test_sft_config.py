@@ -6,7 +6,7 @@ import pytest
 
 from megatron_klear.config import load_config
 from megatron_klear.errors import ConfigError
-from megatron_klear.sft import SFTConfig
+from megatron_klear.sft.config import SFTConfig
 from tests.jobs import ROOT
 
 
@@ -55,18 +55,20 @@ def test_context_parallel_shares_are_load_balanced_and_keep_the_targets(tmp_path
     logits = torch.randn(1, L, vocab, generator=g, dtype=torch.float64)
 
     def loss(logits, mb):  # float64 reference NLL over the supervised tokens
-        logp = torch.log_softmax(logits, -1).gather(-1, mb["labels"][..., None])[..., 0]
-        mask = mb["loss_mask"].double()
+        logp = torch.log_softmax(logits, -1).gather(-1, mb.labels[..., None])[..., 0]
+        mask = mb.loss_mask.double()
         return -(logp * mask).sum(), mask.sum(), None
 
     full = micro_batch([sample], use_te=True)
+    full.validate()
     whole, count, _ = loss(logits, full)
     parts, counts, seen = 0.0, 0, []
     for rank in range(2):
         share = micro_batch([sample], use_te=True, cp_size=2, cp_rank=rank)
         index = torch.from_numpy(context_parallel_index(cu, 2, rank))
+        share.validate()  # a share: labels shifted within each chunk, boundaries against the whole row
         for k in ("input_ids", "labels", "loss_mask", "position_ids"):
-            assert torch.equal(share[k], full[k][:, index])
+            assert torch.equal(getattr(share, k), getattr(full, k)[:, index])
         thd = attention_inputs(share, use_te=True, device="cpu", causal_masks={})  # built as the step runs
         assert thd["attention_mask"] is None
         assert thd["packed_seq_params"].cu_seqlens_q.tolist() == cu.tolist()  # global boundaries

@@ -1,0 +1,5 @@
+import sys
+
+from megatron_klear.sft.trainer import main
+
+sys.exit(main())
