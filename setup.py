@@ -58,7 +58,8 @@ setup(
         "matplotlib",  # the demo's and the ablations' plots
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "triton>=3.2", "ruff"],
+        # wandb: the test of the W&B run id across restarts (offline)
+        "test": ["pytest>=8", "pytest-timeout", "triton>=3.2", "ruff", "wandb"],
         # Never the PyPI package named "apex" (an unrelated web toolkit): NVIDIA apex is
         # built from source on clusters and is optional.
         "trainer": [f"transformer-engine[core_cu13]{TE_RANGE}"],  # CUDA 13 torch (megatron-core's flavour)
@@ -68,4 +69,5 @@ setup(
         # Weights & Biases for log.wandb_project (offline unless WANDB_MODE / a login says otherwise)
         "wandb": ["wandb"],
     },
+    entry_points={"console_scripts": ["megatron-klear = megatron_klear.launch.command:main"]},
 )
