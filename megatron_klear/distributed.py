@@ -29,7 +29,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from megatron_klear import console
 from megatron_klear.compat import install_cpu_compat
-from megatron_klear.errors import ConfigError, KlearError
+from megatron_klear.errors import ConfigError, KlearError, LaunchError
 
 
 @dataclass
@@ -93,7 +93,7 @@ def free_port(start: Optional[int] = None, host: str = "127.0.0.1") -> int:
                 return s.getsockname()[1]
             except OSError:
                 continue
-    raise RuntimeError(f"no free port in {start}..{start + 1999} on {host!r}")
+    raise LaunchError(f"no free port in {start}..{start + 1999} on {host!r}")
 
 
 def device() -> torch.device:

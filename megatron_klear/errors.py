@@ -1,7 +1,9 @@
 """Every exception that carries what the user must fix.
 
 All of them derive from ``KlearError``: the command line catches that one type, prints its
-message as one line and exits 2. Anything else is a bug and keeps its traceback.
+message as one line and exits 2. Anything else is a bug and keeps its traceback: a broken
+internal invariant raises ``AssertionError``, never a bare ``RuntimeError`` / ``ValueError``
+(tests/unit/test_style.py checks that no module raises those).
 """
 
 
@@ -15,6 +17,11 @@ class ConfigError(KlearError, ValueError):
 
 class CheckpointError(KlearError, RuntimeError):
     """A checkpoint or model directory is missing, partial or of another shape."""
+
+
+class ArgumentError(KlearError, ValueError):
+    """A function of the package was called with an argument outside its contract (type,
+    dtype, shape, range): from a user's script, or a bug in the caller. Names the argument."""
 
 
 class DataError(KlearError, ValueError):
@@ -39,6 +46,10 @@ class SyncError(KlearError, RuntimeError):
 
 class LaunchError(KlearError, RuntimeError):
     """The job cannot be launched as configured; the message says what to change."""
+
+
+class RewardError(KlearError, RuntimeError):
+    """A reward cannot be computed at all (its checker does not start); never a wrong answer."""
 
 
 class SandboxError(KlearError, RuntimeError):

@@ -350,3 +350,98 @@ def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
         )
     finally:
         destroy_distributed()
+
+
+class HostSyncCounter:
+    """Counts the calls that read a tensor on the host (a device-to-host sync on a GPU):
+    ``Tensor.item``, ``__float__``, ``__int__``, ``__bool__``, ``cpu``, ``tolist``, ``numpy``.
+    On CPU nothing stalls, so the calls themselves are counted, each with its caller (the
+    innermost frame outside torch and the CPU shim). One caller is left out: Megatron's RNG tracker compares two
+    copies of ``torch.get_rng_state()``, CPU tensors on every machine (no device involved)."""
+
+    NAMES = ("item", "__float__", "__int__", "__bool__", "cpu", "tolist", "numpy")
+    HOST_ONLY = ("megatron/core/tensor_parallel/random.py",)
+    PASS_THROUGH = ("/torch/", "megatron_klear/compat.py", "contextlib.py")  # torch, and our CPU shim's mode
+
+    def __init__(self):
+        self.count, self.where, self._inside = 0, [], False
+        self._saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+    def _wrap(self, name):
+        import traceback
+
+        original = self._saved[name]
+
+        def counted(t, *args, **kwargs):
+            if self._inside:  # a read inside a read (bool -> item) is the same sync
+                return original(t, *args, **kwargs)
+            frames = [f for f in traceback.extract_stack()[:-1] if not any(p in f.filename for p in self.PASS_THROUGH)]
+            caller = f"{frames[-1].filename}:{frames[-1].lineno}"
+            if not any(h in caller for h in self.HOST_ONLY):
+                self.count += 1
+                self.where.append(f"{name} at {caller}")
+            self._inside = True
+            try:
+                return original(t, *args, **kwargs)
+            finally:
+                self._inside = False
+
+        return counted
+
+    def __enter__(self):
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, self._wrap(n))
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self._saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def host_sync_worker(hf_dir: str, out: str) -> None:
+    """Host syncs of one RL micro-batch (forward, GPPO + SFT loss with its metrics, backward)
+    and of one SFT micro-batch, outside debug mode (and, as a check of the counter, inside it);
+    then of the once-per-optimizer-step reduction of several micro-batches' reports."""
+    import dataclasses
+    import os
+
+    from megatron_klear import debug
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.ops.loss import nll_loss
+    from megatron_klear.rl.batch import minibatches
+    from megatron_klear.rl.config import AlgoConfig, RLConfig
+    from megatron_klear.rl.loss import REPORT_KEYS, rl_loss_fn
+    from megatron_klear.rl.update import compute_old_logprobs
+    from megatron_klear.training.state import OptimConfig
+    from megatron_klear.training.step import forward_backward, reduce_reports
+
+    init_distributed(ParallelConfig(), seed=7)
+    try:
+        cfg, state = hf_train_state(hf_dir, OptimConfig())
+        algo = AlgoConfig(entropy_coef=0.01, tis_cap=2.0)  # every term of the loss and its metrics
+        rl = dataclasses.replace(RLConfig(output_dir=out), algo=algo)
+        [mini] = minibatches(rl_groups(cfg.vocab_size), 3, 1, 0, max_tokens=56, max_seq_len=cfg.max_position_embeddings)
+        compute_old_logprobs(state, [mini], rl, cfg.vocab_size)
+        loss_fn = rl_loss_fn(cfg.vocab_size, algo, mini, 1.0, "torch")
+        result = {}
+        for mode in ("0", "1"):
+            os.environ[debug.ENV] = mode
+            for name, fn in (("rl", loss_fn), ("sft", nll_loss(cfg.vocab_size, "torch"))):
+                for n in (1, len(mini.micro)):  # one micro-batch, and all of them
+                    with HostSyncCounter() as counter:
+                        reports = forward_backward(state, mini.micro[:n], fn)
+                    result[mode, name, n] = counter
+        os.environ[debug.ENV] = "0"
+        reports = forward_backward(state, mini.micro, loss_fn)
+        with HostSyncCounter() as reduce:
+            reduced = reduce_reports(reports, REPORT_KEYS)
+        result = {k: (c.count, c.where) for k, c in result.items()}
+        result.update(
+            micro_batches=len(mini.micro),
+            reduce=reduce.count,
+            on_device=all(isinstance(r[k], torch.Tensor) for r in reports for k in REPORT_KEYS),
+            reduced=reduced,
+        )
+        torch.save(result, f"{out}.0")
+    finally:
+        destroy_distributed()

@@ -4,8 +4,9 @@ ordinary user, through runuser): ``python tests/sandbox_battery.py BACKEND CTX_J
 
 Each case runs its program through the real scorer (``score_code``) and, where a fact needs it,
 through ``run_program``, and reports facts: the score, whether it counted as correct, the
-case's wall time, what the program managed (bytes written, ...), and the processes of the
-sandbox's uids still alive afterwards. The test module asserts on the facts and checks the
+case's wall time, what the program managed (bytes written, ...), the peak memory of the run
+as the host sees it (``HostPeak``), and the processes of the sandbox's uids still alive
+afterwards. The test module asserts on the facts and checks the
 host side (servers, victim files). Standard library only: an ordinary user may have only the
 system python.
 """
@@ -16,10 +17,15 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from megatron_klear.rewards.code import score_code
 from megatron_klear.rewards.sandbox import run_program
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import sandbox_user  # noqa: E402
 
 ADD = "import sys\na, b = map(int, sys.stdin.read().split())\nprint(a + b)"
 APPS = {"inputs": ["1 2", "3 4", "10 -3", "0 0"], "outputs": ["3", "7", "7", "0"]}
@@ -133,11 +139,65 @@ def sleeps_after_closing_stdout(ctx: dict, backend: str) -> dict:
 
 
 def daemon_that_outlives_it(ctx: dict, backend: str) -> dict:
+    """The run ends when the program does (the case's time limit is 3 s, the daemon's sleep 1.5 s)."""
     code = (
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(1.5)\n"
         f"        open({ctx['daemon_marker']!r}, 'w').write('x')\n    os._exit(0)\nprint('42')"
     )
-    return scored(code, "42", backend, timeout_s=1)
+    t = time.monotonic()
+    r = run_program(code, backend=backend, timeout_s=3)
+    run_s = time.monotonic() - t
+    return {**scored(code, "42", backend, timeout_s=3), "run_s": run_s, "exit_code": r.exit_code}
+
+
+def fork_bomb_that_exits(ctx: dict, backend: str) -> dict:
+    """A bomb whose starter returns at once: the run ends then (the supervisor's verdict), not
+    at its 6 s time limit. 16 processes: a bomb of 128 takes the CPU that the starter needs to
+    exit (``fork_bomb`` has the default limits)."""
+    code = (
+        "import os\nif os.fork() == 0:\n    while True:\n        try:\n            os.fork()\n"
+        "        except OSError:\n            pass\nprint('42')"
+    )
+    t = time.monotonic()
+    r = run_program(code, backend=backend, timeout_s=6, max_procs=16)
+    run_s = time.monotonic() - t
+    return {**scored(code, "42", backend, timeout_s=6, max_procs=16), "run_s": run_s, "exit_code": r.exit_code}
+
+
+MEMORY_MB = 256  # the run's limit in the memory cases: small, the machine is shared
+
+
+def forked_children(ctx: dict, backend: str) -> dict:
+    """Eight children of 100 MB each under a 256 MB limit for the whole run."""
+    peak = sandbox_user.HostPeak(tuple(ctx["uid_range"]))
+    t = time.monotonic()
+    try:
+        r = run_program(sandbox_user.FORKED_CHILDREN, memory_mb=MEMORY_MB, backend=backend, timeout_s=10)
+    finally:
+        run_s = time.monotonic() - t
+        peak_mb = peak.stop_mb()
+    facts = scored(sandbox_user.FORKED_CHILDREN, "done", backend, memory_mb=MEMORY_MB, timeout_s=10)
+    return {**facts, "memory_exceeded": r.memory_exceeded, "ok": r.ok, "run_s": run_s, "peak_mb": peak_mb}
+
+
+_POOL = """import sys, threading
+from concurrent.futures import ThreadPoolExecutor
+a, b = map(int, sys.stdin.read().split())
+everyone = threading.Barrier(64)
+def part(x):
+    everyone.wait(timeout=20)  # all 64 threads alive at once
+    return x
+with ThreadPoolExecutor(max_workers=64) as pool:
+    print(sum(pool.map(part, [a, b] + [0] * 62)))
+"""
+
+
+def thread_pool_64(ctx: dict, backend: str) -> dict:
+    """A legitimate solution with a 64-thread pool: 1.0 with the default limits, and with a
+    256 MB memory limit."""
+    small = score_code(fenced(_POOL), APPS, backend=backend, memory_mb=MEMORY_MB)
+    r = score_code(fenced(_POOL), APPS, backend=backend)
+    return {"score": r.score, "correct": r.correct, "reason": r.reason, "small_limit_score": small.score}
 
 
 _FILL = """import json, os
@@ -199,7 +259,9 @@ CASES: dict[str, tuple[Callable[[dict, str], dict], float]] = {
     "reads_secret": (reads_secret, 10),
     "host_env": (host_env, 10),
     "fork_bomb": (fork_bomb, 10),
+    "fork_bomb_that_exits": (fork_bomb_that_exits, 15),
     "memory_bomb": (memory_bomb, 10),
+    "forked_children": (forked_children, 15),
     "infinite_loop": (infinite_loop, 10),
     "prints_gigabytes": (prints_gigabytes, 15),
     "kills_its_parent": (kills_its_parent, 10),
@@ -208,6 +270,7 @@ CASES: dict[str, tuple[Callable[[dict, str], dict], float]] = {
     "write_10gb": (write_10gb, 20),
     "shm_2gb": (shm_2gb, 20),
     "positive": (positive, 10),
+    "thread_pool_64": (thread_pool_64, 10),
 }
 
 

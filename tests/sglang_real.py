@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megatron_klear.distributed import free_port
-from megatron_klear.inference.sglang import SGLangConfig
+from megatron_klear.inference.sglang_servers import SGLangConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDINS = ROOT / "tests" / "sglang_standins"

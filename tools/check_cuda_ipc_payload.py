@@ -6,8 +6,8 @@
 SGLang cannot be installed on our GPU test machine, so this checks our side of
 ``update_weights_from_tensor`` with torch alone: a bucket of mixed dtypes is flattened on this
 GPU and serialized exactly as ``sync.colocated`` does (``sglang_api.flatten_bucket`` +
-``serialize_payload``); a second process on the same GPU then does what an SGLang TP rank does
-with its payload (base64-decode, unpickle with the GPU's UUID mapped to its index,
+``sync.ipc.serialize_payload``); a second process on the same GPU then does what an SGLang TP
+rank does with its payload (base64-decode, unpickle with the GPU's UUID mapped to its index,
 ``FlattenedTensorBucket.reconstruct_tensors``: slice, view as the dtype, reshape) and returns
 checksums. It checks that every tensor arrives bit-identical, on the same GPU, through an IPC
 handle (no copy through the host) that names the GPU by UUID as SGLang's senders do, that the
@@ -27,13 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from megatron_klear.inference import sglang_api as api  # noqa: E402
-from megatron_klear.inference.sglang import ColocatedTarget  # noqa: E402
+from megatron_klear.sync import ipc  # noqa: E402
 from megatron_klear.sync.colocated import local_device_index, my_slots, senders  # noqa: E402
+from megatron_klear.sync.ipc import ColocatedTarget  # noqa: E402
 
 _RECEIVER = r"""
 import json, sys
 import torch
-from megatron_klear.inference.sglang_api import load_payload
+from megatron_klear.sync.ipc import load_payload
 sent = []
 obj = load_payload(sys.stdin.read(), sent)
 flat = obj["flattened_tensor"]
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         ("lm_head.weight", torch.randn(17, 64, device=f"cuda:{dev}", generator=g)),
     ]
     flat, meta = api.flatten_bucket(api.bucket_order(bucket))
-    payload = api.serialize_payload(flat, meta)
-    found = api.payload_globals(payload)
+    payload = ipc.serialize_payload(flat, meta)
+    found = ipc.payload_globals(payload)
     checks["pickle refers only to torch, SimpleNamespace and builtins"] = all(
-        n.startswith(api.PAYLOAD_GLOBAL_PREFIXES) for n in found
+        n.startswith(ipc.PAYLOAD_GLOBAL_PREFIXES) for n in found
     )
     r = subprocess.run(
         [sys.executable, "-c", _RECEIVER], input=payload, capture_output=True, text=True, timeout=300, cwd=ROOT

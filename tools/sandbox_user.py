@@ -1,10 +1,13 @@
-"""A throw-away ordinary user for the sandbox tests and benchmark, and running Python as it.
+"""For the sandbox tests and benchmark: a throw-away ordinary user, running Python as it, and
+a run's memory as the host sees it.
 
 Root only: ``temporary_user`` creates a user with a home directory (firejail needs one) and
 removes it, home included, afterwards. ``python_as`` runs a script of this repository as that
 user with a clean environment and an interpreter the user can execute (a virtualenv under
 /root is not one: the system python3 is used then, with the repository on ``PYTHONPATH``;
-the reward code needs only the standard library for code scoring).
+the reward code needs only the standard library for code scoring). ``HostPeak`` samples the
+memory of a run's processes from /proc, independently of the sandbox's own accounting;
+``FORKED_CHILDREN`` is the program that a per-process memory limit did not stop.
 """
 
 from __future__ import annotations
@@ -21,6 +24,63 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Eight children of 100 MB each (touched): 800 MB in all, each under any per-process limit.
+FORKED_CHILDREN = """import os, time
+kids = []
+for i in range(8):
+    pid = os.fork()
+    if pid == 0:
+        x = b"\\x01" * (100 << 20)
+        time.sleep(30)
+        os._exit(0)
+    kids.append(pid)
+for k in kids:
+    os.waitpid(k, 0)
+print("done")
+"""
+
+
+class HostPeak:
+    """The peak resident memory (RssAnon + RssShmem, summed) of the processes that start while
+    it watches, whose real uid is in [lo, hi), sampled from /proc every 2 ms by a process of
+    its own: the host's view of a run, independent of the sandbox's own accounting."""
+
+    _SRC = """import os, select, sys
+lo, hi = int(sys.argv[1]), int(sys.argv[2])
+before = {e for e in os.listdir("/proc") if e.isdigit()}
+print("ready", flush=True)
+peak = 0
+while not select.select([0], [], [], 0.002)[0]:
+    total = 0
+    for e in os.listdir("/proc"):
+        if e in before:
+            continue
+        try:
+            with open(f"/proc/{e}/status", "rb") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        uid = next((int(x.split()[1]) for x in lines if x.startswith(b"Uid:")), -1)
+        if lo <= uid < hi:
+            total += sum(int(x.split()[1]) for x in lines if x.startswith((b"RssAnon:", b"RssShmem:"))) << 10
+    peak = max(peak, total)
+print(peak)
+"""
+
+    def __init__(self, uid_range: tuple[int, int]):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self._SRC, *map(str, uid_range)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the memory sampler did not start")
+
+    def stop_mb(self) -> float:
+        out, _ = self.proc.communicate("x")
+        return int(out) / 2**20
 
 
 class UserUnavailable(Exception):

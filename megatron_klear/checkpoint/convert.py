@@ -95,7 +95,7 @@ def _megatron_to_hf_worker(load: str, tmp: str, max_shard_bytes: int, sampling: 
     # The export runs on the CPU: at the end of a run it sits beside the trainer's processes,
     # whose cached memory still fills GPU 0.
     if os.environ.get("CUDA_VISIBLE_DEVICES") != "":
-        raise RuntimeError("the Megatron -> HF worker must be spawned with NO_GPU_ENV (no GPU visible)")
+        raise AssertionError("the Megatron -> HF worker must be spawned with NO_GPU_ENV (no GPU visible)")
     init_distributed(ParallelConfig())
     try:
         raw = json.loads((Path(load) / "config.json").read_text())

@@ -50,7 +50,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n < 100 * 2**20:
-                raise ValueError(f"implausible header length {n}")
+                raise CheckpointError(f"{path}: not a readable safetensors file (implausible header length {n})")
             header = json.loads(f.read(n))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e

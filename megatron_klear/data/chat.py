@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_klear.errors import ConfigError
+from megatron_klear.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -32,14 +32,14 @@ class Rendered:
 def validate_messages(messages) -> None:
     """Raise ValueError naming what is wrong with an OpenAI-style message list."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
+        raise DataError("messages must be a non-empty list")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"message {i} is not an object")
+            raise DataError(f"message {i} is not an object")
         if m.get("role") not in ROLES:
-            raise ValueError(f"message {i} has role {m.get('role')!r}; expected one of {ROLES}")
+            raise DataError(f"message {i} has role {m.get('role')!r}; expected one of {ROLES}")
         if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} content must be a string")
+            raise DataError(f"message {i} content must be a string")
 
 
 def render_text(messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:

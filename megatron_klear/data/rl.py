@@ -70,29 +70,29 @@ def contamination_ngrams(eval_prompts: Sequence[str], n: int, template_frac: flo
 def parse_row(row: Any, loc: str) -> RLPrompt:
     """Validate one row of the schema; ValueError says what is wrong."""
     if not isinstance(row, dict):
-        raise ValueError("row is not an object")
+        raise DataError("row is not an object")
     for key in ("prompt", "ability", "reward_model"):
         if key not in row:
-            raise ValueError(f"missing field {key!r}")
+            raise DataError(f"missing field {key!r}")
     messages = row["prompt"]
     if hasattr(messages, "tolist"):
         messages = messages.tolist()
     validate_messages(messages)
     ability = row["ability"]
     if ability not in ("math", "code"):
-        raise ValueError(f"ability must be 'math' or 'code', got {ability!r}")
+        raise DataError(f"ability must be 'math' or 'code', got {ability!r}")
     rm = row["reward_model"]
     if not isinstance(rm, dict) or "ground_truth" not in rm:
-        raise ValueError("reward_model must be an object with 'ground_truth'")
+        raise DataError("reward_model must be an object with 'ground_truth'")
     extra = row.get("extra_info") or {}
     if not isinstance(extra, dict):
-        raise ValueError("extra_info must be an object")
+        raise DataError("extra_info must be an object")
     gt = rm["ground_truth"]
     fn_name = extra.get("fn_name")
     if ability == "code":
         _, fn_name = normalize_tests(gt, fn_name)  # raises on invalid test JSON
     elif not isinstance(gt, (str, int, float)):
-        raise ValueError("math ground_truth must be a string or a number")
+        raise DataError("math ground_truth must be a string or a number")
     uid = str(extra.get("index", loc))
     return RLPrompt(
         uid,

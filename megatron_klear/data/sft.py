@@ -122,7 +122,7 @@ def assemble_pack(
         n = len(toks)
         slot = n if slots is None else int(slots[d])
         if n > slot or at + slot > length:
-            raise ValueError(f"document {d} of {n} tokens does not fit a slot of {slot} at {at} of {length}")
+            raise AssertionError(f"document {d} of {n} tokens does not fit a slot of {slot} at {at} of {length}")
         ids[at : at + n] = toks
         labels[at : at + n - 1] = toks[1:]
         loss[at : at + n - 1] = target[1:]
@@ -263,7 +263,7 @@ def check_sft_rows(path: str | Path, cfg: SFTDataConfig, limit: int = 1000) -> s
         if not why:
             try:
                 if not isinstance(row, dict) or "messages" not in row:
-                    raise ValueError("missing field 'messages'")
+                    raise DataError("missing field 'messages'")
                 validate_messages(list(row["messages"]))
             except ValueError as e:
                 why = str(e)

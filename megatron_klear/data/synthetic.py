@@ -224,7 +224,7 @@ def make_code_dataset(out: str | Path, n_train: int = 2000, n_test: int = 48, se
     for row in make_code_rows(20 * n_test, seed + 10_000, source="synthetic_code_test"):
         test.setdefault(statement(row), row)
     if len(test) < n_test:
-        raise ValueError(f"only {len(test)} distinct code statements for n_test={n_test}")
+        raise ConfigError(f"only {len(test)} distinct code statements for n_test={n_test}")
     test_rows = list(test.values())[:n_test]
     unseen = {statement(r) for r in test_rows}
     train = [r for r in make_code_rows(2 * n_train, seed) if statement(r) not in unseen][:n_train]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from megatron_klear.errors import ConfigError
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 THINK_TOKENS = ("<think>", "</think>")
 
@@ -64,7 +66,7 @@ def build_tokenizer(vocab_size: int, out_dir: str | Path | None = None, seed: in
 
     n_special = len(SPECIAL_TOKENS) + len(THINK_TOKENS)
     if vocab_size < 256 + n_special + 1:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} is too small for a byte-level tokenizer (need >= {256 + n_special + 1})"
         )
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_klear.errors import ConfigError
-from megatron_klear.inference.sglang import SGLangConfig, server_env
+from megatron_klear.inference.sglang_servers import SGLangConfig, server_env
 
 
 def torch_facts() -> dict:

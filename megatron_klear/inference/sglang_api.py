@@ -1,26 +1,20 @@
-"""The SGLang HTTP requests we send, as plain functions, the weight payloads, and a small JSON
-client.
+"""The SGLang HTTP requests we send and the answers we read, as plain functions, and SGLang's
+flattened weight bucket (the byte layout both weight transports send).
 
 Every request body is built here and nowhere else; field names follow SGLang 0.5.23's
 ``srt/managers/io_struct.py`` and ``sampling/sampling_params.py``, and what the real server and
-sglang-router 0.3.2 do with them is tested in tests/e2e/test_sglang_real.py.
+sglang-router 0.3.2 do with them is tested in tests/e2e/test_sglang_real.py. The client that
+sends them is ``inference.http``; the weight transports are ``sync.ipc`` and ``sync.broadcast``.
 """
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-import time
-import urllib.error
-import urllib.request
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_klear.console import Progress
-from megatron_klear.errors import EngineError, EngineWeightError
+from megatron_klear.errors import ArgumentError, ConfigError, EngineError
 from megatron_klear.inference.base import Bucket, Completion, SamplingParams
 
 # ---------------------------------------------------------------------------- requests
@@ -130,7 +124,7 @@ def memory_request(tags: Sequence[str]) -> dict:
     """POST /release_memory_occupation and /resume_memory_occupation."""
     bad = set(tags) - {"weights", "kv_cache", "cuda_graph"}
     if bad:
-        raise ValueError(f"unknown memory tags {sorted(bad)}")
+        raise ConfigError(f"unknown memory tags {sorted(bad)}")
     return {"tags": list(tags)}
 
 
@@ -209,7 +203,7 @@ def parse_score_response(body: Any, sequences: Sequence[list[int]]) -> list[list
     return res
 
 
-# ---------------------------------------------------------------------------- payloads
+# ---------------------------------------------------------------------------- the flattened bucket
 
 
 def bucket_order(bucket: Bucket) -> Bucket:
@@ -228,7 +222,7 @@ def flatten_bucket(bucket: Bucket) -> tuple[torch.Tensor, list[SimpleNamespace]]
     parts, meta, start = [], [], 0
     for name, t in bucket:
         if start % t.element_size():
-            raise ValueError(
+            raise ArgumentError(
                 f"{name} would start at byte {start}, not a multiple of {t.element_size()}: use bucket_order"
             )
         flat = t.detach().contiguous().view(-1).view(torch.uint8)
@@ -237,169 +231,3 @@ def flatten_bucket(bucket: Bucket) -> tuple[torch.Tensor, list[SimpleNamespace]]
                                     end_idx=start + flat.numel(), numel=flat.numel()))  # fmt: skip
         start += flat.numel()
     return torch.cat(parts), meta
-
-
-def serialize_payload(flat: torch.Tensor, meta: list[SimpleNamespace]) -> str:
-    """SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)`` of
-    ``{"flattened_tensor": flat, "metadata": meta}``: base64 of a ForkingPickler dump, in which
-    a CUDA tensor travels as an IPC handle naming its GPU by UUID (``device_uuid_args``) and a
-    CPU tensor as shared memory (the process must use
-    ``torch.multiprocessing.set_sharing_strategy("file_system")``, see ``share_cpu_tensors``).
-    Keep ``flat`` alive until the server has answered."""
-    from multiprocessing.reduction import ForkingPickler
-
-    buf = io.BytesIO()
-    pickler = ForkingPickler(buf)
-    pickler.dispatch_table[torch.Tensor] = _reduce_tensor_by_uuid  # this pickler's own table
-    pickler.dump({"flattened_tensor": flat, "metadata": meta})
-    return base64.b64encode(buf.getvalue()).decode("utf-8")
-
-
-# Argument 6 of torch's ``rebuild_cuda_tensor`` (``reduce_tensor``'s output): the device.
-CUDA_DEVICE_ARG = 6
-
-
-def device_uuid_args(args: tuple, uuid_of) -> tuple:
-    """``rebuild_cuda_tensor``'s arguments with the device index replaced by the GPU's UUID
-    (``uuid_of(index)``), as SGLang's own senders write them (``patch_torch``, SGLang 0.5.x): its
-    receivers map the UUID back to their own index before rebuilding, so a server whose
-    ``CUDA_VISIBLE_DEVICES`` numbers the GPUs differently still opens the handle on the right
-    one, where a bare index would name another GPU. An argument that is not an index already
-    names its GPU and stays."""
-    device = args[CUDA_DEVICE_ARG]
-    if not isinstance(device, int):
-        return args
-    return (*args[:CUDA_DEVICE_ARG], uuid_of(device), *args[CUDA_DEVICE_ARG + 1 :])
-
-
-def _reduce_tensor_by_uuid(t: torch.Tensor):
-    from torch.multiprocessing import reductions
-
-    rebuild, args = reductions.reduce_tensor(t)
-    if t.is_cuda:
-        args = device_uuid_args(args, lambda i: str(torch.cuda.get_device_properties(i).uuid))
-    return rebuild, args
-
-
-def load_payload(payload: str, devices_sent: Optional[list] = None) -> dict:
-    """What an SGLang TP rank does with its payload, for our checks of the sending side (SGLang
-    is not on our GPU test machine): base64-decode and unpickle it, a GPU named by UUID mapped
-    back to this process's device index first, as SGLang's patched torch does. ``devices_sent``
-    collects the device argument of every CUDA handle as it was sent."""
-    import pickle
-
-    from torch.multiprocessing import reductions
-
-    def rebuild_cuda_tensor(*args):
-        device = args[CUDA_DEVICE_ARG]
-        if devices_sent is not None:
-            devices_sent.append(device)
-        if isinstance(device, str):
-            uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
-            if device not in uuids:
-                raise EngineError(f"no GPU visible here has the UUID {device} (visible: {uuids})")
-            args = (*args[:CUDA_DEVICE_ARG], uuids.index(device), *args[CUDA_DEVICE_ARG + 1 :])
-        return reductions.rebuild_cuda_tensor(*args)
-
-    class _Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
-                return rebuild_cuda_tensor
-            return super().find_class(module, name)
-
-    return _Unpickler(io.BytesIO(base64.b64decode(payload))).load()
-
-
-# What SGLang's SafeUnpickler allows a payload to name (srt/utils/common.py, 0.5.23): torch's
-# rebuild functions and types, types.SimpleNamespace, and a few builtins / containers.
-PAYLOAD_GLOBAL_PREFIXES = ("torch.", "types.SimpleNamespace", "builtins.", "copyreg.", "collections.")
-
-
-def payload_globals(payload: str) -> set[str]:
-    """The module-qualified globals a serialized payload refers to (checked against what
-    SGLang's unpickler allows, ``PAYLOAD_GLOBAL_PREFIXES``). Reads the pickle with inert
-    stand-ins for every global, so nothing is rebuilt or opened."""
-    import pickle
-
-    class _Inert:
-        def __new__(cls, *args, **kwargs):
-            return object.__new__(cls)
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __setstate__(self, state):
-            pass
-
-    names: set[str] = set()
-
-    class _Recorder(pickle.Unpickler):
-        def find_class(self, module, name):
-            names.add(f"{module}.{name}")
-            return type(name, (_Inert,), {})
-
-    _Recorder(io.BytesIO(base64.b64decode(payload))).load()
-    return names
-
-
-def share_cpu_tensors() -> None:
-    """CPU tensors reach a server by file name: with the default file-descriptor strategy
-    the server's scheduler dies when it unpickles them (seen with SGLang 0.5.23 on CPU)."""
-    torch.multiprocessing.set_sharing_strategy("file_system")
-
-
-# ---------------------------------------------------------------------------- client
-
-
-class HTTPError(EngineError):
-    def __init__(self, url: str, status: Optional[int], detail: str):
-        super().__init__(f"{url}: {status or 'no response'}: {detail[:500]}")
-        self.status = status
-
-
-def call(url: str, body: Optional[dict] = None, *, method: Optional[str] = None, timeout: float = 60.0) -> Any:
-    """Send one JSON request; returns the decoded JSON (or text). Raises ``HTTPError``."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            text = r.read().decode()
-    except urllib.error.HTTPError as e:
-        raise HTTPError(url, e.code, e.read().decode(errors="replace")) from None
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise HTTPError(url, None, str(e)) from None
-    try:
-        return json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return text
-
-
-def post_checked(url: str, body: dict, timeout: float) -> Any:
-    """POST a weight or group request; a ``{"success": false}`` answer raises
-    ``EngineWeightError`` (SGLang answers 400 with the same body, which ``call`` raises)."""
-    resp = call(url, body, timeout=timeout)
-    if isinstance(resp, dict) and resp.get("success") is False:
-        raise EngineWeightError(f"{url}: {resp.get('message')}")
-    return resp
-
-
-def wait_healthy(url: str, timeout_s: float, alive=lambda: True, path: str = "/health_generate") -> None:
-    """Poll ``url + path`` until 200; ``alive()`` False (process died) fails at once. Prints a
-    progress line every ``MEGATRON_KLEAR_PROGRESS_S`` seconds while it waits (a large model
-    takes minutes to load)."""
-    start = time.time()
-    deadline = start + timeout_s
-    progress = Progress(f"waiting for {url} to become healthy (timeout {timeout_s:.0f} s)", unit="s")
-    last = ""
-    while time.time() < deadline:
-        if not alive():
-            raise EngineError(f"{url} exited before becoming healthy")
-        try:
-            call(url + path, timeout=10)
-            return
-        except HTTPError as e:
-            last = str(e)
-        time.sleep(1.0)
-        progress.update(time.time() - start)
-    raise EngineError(f"{url} not healthy after {timeout_s:.0f} s (last: {last})")

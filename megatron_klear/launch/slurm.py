@@ -47,8 +47,8 @@ from typing import Optional
 from megatron_klear.config import load_config
 from megatron_klear.distributed import free_port
 from megatron_klear.errors import ConfigError, EngineError, LaunchError
-from megatron_klear.inference.sglang import router_command, server_command, spawn_logged
-from megatron_klear.inference.sglang_api import wait_healthy
+from megatron_klear.inference.http import wait_healthy
+from megatron_klear.inference.sglang_servers import router_command, server_command, spawn_logged
 from megatron_klear.training.lifecycle import STOP_FILE, STOPPED_FILE
 
 # entry -> (trainer module, "module:ConfigClass")

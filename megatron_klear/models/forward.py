@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_klear.errors import ConfigError
+
 
 def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Megatron's boolean attention mask (True = masked) for plain causal attention."""
@@ -46,7 +48,7 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, vocab_size: 
 
     cp = ps.get_context_parallel_world_size()
     if cp > 1:  # every rank would hold the whole sequence, where context parallel expects shares
-        raise ValueError(f"forward_logits runs whole sequences; context_parallel={cp} is not supported")
+        raise ConfigError(f"forward_logits runs whole sequences; context_parallel={cp} is not supported")
     model.eval()
     real = input_ids.shape[1]
     pad = padded_length(real, ps.get_tensor_model_parallel_world_size(), cp) - real

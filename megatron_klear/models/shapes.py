@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megatron_klear.errors import ConfigError
+
 QWEN3_VOCAB = 151936
 
 _QWEN3_0_6B = dict(
@@ -54,7 +56,7 @@ QWEN3_SHAPES: dict[str, dict] = {
 def qwen3_config_dict(shape: str, dtype: str = "bfloat16", max_positions: int = 40960, **overrides) -> dict:
     """A complete HF ``config.json`` dict for a named shape."""
     if shape not in QWEN3_SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(QWEN3_SHAPES)}")
+        raise ConfigError(f"unknown shape {shape!r}; known: {', '.join(QWEN3_SHAPES)}")
     cfg = dict(
         QWEN3_SHAPES[shape],
         architectures=["Qwen3ForCausalLM"],

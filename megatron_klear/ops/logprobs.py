@@ -5,7 +5,8 @@ ids ``[r * V_local, (r + 1) * V_local)``), as Megatron's output layer produces i
 ``targets`` are global token ids. All statistics are accumulated in float32; the gradient
 w.r.t. the logits has the logits' dtype. Two implementations behind one function:
 
-* ``impl="torch"``: the reference (materialises float32 ``[tokens, V_local]`` temporaries).
+* ``impl="torch"``: the reference (``ops.logprobs_torch``; materialises float32
+  ``[tokens, V_local]`` temporaries).
 * ``impl="triton"``: fused kernels that stream over the vocabulary with online statistics
   and recompute the softmax in the backward; never a float32 ``[tokens, V_local]`` tensor.
 
@@ -19,60 +20,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from megatron_klear import debug
+from megatron_klear.errors import ArgumentError
+from megatron_klear.ops.logprobs_torch import LOGIT_DTYPES, TorchVocabParallelLogProbs, tp_rank_size
 
 IMPLS = ("torch", "triton")
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _tp(group) -> tuple[int, int]:
-    if group is None or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
-
-
-class _TorchVocabParallelLogProbs(torch.autograd.Function):
-    """Reference: three all-reduces (max, packed sums), float32 softmax kept for backward."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, group, with_entropy, n_valid):
-        rank, _ = _tp(group)
-        v_local = logits.shape[-1]
-        z = logits.float() / temperature
-        valid = torch.arange(v_local, device=logits.device) < n_valid  # vocabulary padding is not a token
-        z = torch.where(valid, z, float("-inf"))
-        m = _all_reduce(z.max(dim=-1).values.clamp_min(-1e30), dist.ReduceOp.MAX, group)
-        e = torch.exp(z - m[:, None])
-        z = torch.where(valid, z, 0.0)  # e is 0 there; keeps e * z finite
-        local_t = targets - rank * v_local
-        owned = (local_t >= 0) & (local_t < v_local)
-        z_y = torch.where(owned, z.gather(-1, local_t.clamp(0, v_local - 1)[:, None]).squeeze(-1), 0.0)
-        sums = torch.stack([e.sum(-1), (e * z).sum(-1), z_y], dim=0)
-        sums = _all_reduce(sums, dist.ReduceOp.SUM, group)
-        s, ez, z_y = sums
-        lse = m + torch.log(s)
-        logp = z_y - lse
-        entropy = lse - ez / s
-        ctx.save_for_backward(e / s[:, None], z, lse, entropy, local_t, owned)
-        ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
-        return logp, entropy if with_entropy else None
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        p, z, lse, entropy, local_t, owned = ctx.saved_tensors
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
-        dz = -g_logp[:, None] * p
-        if g_ent is not None:
-            dz = dz - g_ent.float()[:, None] * p * (z - lse[:, None] + entropy[:, None])
-        rows = torch.nonzero(owned).squeeze(-1)
-        dz[rows, local_t[rows]] += g_logp[rows]
-        return (dz / ctx.temperature).to(ctx.logits_dtype), None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -95,31 +48,33 @@ def vocab_parallel_logprobs(
         with_entropy: also return the entropy of the full distribution.
         impl: ``"torch"`` (reference) or ``"triton"`` (fused kernels).
         vocab_size: the real vocabulary size when the logits carry Megatron's padding: ids at
-            or beyond it are left out of the softmax (and get zero gradient).
+            or beyond it are left out of the softmax (and get zero gradient). That the targets
+            lie below it is checked in debug mode only (``megatron_klear.debug``: it reads them
+            on the host).
 
     Returns:
         ``(logprobs [tokens] float32, entropy [tokens] float32 or None)``; differentiable
         w.r.t. ``logits``.
     """
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        raise ArgumentError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError("logits must be a 2-D tensor [tokens, vocab/TP]")
+        raise ArgumentError("logits must be a 2-D tensor [tokens, vocab/TP]")
     if logits.dtype not in LOGIT_DTYPES:
-        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+        raise ArgumentError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:1]:
-        raise ValueError(f"targets must be a tensor of shape {(logits.shape[0],)}")
+        raise ArgumentError(f"targets must be a tensor of shape {(logits.shape[0],)}")
     if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+        raise ArgumentError(f"targets must be int64 or int32, got {targets.dtype}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    rank, tp = _tp(tp_group)
+        raise ArgumentError(f"temperature must be > 0, got {temperature}")
+    rank, tp = tp_rank_size(tp_group)
     v_local = logits.shape[-1]
     limit = v_local * tp if vocab_size is None else vocab_size
     if not 0 < limit <= v_local * tp:
-        raise ValueError(f"vocab_size must lie in [1, {v_local * tp}], got {vocab_size}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= limit):
-        raise ValueError(f"targets must lie in [0, {limit})")
+        raise ArgumentError(f"vocab_size must lie in [1, {v_local * tp}], got {vocab_size}")
+    if debug.enabled() and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= limit):
+        raise ArgumentError(f"targets must lie in [0, {limit})")  # read on the host: debug mode and tests only
     targets = targets.long()
     n_valid = max(0, min(v_local, limit - rank * v_local))  # this rank's real (unpadded) columns
     if impl == "triton":
@@ -127,7 +82,7 @@ def vocab_parallel_logprobs(
         from megatron_klear.ops.triton_logprobs import triton_vocab_parallel_logprobs
 
         return triton_vocab_parallel_logprobs(logits, targets, tp_group, temperature, with_entropy, n_valid)
-    return _TorchVocabParallelLogProbs.apply(logits, targets, float(temperature), tp_group, with_entropy, n_valid)
+    return TorchVocabParallelLogProbs.apply(logits, targets, float(temperature), tp_group, with_entropy, n_valid)
 
 
 def model_output_logprobs(

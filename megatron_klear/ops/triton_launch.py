@@ -71,11 +71,11 @@ class KernelLaunch:
             elif name in self.args:
                 sig[name] = triton_type(self.args[name])
             else:
-                raise ValueError(f"{self.name}: parameter {name} has no value in this launch")
+                raise TypeError(f"{self.name}: parameter {name} has no value in this launch")
         extra = set(self.args) | set(self.constexprs)
         extra -= set(self.kernel.arg_names)
         if extra:
-            raise ValueError(f"{self.name}: {sorted(extra)} are not parameters of the kernel")
+            raise TypeError(f"{self.name}: {sorted(extra)} are not parameters of the kernel")
         return sig
 
     def compile(self, arch: int, backend: str = "cuda", warp_size: int = 32):

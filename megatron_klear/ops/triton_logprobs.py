@@ -18,7 +18,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from megatron_klear.ops.logprobs import LOGIT_DTYPES
+from megatron_klear.ops.logprobs_torch import LOGIT_DTYPES
 from megatron_klear.ops.triton_launch import KernelLaunch
 
 # Finite "minus infinity": keeps (m - m_new) * s at 0 instead of NaN. A constexpr, because

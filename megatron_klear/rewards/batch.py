@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
-from megatron_klear.errors import SandboxError
+from megatron_klear.errors import DataError, SandboxError
 from megatron_klear.rewards.code import CodeRewardConfig, score_code
 from megatron_klear.rewards.math import MathRewardConfig, score_math
 from megatron_klear.rewards.types import SANDBOX_FAILURE, RewardResult
@@ -54,7 +54,7 @@ def score_item(
             config=code_cfg,
             cancel=cancel,
         )
-    raise ValueError(f"unknown ability {item.ability!r} (expected 'math' or 'code')")
+    raise DataError(f"unknown ability {item.ability!r} (expected 'math' or 'code')")
 
 
 def score_batch(

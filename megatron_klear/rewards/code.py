@@ -29,9 +29,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from megatron_klear.errors import ConfigError, SandboxError
+from megatron_klear.errors import ConfigError, DataError, SandboxError
+from megatron_klear.rewards import memlimit
 from megatron_klear.rewards.math import check_finite, public_format_failure
-from megatron_klear.rewards.sandbox import BACKENDS, ExecResult, resolve_backend, run_program
+from megatron_klear.rewards.sandbox import BACKENDS, MIN_MEMORY_MB, ExecResult, resolve_backend, run_program
 from megatron_klear.rewards.types import RewardResult
 
 CODE_FORMAT_RULES = ("none", "public")
@@ -43,13 +44,13 @@ class CodeRewardConfig:
     """Limits of each test run, the sandbox, and how a response is scored."""
 
     timeout_s: float = 6.0  # per test
-    memory_mb: int = 1024  # per test (address space of each process)
+    memory_mb: int = 1024  # per test: resident memory of the whole run, all its processes together (>= 32)
     max_output_bytes: int = 1 << 20
     max_tests: Optional[int] = None  # cap on tests run per problem
     backend: Optional[str] = None  # sandbox backend; default: the best working one
     binary: bool = False  # 1.0 only if all tests pass (the ablation baseline)
     disk_mb: int = 64  # each writable tmpfs of a run (bwrap: /tmp with the home, and /dev/shm)
-    max_procs: int = 32  # processes and threads of a run
+    max_procs: int = 128  # processes and threads of a run
     max_sandbox_failures: int = 16  # RL: stop after this many sandbox failures in a run (0: at the first)
     truncated_is_wrong: bool = True  # False: a response cut at the length limit is scored as any other
     format_rule: str = "none"  # or "public": no </think>, then no <think>, score the two below
@@ -67,6 +68,8 @@ class CodeRewardConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
+        if self.memory_mb < MIN_MEMORY_MB:
+            raise ConfigError(f"{where}.memory_mb must be at least {MIN_MEMORY_MB} (MB), got {self.memory_mb!r}")
         if self.max_tests is not None and (not isinstance(self.max_tests, int) or self.max_tests < 1):
             raise ConfigError(f"{where}.max_tests must be >= 1 or null, got {self.max_tests!r}")
         if not isinstance(self.max_sandbox_failures, int) or self.max_sandbox_failures < 0:
@@ -144,14 +147,14 @@ def normalize_tests(
         try:
             tests = json.loads(tests)
         except json.JSONDecodeError as e:
-            raise ValueError(f"test cases are not valid JSON: {e}") from e
+            raise DataError(f"test cases are not valid JSON: {e}") from e
     cases: list[TestCase] = []
     if isinstance(tests, dict):  # APPS / TACO
         if "inputs" not in tests or "outputs" not in tests:
-            raise ValueError("APPS-style tests need 'inputs' and 'outputs'")
+            raise DataError("APPS-style tests need 'inputs' and 'outputs'")
         ins, outs = tests["inputs"], tests["outputs"]
         if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs):
-            raise ValueError("APPS-style 'inputs' and 'outputs' must be lists of equal length")
+            raise DataError("APPS-style 'inputs' and 'outputs' must be lists of equal length")
         fn_name = tests.get("fn_name") or fn_name
         for i, o in zip(ins, outs):
             if fn_name:
@@ -162,23 +165,23 @@ def normalize_tests(
     if isinstance(tests, list):  # LiveCodeBench
         for k, t in enumerate(tests):
             if not isinstance(t, dict) or "input" not in t or "output" not in t:
-                raise ValueError(f"test {k}: LiveCodeBench-style tests need 'input' and 'output'")
+                raise DataError(f"test {k}: LiveCodeBench-style tests need 'input' and 'output'")
             kind = t.get("testtype", "stdin")
             if kind == "functional":
                 if not fn_name:
-                    raise ValueError("functional tests need fn_name (from the problem's metadata)")
+                    raise DataError("functional tests need fn_name (from the problem's metadata)")
                 try:
                     args = [json.loads(line) for line in str(t["input"]).splitlines() if line.strip()]
                     expected = json.loads(t["output"])
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"test {k}: functional input/output is not JSON: {e}") from e
+                    raise DataError(f"test {k}: functional input/output is not JSON: {e}") from e
                 cases.append(TestCase("call", args, expected))
             elif kind == "stdin":
                 cases.append(TestCase("stdin", _as_text(t["input"]), _as_text(t["output"])))
             else:
-                raise ValueError(f"test {k}: unknown testtype {kind!r}")
+                raise DataError(f"test {k}: unknown testtype {kind!r}")
         return cases, fn_name
-    raise ValueError(f"test cases must be a list (LiveCodeBench) or a dict (APPS/TACO), got {type(tests).__name__}")
+    raise DataError(f"test cases must be a list (LiveCodeBench) or a dict (APPS/TACO), got {type(tests).__name__}")
 
 
 def _as_text(x: Any) -> str:
@@ -318,12 +321,13 @@ _CHECKS = (  # (test, known-good program, known-bad program)
 )
 
 
-def check_sandbox(cfg: CodeRewardConfig) -> None:
-    """Run a known-good and a known-bad program through the sandbox with ``cfg``'s limits.
+def check_sandbox(cfg: CodeRewardConfig) -> str:
+    """Run a known-good and a known-bad program through the sandbox with ``cfg``'s limits;
+    return one line naming the backend and how each run's memory is limited.
 
     Raises SandboxError naming the backend and the reason when no sandbox works, when one does
-    not start, or when it judges either program wrongly (e.g. ``memory_mb`` too small for
-    the interpreter). About four sandbox runs.
+    not start, or when it judges either program wrongly (e.g. ``timeout_s`` too short for the
+    interpreter to start). About four sandbox runs.
     """
     cfg.validate()
     backend = resolve_backend(cfg.backend)
@@ -338,3 +342,4 @@ def check_sandbox(cfg: CodeRewardConfig) -> None:
         ok, r = run_case(bad, case, fn, cfg)
         if ok:
             raise SandboxError(f"sandbox {backend!r} check failed: a known-bad program ({case.kind} test) passed")
+    return f"{backend}; memory limit per run: {memlimit.mechanism().describe()}"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_klear.errors import ConfigError
+from megatron_klear.errors import ConfigError, RewardError
 from megatron_klear.rewards.types import RewardResult
 
 ANSWER_SOURCES = ("boxed", "after_think", "whole")
@@ -181,7 +181,7 @@ class MathVerifier:
             self._stop()
             if status == "cancelled":
                 raise _Cancelled()
-            raise RuntimeError(f"math-verify worker did not start ({status}: {answer})")
+            raise RewardError(f"math-verify worker did not start ({status}: {answer})")
 
     def _stop(self) -> None:
         if self._proc is not None:

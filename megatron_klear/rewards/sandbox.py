@@ -18,21 +18,29 @@ Backends, in order of preference; both work as root and as an ordinary user:
   the whole filesystem is read-only: the program has no writable disk at all. As root the
   program runs as a pool uid (``setpriv``).
 
-Inside either, rlimits (address space, processes, file size, no core dumps) are set after the
-sandbox's user namespace exists, where the process count is the run's own: a trainer with
-many threads does not use up a program's process allowance.
+The run's memory limit (``memory_mb``) holds for all of its processes together, in resident
+memory: a cgroup v2 of its own where one can be made, else a poller outside the sandbox that
+kills the run over the limit (``memlimit``; the mechanism is logged once). Inside either
+sandbox, rlimits (processes and threads, file size, no core dumps, an 8 MB stack, and an
+address space per process of ``memory_mb`` plus a stack for each thread the run may have, as a
+backstop) are set after the sandbox's user namespace exists, where the process count is the
+run's own: a trainer with many threads does not use up a program's process allowance.
+``MALLOC_ARENA_MAX=2`` keeps glibc from reserving 64 MB of address space per thread.
 
 A shell supervisor inside the sandbox writes a start marker, runs the program, and fails a run
-that leaves processes behind (exit code ``LEFT_PROCESSES``). A run whose output lacks the
-marker never started: that raises ``SandboxError`` (backend and message), never a failed test.
-A program cannot fake a failed start: the marker is out before the program runs. Each backend
-is probed once per process with a test program (``backend_problem``).
+that leaves processes behind (exit code ``LEFT_PROCESSES``) and kills them, so that under
+firejail too the run ends with the supervisor (bwrap's init is the supervisor). A program that
+kills its supervisor under firejail and leaves a process runs to its time limit. A run whose
+output lacks the marker never started: that raises ``SandboxError`` (backend and message),
+never a failed test. A program cannot fake a failed start: the marker is out before the
+program runs. Each backend is probed once per process with a test program
+(``backend_problem``).
 
 The program's time limit counts from the start marker: a slow sandbox start on a loaded
 machine is not charged to the program (the start has ``START_TIMEOUT_S`` of its own).
-Every run is its own process group: at the wall-time limit, at the output cap, on ``cancel``
-or when the program exits, the whole group is killed and reaped; the PID namespace takes any
-daemon the program left behind with it. The run's temporary files on the host are removed.
+Every run is its own process group: at the wall-time limit, over the memory limit, at the
+output cap, on ``cancel`` or when the program exits, the whole group is killed and reaped; the
+PID namespace takes any daemon the program left behind with it. The run's temporary files on the host are removed.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import itertools
 import logging
 import os
 import pwd
+import resource
 import selectors
 import shutil
 import signal
@@ -54,7 +63,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_klear.errors import SandboxError
+from megatron_klear.errors import ConfigError, SandboxError
+from megatron_klear.rewards import memlimit
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +80,25 @@ BWRAP_HOME = "/tmp/home"
 _STDERR_CAP = 1 << 20
 START_TIMEOUT_S = 30.0  # for the sandbox to start; the program's own limit counts from then
 _CANCEL_POLL_S = 0.05
-# Runs inside the sandbox as ``sh -c _SUPERVISOR sh HOST_NET PROGRAM...``. It refuses to start
-# in the host's network namespace (a backend that fell back to no isolation), writes the start
-# marker, runs the program, and fails the run if anything is left alive: the sandbox's init
-# is pid 1 (under bwrap this shell itself) and $$ this shell.
+MIN_MEMORY_MB = 32  # a run's smallest memory limit: the sandbox and the interpreter need ~10 MB
+THREAD_STACK_MB = 8  # the soft stack rlimit, which glibc takes as every thread's stack size
+_MALLOC_ARENA_MB = 64  # address space of the one extra malloc arena that MALLOC_ARENA_MAX=2 allows
+# Runs inside the sandbox as ``sh -c _SUPERVISOR sh HOST_NET HOST_PID PROGRAM...`` (the host's
+# namespaces, ``_host_namespaces()``). It refuses to start in the host's network or PID
+# namespace (a backend that fell back to no isolation), writes the start marker, runs the
+# program, and fails the run if anything is left alive: the sandbox's init is pid 1 (under
+# bwrap this shell itself) and $$ this shell. What is left it kills at once (``kill -1``: every
+# process of the namespace it may signal), so that firejail, whose init waits for every
+# process, ends now too; only where pid 1 is bwrap's (this shell) or firejail's init.
 _SUPERVISOR = (
-    'host_net=$1; shift; [ "$(readlink /proc/self/ns/net)" = "$host_net" ] && '
-    "{ echo 'not isolated: running in the host network namespace' >&2; exit 126; }; "
+    'host_net=$1; host_pid=$2; shift 2; case "$(readlink /proc/self/ns/net /proc/self/ns/pid)" in '
+    '*"$host_net"*|*"$host_pid"*) echo \'not isolated: running in a namespace of the host\' >&2; exit 126;; esac; '
     f"echo {START_MARKER.decode().strip()}; "
     '"$@"; rc=$?; '
-    'for p in /proc/[0-9]*; do p=${p#/proc/}; [ "$p" = 1 ] || [ "$p" = $$ ] || exit '
-    f"{LEFT_PROCESSES}; done; exit $rc"
+    'for p in /proc/[0-9]*; do p=${p#/proc/}; [ "$p" = 1 ] || [ "$p" = $$ ] || { rc=L; break; }; done; '
+    '[ "$rc" = L ] || exit $rc; read -r init < /proc/1/comm; if [ $$ = 1 ] || [ "$init" = firejail ]; then '
+    "n=0; while [ $n -lt 100 ] && kill -9 -1 2>/dev/null; do n=$((n + 1)); done; fi; "
+    f"exit {LEFT_PROCESSES}"
 )
 _SYSTEM_DIRS = ("/usr", "/etc")
 _SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -129,7 +147,7 @@ def backend_problem(backend: str) -> Optional[str]:
     if backend == "unsafe-local":
         return None
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     key = (backend, os.geteuid())
     with _probe_lock:
         if key not in _problems:
@@ -313,6 +331,7 @@ def _firejail(workdir: Path, inner: list[str], home: str) -> list[str]:
         *who,
         "--nonewprivs",
         "--restrict-namespaces",
+        "--deterministic-exit-code",  # the supervisor's exit code, not the last process's
         "--net=none",
         f"--private={workdir}",
         "--private-cwd",
@@ -335,7 +354,68 @@ def _kill_group(proc: subprocess.Popen) -> None:
 class _Streams:
     stdout: bytearray
     stderr: bytearray
-    stop: str = ""  # "", "timeout", "output", "cancelled"
+    stop: str = ""  # "", "timeout", "memory", "output", "cancelled"
+
+
+class _Pipes:
+    """The run's three pipes: stdin fed as the program reads it, stdout and stderr collected up
+    to their caps (stderr past its cap is drained and dropped)."""
+
+    def __init__(self, proc: subprocess.Popen, stdin: bytes, streams: _Streams, out_cap: int):
+        self.sel = selectors.DefaultSelector()
+        self.stdin_pipe, self.stdin, self.sent = proc.stdin, stdin, 0
+        self.in_fd, self.out_fd = proc.stdin.fileno(), proc.stdout.fileno()
+        self.caps = {self.out_fd: (streams.stdout, out_cap), proc.stderr.fileno(): (streams.stderr, _STDERR_CAP)}
+        for fd in self.caps:
+            self.sel.register(fd, selectors.EVENT_READ)
+        if stdin:
+            os.set_blocking(self.in_fd, False)
+            self.sel.register(self.in_fd, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+
+    def reading(self) -> bool:
+        """Whether stdout or stderr is still open."""
+        return any(fd in self.sel.get_map() for fd in self.caps)
+
+    def transfer(self, wait: float) -> bool:
+        """Move what is ready within ``wait`` seconds; True if stdout got data."""
+        got = False
+        for key, _ in self.sel.select(wait):
+            if key.fd == self.in_fd:
+                try:
+                    self.sent += os.write(self.in_fd, self.stdin[self.sent : self.sent + 65536])
+                except OSError:  # the program closed its stdin
+                    self.sent = len(self.stdin)
+                if self.sent >= len(self.stdin):
+                    self.sel.unregister(self.in_fd)
+                    self.stdin_pipe.close()
+                continue
+            chunk = os.read(key.fd, 65536)
+            if not chunk:
+                self.sel.unregister(key.fd)
+                continue
+            buf, cap = self.caps[key.fd]
+            buf += chunk[: max(0, cap - len(buf))]
+            got |= key.fd == self.out_fd
+        return got
+
+    def drain_stdout(self) -> None:
+        """What stdout holds now, without waiting (a run stopped before its marker was read)."""
+        if self.out_fd not in self.sel.get_map():
+            return
+        os.set_blocking(self.out_fd, False)
+        buf, cap = self.caps[self.out_fd]
+        try:
+            while len(buf) < cap and (chunk := os.read(self.out_fd, 65536)):
+                buf += chunk[: cap - len(buf)]
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self.sel.close()
+        if not self.stdin_pipe.closed:
+            self.stdin_pipe.close()
 
 
 def _pump(
@@ -345,71 +425,82 @@ def _pump(
     out_cap: int,
     marker: bytes,
     cancel: Optional[threading.Event],
+    limit: Optional[memlimit.RunLimit] = None,
 ) -> _Streams:
-    """Feed stdin and collect stdout/stderr until both close or a limit is hit.
+    """Feed stdin and collect stdout/stderr until the run has ended (stdout and stderr closed,
+    its first process exited) or a limit is hit.
 
     ``marker``: what stdout must start with once the sandbox has started (b"" unsandboxed).
     The program's ``run_s`` counts from then; until then the sandbox has START_TIMEOUT_S, so a
     loaded machine's slow start is never charged to the program. ``out_cap``: stdout bytes that
-    mean "too much output" once reached.
+    mean "too much output" once reached. ``limit``: the run's memory limit
+    (``memlimit.open_run``), asked every ``memlimit.POLL_S`` whether the run is over it.
     """
     s = _Streams(bytearray(), bytearray())
-    out_fd = proc.stdout.fileno()
-    caps = {out_fd: (s.stdout, out_cap), proc.stderr.fileno(): (s.stderr, _STDERR_CAP)}
-    sel = selectors.DefaultSelector()
-    for fd in caps:
-        sel.register(fd, selectors.EVENT_READ)
-    in_fd, sent = proc.stdin.fileno(), 0
+    pipes = _Pipes(proc, stdin, s, out_cap)
     started = not marker
     deadline = time.monotonic() + (run_s if started else START_TIMEOUT_S)
-    if stdin:
-        os.set_blocking(in_fd, False)
-        sel.register(in_fd, selectors.EVENT_WRITE)
-    else:
-        proc.stdin.close()
+    next_check = time.monotonic() + memlimit.POLL_S if limit is not None else float("inf")
     try:
-        while len(sel.get_map()) > (1 if in_fd in sel.get_map() else 0):
+        while True:
+            now = time.monotonic()
             if cancel is not None and cancel.is_set():
                 s.stop = "cancelled"
-                return s
-            left = deadline - time.monotonic()
-            if left <= 0:
+            elif now >= deadline:
                 s.stop = "timeout"
+            elif now >= next_check:
+                s.stop = "memory" if limit.over() else ""
+                next_check = now + memlimit.POLL_S
+            if s.stop:
+                if not started:
+                    pipes.drain_stdout()  # the marker may be there, unread
                 return s
-            for key, _ in sel.select(min(left, _CANCEL_POLL_S) if cancel is not None else left):
-                if key.fd == in_fd:
-                    try:
-                        sent += os.write(in_fd, stdin[sent : sent + 65536])
-                    except OSError:  # the program closed its stdin
-                        sent = len(stdin)
-                    if sent >= len(stdin):
-                        sel.unregister(in_fd)
-                        proc.stdin.close()
-                    continue
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fd)
-                    continue
-                buf, cap = caps[key.fd]
-                buf += chunk[: max(0, cap - len(buf))]  # stderr past its cap is drained and dropped
-                if key.fd != out_fd:
-                    continue
-                if not started and len(buf) >= len(marker):
-                    if not buf.startswith(marker):
+            wait = max(0.0, min(deadline, next_check) - now)
+            if cancel is not None:
+                wait = min(wait, _CANCEL_POLL_S)
+            if not pipes.reading():
+                if proc.poll() is not None:
+                    return s
+                try:
+                    proc.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    pass
+            elif pipes.transfer(wait):
+                if not started and len(s.stdout) >= len(marker):
+                    if not s.stdout.startswith(marker):
                         return s  # not our supervisor talking: the run is refused as a failed start
                     started, deadline = True, time.monotonic() + run_s
-                if len(buf) >= cap:
+                if len(s.stdout) >= out_cap:
                     s.stop = "output"
                     return s
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            s.stop = "timeout"
-        return s
     finally:
-        sel.close()
-        if not proc.stdin.closed:
-            proc.stdin.close()
+        pipes.close()
+
+
+def _host_namespaces() -> list[str]:
+    """The network and PID namespaces of this process, as the supervisor's first arguments."""
+    return [os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/pid")]
+
+
+def address_space_mb(memory_mb: int, max_procs: int) -> int:
+    """The address-space backstop of each process of a run: its memory limit, a stack for every
+    thread it may have, and one extra malloc arena (a 64-thread pool needs about 600 MB)."""
+    return memory_mb + max_procs * THREAD_STACK_MB + _MALLOC_ARENA_MB
+
+
+def _rlimits(memory_mb: int, max_procs: int, max_file_mb: int) -> list[str]:
+    """prlimit's arguments; the stack's soft limit only (a program may raise it for recursion)."""
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+    stack = THREAD_STACK_MB * 2**20 if hard == resource.RLIM_INFINITY else min(THREAD_STACK_MB * 2**20, hard)
+    return [
+        "prlimit",
+        f"--as={address_space_mb(memory_mb, max_procs) * 2**20}",
+        f"--nproc={max_procs}",
+        f"--fsize={max_file_mb * 2**20}",
+        f"--stack={stack}:",
+        "--core=0",
+        "--",
+    ]
 
 
 def _execute(
@@ -420,13 +511,14 @@ def _execute(
     timeout_s: float,
     memory_mb: int,
     max_output_bytes: int,
-    max_procs: int = 32,
+    max_procs: int = 128,
     max_file_mb: int = 16,
     disk_mb: int = 64,
     cancel: Optional[threading.Event] = None,
 ) -> ExecResult:
     """One run on a resolved backend (no availability check: the probe calls this too)."""
     workdir = Path(tempfile.mkdtemp(prefix="mk_sandbox_"))
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "MALLOC_ARENA_MAX": "2"}
     try:
         prog = workdir / "main.py"
         prog.write_text(source)
@@ -435,34 +527,29 @@ def _execute(
         os.chmod(prog, 0o644)
         if backend == "unsafe-local":
             cmd = [shutil.which("python3") or "python3", "-I", str(prog)]
-            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": str(workdir)}
+            env["HOME"] = str(workdir)
             sandboxed, cwd = False, str(workdir)
         else:
             inner = [
-                "prlimit",
-                f"--as={memory_mb * 2**20}",
-                f"--nproc={max_procs}",
-                f"--fsize={max_file_mb * 2**20}",
-                "--core=0",
-                "--",
+                *_rlimits(memory_mb, max_procs, max_file_mb),
                 "/bin/sh",
                 "-c",
                 _SUPERVISOR,
                 "sh",
-                os.readlink("/proc/self/ns/net"),
+                *_host_namespaces(),
                 sandbox_python(),
                 "-I",
                 "-S",
                 "main.py",
             ]
             if backend == "bwrap":
-                home, cmd = BWRAP_HOME, _bwrap(workdir, inner, disk_mb)
+                env["HOME"], cmd = BWRAP_HOME, _bwrap(workdir, inner, disk_mb)
             else:
-                home = _firejail_home()
-                cmd = _firejail(workdir, inner, home)
-            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": home}
+                env["HOME"] = _firejail_home()
+                cmd = _firejail(workdir, inner, env["HOME"])
             sandboxed, cwd = True, "/"
-        return _run(cmd, env, cwd, stdin, backend, sandboxed, timeout_s, max_output_bytes, cancel)
+        limit = memlimit.open_run(memory_mb, max_procs)
+        return _run(cmd, env, cwd, stdin, backend, sandboxed, timeout_s, max_output_bytes, cancel, limit)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -477,49 +564,68 @@ def _run(
     timeout_s: float,
     max_output_bytes: int,
     cancel: Optional[threading.Event],
+    limit: Optional[memlimit.RunLimit] = None,
 ) -> ExecResult:
+    """Start ``cmd`` (in ``limit``'s cgroup, if any), pump it, kill its group, make the result."""
     start = time.monotonic()
     marker = START_MARKER if sandboxed else b""
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=cwd,
-        env=env,
-        start_new_session=True,
-    )
     try:
-        s = _pump(proc, stdin.encode(), timeout_s, max_output_bytes + len(marker) + 1, marker, cancel)
+        proc = subprocess.Popen(
+            limit.command(cmd) if limit is not None else cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    except BaseException:
+        if limit is not None:
+            limit.end()
+        raise
+    if limit is not None:
+        limit.started(proc.pid)
+    try:
+        s = _pump(proc, stdin.encode(), timeout_s, max_output_bytes + len(marker) + 1, marker, cancel, limit)
     finally:
         # The program has ended (or must end now): take its whole group with it.
         _kill_group(proc)
         proc.wait()
+        if limit is not None:
+            limit.end()
         proc.stdout.close()
         proc.stderr.close()
-    wall = time.monotonic() - start
+    if limit is not None and limit.exceeded:
+        s.stop = s.stop or "memory"  # the kernel's out-of-memory kill (cgroup)
+    return _result(s, proc.returncode, backend, marker, max_output_bytes, time.monotonic() - start)
+
+
+def _result(
+    s: _Streams, returncode: int, backend: str, marker: bytes, max_output_bytes: int, wall: float
+) -> ExecResult:
+    """The run's ExecResult; SandboxError if a sandbox (``marker``) never started."""
     out, stderr = bytes(s.stdout), bytes(s.stderr).decode(errors="replace")
-    if sandboxed:
-        if not out.startswith(START_MARKER):
+    if marker:
+        if not out.startswith(marker):
             if s.stop == "cancelled":
                 out = b""
             else:
-                why = (
-                    f"no start within {START_TIMEOUT_S:.0f} s"
-                    if s.stop == "timeout"
-                    else f"exit code {proc.returncode}"
-                )
+                why = {
+                    "timeout": f"no start within {START_TIMEOUT_S:.0f} s",
+                    "memory": "it went over the memory limit before the program started",
+                }.get(s.stop, f"exit code {returncode}")
                 msg = stderr.strip()[-500:] or "no message"
                 raise SandboxError(f"sandbox {backend!r} failed to start ({why}): {msg}")
         out = out[len(marker) :]
     truncated = s.stop == "output" or len(out) > max_output_bytes
-    code = None if s.stop in ("timeout", "cancelled") else proc.returncode
+    code = None if s.stop in ("timeout", "cancelled", "memory") else returncode
+    memory = s.stop == "memory" or "MemoryError" in stderr or ("Cannot allocate" in stderr and (code or 0) != 0)
     return ExecResult(
         stdout=out[:max_output_bytes].decode(errors="replace"),
         stderr=stderr,
         exit_code=code,
         timed_out=s.stop == "timeout",
-        memory_exceeded="MemoryError" in stderr or ("Cannot allocate" in stderr and (code or 0) != 0),
+        memory_exceeded=memory,
         wall_s=wall,
         output_truncated=truncated,
         backend=backend,
@@ -536,7 +642,7 @@ def run_program(
     language: str = "python",
     backend: Optional[str] = None,
     max_output_bytes: int = 8 * 2**20,
-    max_procs: int = 32,
+    max_procs: int = 128,
     max_file_mb: int = 16,
     disk_mb: int = 64,
     cancel: Optional[threading.Event] = None,
@@ -547,12 +653,14 @@ def run_program(
         timeout_s: the program's wall-time limit, from the moment the sandbox has started
             (a start slower than START_TIMEOUT_S is a SandboxError); the whole process
             tree is killed at it.
-        memory_mb: address-space limit of each process.
+        memory_mb: resident memory of the whole run, all its processes together (at least
+            MIN_MEMORY_MB); over it the run is killed and reported ``memory_exceeded``.
+            Each process also has an address-space backstop (``address_space_mb``).
         language: only ``"python"`` today.
         backend: ``"bwrap"``, ``"firejail"``, or ``"unsafe-local"`` (no isolation at all;
             only for trusted code). Default: the best working sandbox.
         max_output_bytes: stdout beyond this is cut off and the run is stopped.
-        max_procs: processes and threads of the run.
+        max_procs: processes and threads of the run (a 64-thread pool fits the default).
         max_file_mb: largest file the program may write.
         disk_mb: size of each writable tmpfs (bwrap: /tmp with the home, and /dev/shm).
         cancel: when set, the run is killed within ~50 ms and reported ``cancelled``.
@@ -562,9 +670,13 @@ def run_program(
             failed program).
     """
     if language != "python":
-        raise ValueError(f"language must be 'python', got {language!r}")
-    if timeout_s <= 0 or memory_mb <= 0 or disk_mb <= 0:
-        raise ValueError("timeout_s, memory_mb and disk_mb must be positive")
+        raise ConfigError(f"language must be 'python', got {language!r}")
+    if timeout_s <= 0 or disk_mb <= 0:
+        raise ConfigError("timeout_s and disk_mb must be positive")
+    if memory_mb < MIN_MEMORY_MB:
+        raise ConfigError(
+            f"memory_mb must be at least {MIN_MEMORY_MB} (the interpreter alone needs ~10 MB), got {memory_mb}"
+        )
     backend = resolve_backend(backend)
     if backend == "unsafe-local":
         log.warning("UNSANDBOXED: running a program with no isolation (backend='unsafe-local')")

@@ -29,7 +29,7 @@ def check(gold: str, pred: str, kind: str) -> bool:
         p = parse("\\boxed{" + pred + "}", parsing_timeout=None)
         return bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=None))
     if kind != "text":
-        raise ValueError(f"unknown kind {kind!r}")
+        raise AssertionError(f"unknown kind {kind!r}")  # our own request
     p = parse(pred, parsing_timeout=None)
     if len(p) < 2:  # nothing extracted
         return False

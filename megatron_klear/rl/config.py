@@ -14,7 +14,7 @@ from megatron_klear.config import FilePath
 from megatron_klear.data.synthetic import SyntheticDataConfig
 from megatron_klear.distributed import ParallelConfig
 from megatron_klear.errors import ConfigError
-from megatron_klear.inference.sglang import SGLangConfig
+from megatron_klear.inference.sglang_servers import SGLangConfig
 from megatron_klear.ops.loss import AGGS, ALGOS, check_policy_args
 from megatron_klear.rewards.code import CodeRewardConfig
 from megatron_klear.rewards.math import MathRewardConfig

@@ -3,8 +3,10 @@ global count, see ``training.step``).
 
 Per micro-batch the loss returns ``(sum, count, report)`` with ``count`` = this micro-batch's
 share of the aggregation's normaliser (response tokens for token-mean, sequences otherwise),
-so the final gradient is GPPO aggregated over the whole mini-batch plus
-``alpha x`` the token-mean NLL of the correct responses (rescaled by the global counts).
+so the final gradient is GPPO aggregated over the whole mini-batch plus ``alpha x`` the
+token-mean NLL of the correct responses (rescaled by the global counts). ``report`` holds device
+tensors (``REPORT_KEYS``, sums): nothing here reads a tensor on the host; ``rl.update`` reduces
+them once per optimizer step (``training.step.reduce_reports``).
 Every input is a field of the typed micro-batch (``rl.batch.RLMicroBatch``, whose docstring
 says which are shifted by one token): a row may pack several sequences, told apart by ``seq_ids``.
 """
@@ -101,8 +103,7 @@ def rl_loss_fn(vocab_size: int, algo: AlgoConfig, mini: MiniBatch, temperature: 
         ent_sum = (ent * mask).sum()
         if algo.entropy_coef > 0:
             total = total - algo.entropy_coef * ent_sum * (norm / max(mini.num_tokens, 1))
-        n = float(ntok)
-        report = {
+        report = {  # device tensors: summed over micro-batches and read once per optimizer step
             "pg_sum": pg.detach(),
             "tokens": ntok.detach(),
             "seqs": nseq.detach(),
@@ -110,10 +111,10 @@ def rl_loss_fn(vocab_size: int, algo: AlgoConfig, mini: MiniBatch, temperature: 
             "sft_nll": nll.detach(),
             "correct_tokens": correct_mask.sum().detach(),
             "engine_diff": ((mb.old_lp.to(logp.dtype) - mb.engine_lp).abs() * mask).sum().detach(),
-            "nonfinite": torch.tensor(m["nonfinite"]),
+            "nonfinite": m["nonfinite"],
         }
         for k in ("clipfrac_high", "clipfrac_low", "dual_clipfrac", "ppo_kl"):
-            report[k] = torch.tensor(m[k] * n)
+            report[k] = m[k] * ntok  # means over this micro-batch's tokens -> sums
         count = ntok if token_mean else nseq
         return total, count.to(torch.int), report
 

@@ -65,11 +65,12 @@ def build_inference_engine(cfg: RLConfig) -> InferenceEngine:
 
 def check_code_sandbox(code_cfg: CodeRewardConfig, prompts: list[RLPrompt]) -> None:
     """Collective: with code prompts, rank 0 runs a known-good and a known-bad program through
-    the sandbox (``rewards.code.check_sandbox``); every rank raises its SandboxError."""
+    the sandbox (``rewards.code.check_sandbox``) and prints the backend and its memory limit;
+    every rank raises its SandboxError."""
     problem = None
     if is_main() and any(p.ability == "code" for p in prompts):
         try:
-            check_sandbox(code_cfg)
+            print(f"sandbox: {check_sandbox(code_cfg)}", flush=True)
         except SandboxError as e:
             problem = str(e)
     problem = broadcast_object(problem)

@@ -1,4 +1,5 @@
-"""Colocated weight sync into SGLang servers that share the trainer's GPUs (CUDA IPC).
+"""Colocated weight sync into SGLang servers that share the trainer's GPUs (CUDA IPC), from
+every training rank (the engine's single-process path is ``sync.ipc.IPCTransport``).
 
 Each SGLang TP rank reads payload ``i`` of ``update_weights_from_tensor`` and rebuilds the
 tensors from the IPC handles in it, which must point at memory on its own GPU. So every
@@ -26,10 +27,11 @@ import torch.distributed as dist
 
 from megatron_klear.distributed import broadcast_object
 from megatron_klear.errors import EngineError
+from megatron_klear.inference import http
 from megatron_klear.inference import sglang_api as api
-from megatron_klear.inference.sglang import ColocatedTarget
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.sync.gather import local_hf_buckets
+from megatron_klear.sync.ipc import ColocatedTarget, serialize_payload, share_cpu_tensors
 
 _POST_TIMEOUT_S = 3600.0
 
@@ -96,14 +98,14 @@ def sync_colocated(
     device = local_device_index()
     mine, sends = my_slots(targets, device, on_node), senders(targets, device, on_node)
     if not torch.cuda.is_available():
-        api.share_cpu_tensors()
+        share_cpu_tensors()
     nbytes = nbuckets = ntensors = 0
     for bucket in local_hf_buckets(model, cfg, bucket_bytes):  # every rank iterates to the end
         nbuckets += 1
         ntensors += len(bucket)
         nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
         flat, meta = api.flatten_bucket(api.bucket_order(bucket))
-        payloads = {slot: api.serialize_payload(flat, meta) for slot in mine} if error is None else {}
+        payloads = {slot: serialize_payload(flat, meta) for slot in mine} if error is None else {}
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, payloads)  # IPC handles only: a few KB per rank
         local_error = None
@@ -132,7 +134,7 @@ def _post_all(targets: Sequence[ColocatedTarget], payloads: dict[int, list[str]]
 
     def post(i: int) -> None:
         body = api.update_from_tensor_request(payloads[i], version)
-        api.post_checked(targets[i].url + "/update_weights_from_tensor", body, _POST_TIMEOUT_S)
+        http.post_checked(targets[i].url + "/update_weights_from_tensor", body, _POST_TIMEOUT_S)
 
     with ThreadPoolExecutor(len(sends)) as pool:
         futures = [pool.submit(post, i) for i in sends]

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_klear.distributed import comm_device
+from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.models.weights import iter_hf_weights
 
@@ -76,7 +77,7 @@ def bucketed(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> It
     """Group ``(name, tensor)`` items into lists of at most ``bucket_bytes`` each (a single
     larger tensor forms its own bucket), in order."""
     if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        raise ConfigError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, t in items:
@@ -120,5 +121,5 @@ def local_hf_buckets(
     from megatron.core import parallel_state as ps
 
     if ps.get_pipeline_model_parallel_world_size() != 1:
-        raise ValueError("local_hf_buckets needs pipeline parallelism 1")
+        raise ConfigError("local_hf_buckets needs pipeline parallelism 1")
     yield from bucketed(iter_hf_weights(model, cfg), bucket_bytes)

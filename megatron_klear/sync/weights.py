@@ -52,7 +52,7 @@ def sync_weights(
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0 and engine is None:
-        raise ValueError("global rank 0 must hold the engine")
+        raise AssertionError("global rank 0 must hold the engine")
     t0 = time.time()
     targets = getattr(engine, "colocated_targets", lambda: None)() if rank0 else None
     if dist.is_initialized():

@@ -80,18 +80,20 @@ def optimizer_step(train_state: TrainState, advance_schedule: bool = True) -> tu
 
 
 def reduce_reports(reports: Iterable[dict], keys: Iterable[str]) -> dict[str, float]:
-    """Sum report entries over micro-batches (last stage) and over DP x CP; same on every rank."""
+    """Sum report entries over micro-batches (last stage) and over DP x CP; same on every rank.
+
+    The entries stay where the loss left them (device tensors) until here: they are stacked
+    and summed on the device, reduced across ranks, and read on the host once, so a step's
+    metrics cost one device-to-host transfer however many micro-batches it has."""
     from megatron.core import parallel_state as ps
 
-    keys = list(keys)
-    local = torch.zeros(len(keys), dtype=torch.float64, device=comm_device())
-    for r in reports:
-        for i, k in enumerate(keys):
-            local[i] += float(r[k])
+    keys, dev = list(keys), comm_device()
+    rows = [torch.stack([torch.as_tensor(r[k]).to(dev, torch.float64).reshape(()) for k in keys]) for r in reports]
+    local = torch.stack(rows).sum(0) if rows else torch.zeros(len(keys), dtype=torch.float64, device=dev)
     if dist.is_initialized():
         dist.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
         # only the last pipeline stage computed losses: take its numbers everywhere
         dist.broadcast(
             local, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
         )
-    return {k: float(v) for k, v in zip(keys, local.tolist())}
+    return dict(zip(keys, local.tolist()))  # the one host transfer

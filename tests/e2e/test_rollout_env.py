@@ -20,7 +20,7 @@ import pytest
 
 from megatron_klear.errors import ConfigError
 from megatron_klear.inference.rollout_env import check_rollout_env, probe_torch, this_build
-from megatron_klear.inference.sglang import SGLangConfig
+from megatron_klear.inference.sglang_servers import SGLangConfig
 from tests.pypi import CACHE
 
 SGLANG_TORCH = "2.14.1"  # what sglang==0.5.23 pins (tests/e2e/test_install.py checks it)

@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from megatron_klear.errors import EngineError, EngineWeightError, StaleEngineError
+from megatron_klear.inference import http
 from megatron_klear.inference import sglang_api as api
 from megatron_klear.inference.base import SamplingParams
-from megatron_klear.inference.sglang import MEMORY_TAGS, SGLangConfig, SGLangEngine
+from megatron_klear.inference.sglang import MEMORY_TAGS, SGLangEngine
+from megatron_klear.inference.sglang_servers import SGLangConfig
 from tests.sglang_real import cpu_engine_config
 
 pytestmark = [pytest.mark.real_sglang, pytest.mark.timeout(900)]
@@ -47,7 +49,7 @@ def eng(model_dir, tmp_path_factory):
     engine = SGLangEngine(cpu_engine_config(model_dir, tmp_path_factory.mktemp("sglang_logs"), replicas=2))
     yield engine
     engine.shutdown()
-    assert all(s.proc.poll() is not None for s in engine.servers) and engine._router_proc.poll() is not None
+    assert all(s.proc.poll() is not None for s in engine.servers) and engine.pool.router_proc.poll() is not None
 
 
 def ref_logprobs(model, prompt: list[int], output: list[int], temperature: float) -> torch.Tensor:
@@ -135,7 +137,7 @@ def test_input_log_probs_ignore_the_temperature_so_score_takes_only_one(eng, ref
     [got] = eng.score([seq])
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), ref_logprobs(ref, seq[:1], seq[1:], 1.0), atol=2e-3)
     raw = [
-        api.call(eng.router_url + "/generate", {**api.score_request([seq]), "sampling_params": {"temperature": t}})
+        http.call(eng.router_url + "/generate", {**api.score_request([seq]), "sampling_params": {"temperature": t}})
         for t in (1.0, 0.3)
     ]  # what SGLang does: the same input log-probs at any temperature
     lps = [[e[0] for e in r[0]["meta_info"]["input_token_logprobs"][1:]] for r in raw]
@@ -149,7 +151,7 @@ def test_distributed_sync_runs_inside_begin_and_end(eng, ref):
     bucket = weights(ref, 1.0)[:1]
     outside = api.update_from_distributed_request(bucket, "any", "v0")
     with pytest.raises(EngineError, match="must run between begin_weight_update"):  # SGLang >= 0.5.21
-        api.call(url + "/update_weights_from_distributed", outside)
+        http.call(url + "/update_weights_from_distributed", outside)
     new = weights(ref, 3.0)
     eng.update_weights([new[:5], new[5:]], "step-1")  # two buckets, one broadcast each
     assert eng.version == "step-1" and not eng.stale and all(s.in_group and not s.in_update for s in eng.servers)
@@ -204,14 +206,14 @@ def test_aborted_samples_are_generated_again_and_counted(eng):
 
 
 def test_router_lists_and_drops_workers_by_id(eng):
-    listed = eng._listed_workers()
+    listed = eng.pool.listed_workers()
     assert sorted(w["url"] for w in listed) == sorted(s.url for s in eng.servers) and all(w.get("id") for w in listed)
     s = eng.servers[1]
-    eng._unregister(s)
-    assert eng._router_worker_id(s.url) is None and not s.registered
+    eng.pool.unregister(s)
+    assert eng.pool.router_worker_id(s.url) is None and not s.registered
     eng.generate(PROMPTS, SamplingParams(max_new_tokens=2))  # served by the other one
-    eng._register(s)
-    assert eng._router_worker_id(s.url) is not None and s.registered
+    eng.pool.register(s)
+    assert eng.pool.router_worker_id(s.url) is not None and s.registered
 
 
 def test_sigkill_server_mid_generation_then_restart_reregister_resync(eng, ref):
@@ -223,7 +225,7 @@ def test_sigkill_server_mid_generation_then_restart_reregister_resync(eng, ref):
     assert not th.is_alive() and "error" not in box, box.get("error")
     assert all(len(c.output_ids) == 300 for g in box["out"] for c in g)  # retried on the live server
     assert dead.proc.pid != old and dead.alive() and dead.stale and not dead.registered and not dead.in_group
-    assert eng._router_worker_id(dead.url) is None
+    assert eng.pool.router_worker_id(dead.url) is None
     eng.update_weights([weights(ref, 1.0)], "step-3")  # a new weight group with the restarted server
     assert all(s.registered and s.in_group and not s.stale for s in eng.servers)
     check_against(ref, eng)
@@ -246,7 +248,7 @@ def test_sigkill_server_mid_sync_then_resync(eng, ref):
 def test_server_failing_early_aborts_the_broadcast(eng, ref):
     eng.begin_update("step-5")
     rejecting = eng.servers[0]
-    api.call(rejecting.url + "/end_weight_update", {})  # its session is gone: it answers 400 at once
+    http.call(rejecting.url + "/end_weight_update", {})  # its session is gone: it answers 400 at once
     t0 = time.time()
     with pytest.raises(EngineWeightError, match="broadcast aborted"):
         eng.update_bucket(weights(ref, 1.0))
@@ -268,7 +270,7 @@ def test_sync_broken_off_mid_broadcast_restarts_the_blocked_servers(eng, ref, mo
     def trainer_fails(*args):
         raise RuntimeError("the trainer failed mid-sync")
 
-    monkeypatch.setattr(eng, "_broadcast_watched", trainer_fails)
+    monkeypatch.setattr(eng.transport, "broadcast_watched", trainer_fails)
     with pytest.raises(RuntimeError, match="mid-sync"):
         eng.update_bucket(weights(ref, 1.0))
     monkeypatch.undo()
@@ -285,9 +287,9 @@ def test_sigkill_router_mid_generation_restarts_and_reregisters(eng, ref):
     since = log_offsets(eng)
     th, box = generate_in_thread(eng, PROMPTS, LONG)
     await_decoding(eng.servers, since)
-    old = kill(eng._router_proc)
+    old = kill(eng.pool.router_proc)
     th.join(timeout=600)
     assert not th.is_alive() and "error" not in box, box.get("error")
-    assert eng._router_proc.pid != old
-    assert sorted(w["url"] for w in eng._listed_workers()) == sorted(s.url for s in eng.servers)
+    assert eng.pool.router_proc.pid != old
+    assert sorted(w["url"] for w in eng.pool.listed_workers()) == sorted(s.url for s in eng.servers)
     check_against(ref, eng)

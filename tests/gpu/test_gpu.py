@@ -157,7 +157,7 @@ def test_colocated_cuda_ipc_payloads_rebuild_in_another_process(hf_model, tmp_pa
     handles, which name the GPU by UUID, and the pickle names only what SGLang's unpickler
     allows. (SGLang itself is not on the GPU machine; its reading side is tested against the
     real server on CPU.)"""
-    from megatron_klear.inference import sglang_api as api
+    from megatron_klear.sync import ipc
 
     out = str(tmp_path / "ipc.pt")
     spawn(ipc_sender_worker, 1, str(hf_model), out)
@@ -165,7 +165,7 @@ def test_colocated_cuda_ipc_payloads_rebuild_in_another_process(hf_model, tmp_pa
     assert sender["exitcode"] == 0 and sender["sent"].startswith("cuda")
     assert received["devices"] and all(d.startswith("cuda") for d in received["devices"])
     assert received["devices_sent"] == [sender["uuid"]]  # the GPU's UUID, as SGLang's senders write it
-    assert all(n.startswith(api.PAYLOAD_GLOBAL_PREFIXES) for n in sender["globals"])
+    assert all(n.startswith(ipc.PAYLOAD_GLOBAL_PREFIXES) for n in sender["globals"])
     ref = load_file(hf_model / "model.safetensors")
     assert sorted(received["tensors"]) == sorted(ref)
     for n, t in ref.items():

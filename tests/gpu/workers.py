@@ -45,11 +45,11 @@ def ipc_receiver(payloads: list[str], out: str) -> None:
     """What an SGLang TP rank on the same GPU does with a colocated payload: unpickle it (the
     flat CUDA tensor comes back from its IPC handle, its GPU named by UUID) and slice the tensors
     out of it (``FlattenedTensorBucket.reconstruct_tensors``). Saves the tensors on the CPU."""
-    from megatron_klear.inference import sglang_api as api
+    from megatron_klear.sync import ipc
 
     got, devices, sent = {}, set(), []
     for payload in payloads:
-        obj = api.load_payload(payload, sent)
+        obj = ipc.load_payload(payload, sent)
         flat = obj["flattened_tensor"]
         devices.add(str(flat.device))
         for m in obj["metadata"]:
@@ -66,6 +66,7 @@ def ipc_sender_worker(hf_dir: str, out: str) -> None:
     from megatron_klear.models.config import load_hf_config
     from megatron_klear.models.qwen3 import ModelOptions, build_model
     from megatron_klear.models.weights import load_hf_weights
+    from megatron_klear.sync import ipc
     from megatron_klear.sync.gather import local_hf_buckets
 
     init_distributed(ParallelConfig())
@@ -77,8 +78,8 @@ def ipc_sender_worker(hf_dir: str, out: str) -> None:
         for bucket in local_hf_buckets(model, cfg, 200_000):
             flat, meta = api.flatten_bucket(api.bucket_order(bucket))
             flats.append(flat)  # alive until the receiver has read every payload
-            payloads.append(api.serialize_payload(flat, meta))
-            names |= api.payload_globals(payloads[-1])
+            payloads.append(ipc.serialize_payload(flat, meta))
+            names |= ipc.payload_globals(payloads[-1])
         receiver = torch.multiprocessing.get_context("spawn").Process(target=ipc_receiver, args=(payloads, out))
         receiver.start()
         receiver.join(120)

@@ -22,7 +22,7 @@ import yaml
 from megatron_klear.config import from_dict, iter_keys, load_config, to_dict
 from megatron_klear.distributed import ParallelConfig
 from megatron_klear.errors import ConfigError, KlearError
-from megatron_klear.inference.sglang import SGLangConfig
+from megatron_klear.inference.sglang_servers import SGLangConfig
 from megatron_klear.models.tiny import TinyModelArgs
 from megatron_klear.ops.loss import policy_loss
 from megatron_klear.rewards.code import CodeRewardConfig
@@ -281,3 +281,26 @@ def test_cli_list_keys_print_config_and_dry_run(tmp_path):
     assert r.returncode == 2 and "output_dir /proc/none/out: /proc is not writable" in r.stderr
     r = cli("megatron_klear.sft", "--config", str(SFT), *ok, f"data.valid=[{tmp_path / 'no.jsonl'}]", cwd=tmp_path)
     assert r.returncode == 2 and "no.jsonl: data file does not exist" in r.stderr
+
+
+def test_rl_entry_point_runs_the_bootstrap_stage_through_the_pipeline(tmp_path):
+    """``python -m megatron_klear.rl`` is the pipeline's entry (rl/ never imports sft/): a stage
+    file is SFT or RL by its sections, and with model.hf missing the dry run checks the
+    bootstrap stage's config too; with the model there, bootstrap does nothing."""
+    from megatron_klear import pipeline
+
+    assert isinstance(pipeline.stage_config(str(SFT)), SFTConfig)
+    assert isinstance(pipeline.stage_config(str(RL)), RLConfig)
+    missing = tmp_path / "model"
+    ok = ["--dry-run", f"model.hf={missing}", f"output_dir={tmp_path / 'out'}", f"data.generate={tmp_path / 'd'}"]
+    r = cli("megatron_klear.rl", "--config", str(RL), *ok, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"bootstrap {SFT}: config loads (it runs first: model.hf is not there yet)" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: out\ntrain_steps: 0\n")
+    r = cli("megatron_klear.rl", "--config", str(RL), *ok, f"bootstrap={bad}", cwd=tmp_path)
+    assert r.returncode == 2 and "train_steps must be >= 1" in r.stderr
+    cfg = load_config(RLConfig, RL, [f"model.hf={missing}"])
+    missing.mkdir()
+    (missing / "config.json").write_text("{}")
+    pipeline.bootstrap(cfg)  # the model is there: nothing runs

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from megatron_klear.errors import ConfigError, SandboxError
+from megatron_klear.rewards import memlimit
 from megatron_klear.rewards import sandbox as sb
 from megatron_klear.rewards.batch import RewardItem, score_batch
 from megatron_klear.rewards.code import (
@@ -61,6 +62,9 @@ def think(answer: str) -> str:
 # --- this process's sandboxes: a pool-uid window and a temp directory of their own ----------------
 
 _WINDOW = (3_000_000 + (os.getpid() % 5000) * 200, 200)  # outside the production pool [200000, 700000)
+
+
+_WINDOW_RANGE = [_WINDOW[0], _WINDOW[0] + _WINDOW[1]]
 
 
 def in_window(uid: int) -> bool:
@@ -310,39 +314,47 @@ def test_unsafe_local_mode_warns(caplog):
 
 @needs_sandbox
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_sandbox_that_does_not_start_raises_not_scores(backend, clean_machine):
-    """A 1 MB address space stops the sandbox's own start: an error naming the backend, never a
-    failed test; the start-up check reports a limit too small for the interpreter."""
-    with pytest.raises(SandboxError, match=f"sandbox '{backend}' failed to start"):
-        run_program("print(1)", memory_mb=1, backend=backend)
-    with pytest.raises(SandboxError, match=f"sandbox '{backend}' failed to start"):
-        score_code(fenced(ADD), APPS, memory_mb=1, backend=backend)
-    res = score_batch(
-        [RewardItem("code", fenced(ADD), APPS)], code_config=CodeRewardConfig(memory_mb=1, backend=backend)
-    )
-    assert res[0].sandbox_failed and res[0].reason.startswith(f"sandbox_error: sandbox '{backend}' failed to start")
+def test_a_sandbox_that_does_not_start_raises_not_scores(backend, clean_machine, monkeypatch):
+    """A sandbox that does not start within START_TIMEOUT_S (1 ms here: no sandbox starts that
+    fast) is an error naming the backend, never a failed test; the start-up check reports a
+    limit too small for the interpreter (a 1 ms time limit), and otherwise names the backend and
+    how each run's memory is limited."""
+    with monkeypatch.context() as mp:
+        mp.setattr(sb, "START_TIMEOUT_S", 0.001)
+        with pytest.raises(SandboxError, match=f"sandbox '{backend}' failed to start \\(no start within"):
+            run_program("print(1)", backend=backend)
+        with pytest.raises(SandboxError, match=f"sandbox '{backend}' failed to start"):
+            score_code(fenced(ADD), APPS, backend=backend)
+        res = score_batch([RewardItem("code", fenced(ADD), APPS)], code_config=CodeRewardConfig(backend=backend))
+        assert res[0].sandbox_failed
+        assert res[0].reason.startswith(f"sandbox_error: sandbox '{backend}' failed to start")
     with pytest.raises(SandboxError, match=f"sandbox '{backend}' check failed: a known-good program"):
-        check_sandbox(CodeRewardConfig(memory_mb=8, backend=backend))
-    check_sandbox(CodeRewardConfig(backend=backend))
+        check_sandbox(CodeRewardConfig(timeout_s=0.001, backend=backend))
+    line = check_sandbox(CodeRewardConfig(backend=backend))
+    assert line == f"{backend}; memory limit per run: {memlimit.mechanism().describe()}"
+    with pytest.raises(ValueError, match="memory_mb must be at least 32"):
+        run_program("print(1)", memory_mb=8, backend=backend)
 
 
 def test_the_supervisor_refuses_to_run_without_isolation():
     """Should a backend ever run our command without namespaces (firejail documents such a
     fallback for users it does not allow), the supervisor stops before the program: a failed
-    start, not a run."""
-    host_net = os.readlink("/proc/self/ns/net")
-    cmd = ["/bin/sh", "-c", sb._SUPERVISOR, "sh", host_net, sys.executable, "-c", "print('ran')"]
-    with pytest.raises(SandboxError, match="failed to start.*not isolated: running in the host network namespace"):
-        sb._run(cmd, {"PATH": "/usr/bin:/bin"}, "/", "", "bwrap", True, 10.0, 1024, None)
+    start, not a run. In the host's network namespace, and in the host's PID namespace (where
+    killing what a program leaves would reach the host's processes)."""
+    net, pid = sb._host_namespaces()
+    for host in ([net, "pid:[0]"], ["net:[0]", pid]):
+        cmd = ["/bin/sh", "-c", sb._SUPERVISOR, "sh", *host, sys.executable, "-c", "print('ran')"]
+        with pytest.raises(SandboxError, match="failed to start.*not isolated: running in a namespace of the host"):
+            sb._run(cmd, {"PATH": "/usr/bin:/bin"}, "/", "", "bwrap", True, 10.0, 1024, None)
 
 
 def test_the_time_limit_counts_from_the_sandbox_start():
     """A slow sandbox start (a loaded machine) is not charged to the program. The "sandbox" here
-    is a shell that takes 1 s before it starts the supervisor (outside a PID namespace, so the
-    supervisor sees the host's processes as left behind: the exit code is not the point)."""
+    is a shell that takes 1 s before it writes the start marker and runs the program (not the
+    supervisor: it must not run outside the sandbox's namespaces)."""
 
     def run(program: str, timeout_s: float):
-        slow = ["/bin/sh", "-c", 'sleep 1; exec "$@"', "sh", "/bin/sh", "-c", sb._SUPERVISOR, "sh", "net:[none]"]
+        slow = ["/bin/sh", "-c", f'sleep 1; echo {sb.START_MARKER.decode().strip()}; exec "$@"', "sh"]
         cmd = slow + [sys.executable, "-c", program]
         return sb._run(cmd, {"PATH": "/usr/bin:/bin"}, "/", "", "bwrap", True, timeout_s, 1024, None)
 
@@ -352,10 +364,56 @@ def test_the_time_limit_counts_from_the_sandbox_start():
     assert r.timed_out and 1.5 <= r.wall_s < 5
 
 
+def test_the_memory_limit_mechanism_is_named_once(monkeypatch, caplog):
+    """One INFO line names the mechanism (and, polling, why there is no cgroup); the
+    environment variable forces one, and a forced cgroup that cannot be had says why."""
+    monkeypatch.setattr(memlimit, "_mechanisms", {})
+    monkeypatch.delenv(memlimit.ENV, raising=False)
+    with caplog.at_level("INFO", logger=memlimit.__name__):
+        m = memlimit.mechanism()
+        assert memlimit.mechanism() is m
+    lines = [r.getMessage() for r in caplog.records if "sandbox memory limit per run" in r.getMessage()]
+    assert lines == [f"sandbox memory limit per run: {m.describe()}"]
+    if m.kind == "cgroup":
+        assert "cgroup v2" in lines[0] and m.parent.is_dir()
+    else:
+        assert "polling" in lines[0] and "no cgroup because" in lines[0] and m.why
+        monkeypatch.setenv(memlimit.ENV, "cgroup")
+        with pytest.raises(SandboxError, match="no cgroup v2 subtree is usable here"):
+            memlimit.mechanism()
+    monkeypatch.setenv(memlimit.ENV, "poll")
+    assert memlimit.mechanism().kind == "poll"
+    monkeypatch.setenv(memlimit.ENV, "docker")
+    with pytest.raises(SandboxError, match=memlimit.ENV):
+        memlimit.mechanism()
+
+
+@needs_sandbox
+@pytest.mark.parametrize("kind", ["cgroup", "poll"])
+def test_the_memory_limit_by_each_mechanism(kind, clean_machine, monkeypatch):
+    """Each mechanism that this machine offers, forced, on the default backend: the forked
+    children end the run as memory exceeded with the host's peak near the limit, and a cgroup
+    run leaves no cgroup behind. (The hostile tests use the default mechanism.)"""
+    monkeypatch.setenv(memlimit.ENV, kind)
+    try:
+        m = memlimit.mechanism()
+    except SandboxError as e:
+        pytest.skip(str(e))
+    ctx = {"uid_range": _WINDOW_RANGE if IS_ROOT else [os.getuid(), os.getuid() + 1]}
+    f = battery.forked_children(ctx, BACKENDS[0])
+    assert f["memory_exceeded"] and f["score"] == 0.0 and f["run_s"] < 10, (
+        f
+    )  # ended by the limit, not at the 10 s time limit
+    assert battery.MEMORY_MB / 2 <= f["peak_mb"] <= 2 * battery.MEMORY_MB, f
+    if m.kind == "cgroup":
+        assert not list(m.parent.glob("run-*")), "a run's cgroup was left behind"
+
+
 def test_code_config_validation_names_the_field():
     for bad, field in [
         (dict(timeout_s=-1.0), "timeout_s"),
         (dict(memory_mb=0), "memory_mb"),
+        (dict(memory_mb=16), "memory_mb"),
         (dict(disk_mb=0), "disk_mb"),
         (dict(max_tests=0), "max_tests"),
         (dict(max_sandbox_failures=-1), "max_sandbox_failures"),
@@ -484,6 +542,10 @@ class Host:
             "secret_text": "s3cr3t",
             "env_name": self.env_name,
             "daemon_marker": str(self.dir / "daemon_was_here"),
+            # whose processes are the sandbox's: the pool uids of this process, or that user
+            "uid_range": _WINDOW_RANGE
+            if owner is None and IS_ROOT
+            else [owner or os.getuid(), (owner or os.getuid()) + 1],
         }
 
     def _serve(self, family, addr, kind: str) -> socket.socket:
@@ -594,7 +656,7 @@ def hostile(who: str, backend: str, name: str, host: Host, user_battery) -> dict
         facts = run["facts"][name]
     assert facts["wall_s"] < battery.CASES[name][1], facts
     assert facts["left"] == [], f"left running: {facts['left']}"
-    if name != "positive":
+    if name not in ("positive", "thread_pool_64"):
         assert facts["score"] == 0.0 and not facts["correct"], facts
     return facts
 
@@ -676,6 +738,31 @@ def test_hostile_memory_bomb(who, backend, host, user_battery, after):
 @needs_sandbox
 @hostile_params
 @on_backends
+def test_hostile_forked_children_over_the_memory_limit(who, backend, host, user_battery, after):
+    """The red team's case: children that each stay under the limit, together far over it (8 x
+    100 MB under 256 MB; 8 x 900 MB took 7.25 GB of host memory under the 1024 MB per-process
+    limit before). The run ends as memory exceeded, long before its time limit, and the host
+    saw at most twice the limit, where an unlimited run reaches 800 MB. (A cgroup stops it at
+    the limit; the poller lets it grow between two polls and while it confirms, on a loaded
+    2-core machine by up to 135 MB in our runs: docs/benchmarks.md.)"""
+    f = hostile(who, backend, "forked_children", host, user_battery)
+    assert f["memory_exceeded"] and not f["ok"] and f["run_s"] < 10, f  # ended by the limit, not at the 10 s time limit
+    assert battery.MEMORY_MB / 2 <= f["peak_mb"] <= 2 * battery.MEMORY_MB, f
+
+
+@needs_sandbox
+@hostile_params
+@on_backends
+def test_a_64_thread_pool_passes(who, backend, host, user_battery, after):
+    """Each thread's stack used to count against a per-process address space of the memory
+    limit: a program stopped at 14 threads. Not a hostile program: it must score 1.0."""
+    f = hostile(who, backend, "thread_pool_64", host, user_battery)
+    assert (f["score"], f["correct"], f["small_limit_score"]) == (1.0, True, 1.0), f
+
+
+@needs_sandbox
+@hostile_params
+@on_backends
 def test_hostile_infinite_loop(who, backend, host, user_battery, after):
     f = hostile(who, backend, "infinite_loop", host, user_battery)
     assert f["timed_out"] and f["run_s"] < 4
@@ -708,8 +795,21 @@ def test_hostile_sleeps_after_closing_stdout(who, backend, host, user_battery, a
 @hostile_params
 @on_backends
 def test_hostile_daemon_that_outlives_it(who, backend, host, user_battery, after):
+    """The run fails (processes left) and ends when the program does, firejail included: it
+    used to wait for the daemon, or the time limit."""
     f = hostile(who, backend, "daemon_that_outlives_it", host, user_battery)
+    assert f["exit_code"] == sb.LEFT_PROCESSES and f["run_s"] < 1, f
     time.sleep(max(0.0, 2.0 - f["wall_s"]))  # past the daemon's write (host.assert_untouched)
+
+
+@needs_sandbox
+@hostile_params
+@on_backends
+def test_hostile_fork_bomb_that_exits(who, backend, host, user_battery, after):
+    """A bomb that its starter leaves behind ends with the starter: the supervisor's exit code
+    (processes left), not the 6 s time limit."""
+    f = hostile(who, backend, "fork_bomb_that_exits", host, user_battery)
+    assert f["exit_code"] == sb.LEFT_PROCESSES and f["run_s"] < 3, f
 
 
 @needs_sandbox
@@ -793,7 +893,7 @@ def test_score_batch_keeps_order_and_survives_everything(clean_machine):
         "passed 4/4",
         "timeout",
         "wrong",
-        "error: ValueError: unknown ability 'poetry' (expected 'math' or 'code')",
+        "error: DataError: unknown ability 'poetry' (expected 'math' or 'code')",
         "passed 0/1",
     ]
     assert [r.score for r in res] == [1.0, 1.0, -1.0, -1.0, 0.0, 0.0]
@@ -875,9 +975,9 @@ def test_rl_start_up_check_and_reward_config_errors(clean_machine):
     code = RLPrompt("c0", "synthetic", "code", [{"role": "user", "content": "add"}], json.dumps(APPS))
     math = RLPrompt("m0", "synthetic", "math", [{"role": "user", "content": "2+2"}], "4")
     check_code_sandbox(CodeRewardConfig(), [math, code])
-    check_code_sandbox(CodeRewardConfig(memory_mb=8), [math])  # no code prompt: no check
+    check_code_sandbox(CodeRewardConfig(timeout_s=0.001), [math])  # no code prompt: no check
     with pytest.raises(SandboxError, match="check failed: a known-good program"):
-        check_code_sandbox(CodeRewardConfig(memory_mb=8), [math, code])
+        check_code_sandbox(CodeRewardConfig(timeout_s=0.001), [math, code])
     yaml = ROOT / "examples" / "tiny" / "rl_code.yaml"
     cfg = load_config(RLConfig, yaml, ["reward.code.fence=python", "reward.math.answer=whole"])
     assert cfg.reward.code.fence == "python" and cfg.reward.math.answer == "whole" and cfg.reward.code.timeout_s == 6.0

@@ -15,8 +15,10 @@ from megatron_klear.errors import ConfigError, EngineError, EngineWeightError, S
 from megatron_klear.inference import sglang_api as api
 from megatron_klear.inference.base import SamplingParams
 from megatron_klear.inference.hf import HFEngine, filter_logits
-from megatron_klear.inference.sglang import ColocatedTarget, SGLangConfig, router_command, server_command
+from megatron_klear.inference.sglang_servers import SGLangConfig, router_command, server_command
+from megatron_klear.sync import ipc
 from megatron_klear.sync.colocated import assemble, my_slots, senders
+from megatron_klear.sync.ipc import ColocatedTarget
 
 # ----------------------------------------------------------------------------- HF engine
 
@@ -138,16 +140,16 @@ def test_flattened_bucket_is_sglangs_byte_layout_and_needs_no_sglang():
     assert [n for n, _ in ordered] == ["b.weight", "c.weight", "a.weight"]  # wide dtypes first: aligned
     flat, meta = api.flatten_bucket(ordered)
     assert flat.dtype == torch.uint8 and flat.numel() == sum(t.numel() * t.element_size() for _, t in bucket)
-    obj = pickle.loads(base64.b64decode(api.serialize_payload(flat, meta)))
+    obj = pickle.loads(base64.b64decode(ipc.serialize_payload(flat, meta)))
     for m, (n, t) in zip(obj["metadata"], ordered):  # FlattenedTensorBucket.reconstruct_tensors
         assert type(m).__module__ == "types" and m.name == n  # SimpleNamespace: in SGLang's allow-list
         got = obj["flattened_tensor"][m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape)
         assert torch.equal(got, t) and m.start_idx % t.element_size() == 0
     with pytest.raises(ValueError, match="not a multiple"):
         api.flatten_bucket(bucket)  # half first leaves the float32 tensors unaligned
-    api.share_cpu_tensors()
-    found = api.payload_globals(api.serialize_payload(flat, meta))
-    assert "types.SimpleNamespace" in found and all(n.startswith(api.PAYLOAD_GLOBAL_PREFIXES) for n in found)
+    ipc.share_cpu_tensors()
+    found = ipc.payload_globals(ipc.serialize_payload(flat, meta))
+    assert "types.SimpleNamespace" in found and all(n.startswith(ipc.PAYLOAD_GLOBAL_PREFIXES) for n in found)
 
 
 def test_requests_carry_per_sample_seeds_and_sglang_field_names():

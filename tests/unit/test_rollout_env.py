@@ -9,7 +9,8 @@ import torch
 from megatron_klear.errors import ConfigError
 from megatron_klear.inference import sglang_api as api
 from megatron_klear.inference.rollout_env import TorchBuild, check_rollout_env, placement_problem, torch_problem
-from megatron_klear.inference.sglang import SGLangConfig
+from megatron_klear.inference.sglang_servers import SGLangConfig
+from megatron_klear.sync import ipc
 
 
 def test_distributed_engines_never_share_the_trainers_gpus():
@@ -36,13 +37,13 @@ def test_cuda_ipc_handles_name_the_gpu_by_uuid():
     senders' form), and a payload still loads (here: CPU shared memory, the path the CPU tests
     take; the CUDA path runs in tests/gpu and tools/check_cuda_ipc_payload.py)."""
     args = tuple(range(15))
-    named = api.device_uuid_args(args, lambda i: f"GPU-uuid-{i}")
-    assert named[api.CUDA_DEVICE_ARG] == "GPU-uuid-6" and named[:6] == args[:6] and named[7:] == args[7:]
-    assert api.device_uuid_args(named, lambda i: "never") == named  # already a UUID
-    api.share_cpu_tensors()
+    named = ipc.device_uuid_args(args, lambda i: f"GPU-uuid-{i}")
+    assert named[ipc.CUDA_DEVICE_ARG] == "GPU-uuid-6" and named[:6] == args[:6] and named[7:] == args[7:]
+    assert ipc.device_uuid_args(named, lambda i: "never") == named  # already a UUID
+    ipc.share_cpu_tensors()
     flat, meta = api.flatten_bucket(api.bucket_order([("w", torch.arange(6.0).reshape(2, 3))]))
     sent: list = []
-    obj = api.load_payload(api.serialize_payload(flat, meta), sent)
+    obj = ipc.load_payload(ipc.serialize_payload(flat, meta), sent)
     assert torch.equal(obj["flattened_tensor"], flat) and sent == []  # no CUDA handle on a CPU
 
 

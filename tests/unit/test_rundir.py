@@ -21,6 +21,7 @@ from megatron_klear import console
 from megatron_klear.errors import ConfigError, OutputDirError
 from megatron_klear.training.metrics import wandb_mode
 from megatron_klear.training.rundir import (
+    FREE_KEYS,
     RunLock,
     check_resume_config,
     claim_output_dir,
@@ -125,6 +126,16 @@ def test_resume_refuses_a_changed_seed_model_or_data_but_not_free_keys(tmp_path)
         check_resume_config(saved, changed, False, tmp_path)
     assert check_resume_config(saved, changed, True, tmp_path) == ["data.train", "model.hf", "seed"]
     assert check_resume_config(None, changed, False, tmp_path) == []  # nothing saved to compare with
+
+
+def test_readme_lists_the_keys_a_resume_may_change():
+    """README's list of free keys is FREE_KEYS, in order: a key added to one is added to both."""
+    from tests.jobs import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index("<!-- FREE_KEYS -->"), readme.index("<!-- /FREE_KEYS -->")
+    listed = [k.strip().strip("`") for k in readme[start + len("<!-- FREE_KEYS -->") : end].split(",")]
+    assert listed == list(FREE_KEYS)
 
 
 def test_rows_past_the_checkpoint_are_dropped(tmp_path):
