@@ -324,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     def sample():
         ids = rng.integers(0, hf.vocab_size, L)
         pos = np.concatenate([np.arange(n) for n in lengths])
-        return PackedSample(ids, np.roll(ids, -1), np.ones(L, np.float32), pos, np.asarray(docs, np.int32))
+        labels, mask = np.roll(ids, -1), np.ones(L, np.float32)
+        ends = np.asarray(docs[1:]) - 1  # a document's last position predicts nothing (MicroBatch's contract)
+        labels[ends], mask[ends] = 0, 0.0
+        return PackedSample(ids, labels, mask, pos, np.asarray(docs, np.int32))
 
     cp_rank = ps.get_context_parallel_rank()
     micro = [micro_batch([sample()], use_te, a.cp, cp_rank) for _ in range(a.micro_batches)]
