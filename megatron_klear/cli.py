@@ -17,11 +17,12 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 from typing import Any, Callable, Optional
 
 from megatron_klear import console
 from megatron_klear.config import list_keys, load_config, to_yaml
-from megatron_klear.distributed import DistEnv, children_die_with_me, destroy_distributed
+from megatron_klear.distributed import DistEnv, children_die_with_me, collective_failure, destroy_distributed
 from megatron_klear.errors import ConfigError, KlearError
 
 
@@ -88,7 +89,9 @@ def run_config_entry(
     (``python -m megatron_klear.sft``).
 
     User errors (``KlearError``: bad config, data, checkpoints, engines, output dir) print one
-    line and exit 2 instead of a traceback; the process groups are torn down however the run ends.
+    line and exit 2 instead of a traceback. A collective that timed out or lost a peer (a node
+    died) prints its traceback, then one ``error:`` line that says so, and exits 1. The process
+    groups are torn down however the run ends.
     """
     parser = _parser(doc, prog)
     a = parser.parse_args(argv)
@@ -105,6 +108,7 @@ def run_config_entry(
     # ``finally`` blocks run: inference engine servers are stopped rather than orphaned on their GPUs.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     children_die_with_me()
+    cfg = None
     try:
         cfg = load_config(cls, a.config, a.overrides)
         if a.print_config:
@@ -127,6 +131,13 @@ def run_config_entry(
     except KlearError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        why = collective_failure(e, getattr(getattr(cfg, "parallel", None), "timeout_minutes", None))
+        if why is None:
+            raise
+        traceback.print_exc()
+        print(f"error: {why}", file=sys.stderr, flush=True)
+        return 1
     finally:
         destroy_distributed()
     return 0

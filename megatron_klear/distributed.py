@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
+import re
 import signal
 import socket
 import sys
@@ -28,7 +29,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from megatron_klear import console
-from megatron_klear.compat import install_cpu_compat
+from megatron_klear.compat import install_cpu_compat, install_megatron_compat
 from megatron_klear.errors import ConfigError, KlearError, LaunchError
 
 
@@ -40,17 +41,29 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel size
     sequence_parallel: bool = False  # Transformer Engine only; needs tp > 1
     context_parallel: int = 1  # Transformer Engine only; splits every packed sequence over cp ranks
+    # MoE models: experts split over this many ranks (within the data-parallel x tp x cp ranks
+    # of a pipeline stage; the world size must be a multiple of etp x ep x pp)
+    expert_parallel: int = 1
+    # MoE models: each expert's weights split over this many ranks (1: whole experts, the usual
+    # choice for fine-grained experts such as Qwen3-30B-A3B's)
+    expert_tensor_parallel: int = 1
     # How long a collective may wait for a peer before the job fails. It must cover the longest
     # time one rank works alone while the others wait (a checkpoint save, rank 0's HF export;
     # in RL, rank 0's evaluation: see RLParallelConfig).
     timeout_minutes: int = 30
+    # Network interface(s) of the gloo/NCCL sockets on every node (GLOO_SOCKET_IFNAME and
+    # NCCL_SOCKET_IFNAME, set by the Slurm launcher); empty: the environment's, else the
+    # interface holding the node's address towards the rendezvous host (launch/network.py).
+    socket_ifname: str = ""
 
     def validate(self, where: str = "parallel") -> None:
-        for name in ("tp", "pp", "context_parallel", "timeout_minutes"):
+        for name in ("tp", "pp", "context_parallel", "expert_parallel", "expert_tensor_parallel", "timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError(f"{where}.sequence_parallel needs {where}.tp > 1")
+        if any(c.isspace() for c in self.socket_ifname):
+            raise ConfigError(f"{where}.socket_ifname is a comma-separated list of names, got {self.socket_ifname!r}")
 
     def data_parallel_size(self, world_size: int) -> int:
         """The data-parallel size in a world of ``world_size`` ranks; errors name the sizes."""
@@ -60,6 +73,13 @@ class ParallelConfig:
             raise ConfigError(
                 f"world size {world_size} is not divisible by tp x pp x cp = "
                 f"{self.tp} x {self.pp} x {self.context_parallel} = {mp}"
+            )
+        expert = self.expert_tensor_parallel * self.expert_parallel * self.pp
+        if world_size % expert != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.expert_tensor_parallel x "
+                f"parallel.expert_parallel x parallel.pp = {self.expert_tensor_parallel} x {self.expert_parallel} x "
+                f"{self.pp} = {expert}"
             )
         return world_size // mp
 
@@ -112,6 +132,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234) -> DistEnv:
     """
     env = DistEnv.from_environ()
     parallel.data_parallel_size(env.world_size)
+    install_megatron_compat()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "nccl"
@@ -136,6 +157,8 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234) -> DistEnv:
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             context_parallel_size=parallel.context_parallel,
+            expert_model_parallel_size=parallel.expert_parallel,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel,
             distributed_timeout_minutes=parallel.timeout_minutes,
         )
     torch.manual_seed(seed)
@@ -155,6 +178,37 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# What torch's gloo transport (and NCCL's watchdog) say when a peer of a collective goes silent
+# or away (torch 2.13): "Timed out waiting 60000ms for recv operation to complete", "Connection
+# closed by peer [10.1.2.3]:4567", "Connection reset by peer".
+_TIMED_OUT = re.compile(r"Timed out waiting (\d+)ms for \w+ operation|Watchdog caught collective operation timeout")
+_PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe")
+
+
+def collective_failure(exc: BaseException, timeout_minutes: Optional[int] = None) -> Optional[str]:
+    """One line saying what happened when ``exc`` is a collective that timed out or lost a peer
+    (a node died, the network to it was cut, a rank hung or crashed); None for anything else."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    resume = "the checkpoints are intact: requeue or resubmit the job to resume from the latest one"
+    m = _TIMED_OUT.search(text)
+    if m:
+        waited = f"{int(m.group(1)) / 1000:.0f} s" if m.group(1) else "its timeout"
+        setting = f" (parallel.timeout_minutes={timeout_minutes})" if timeout_minutes else ""
+        return (
+            f"a collective timed out after {waited}{setting}: a peer rank stopped answering (its node died, "
+            f"the network to it is cut, or it hangs); {resume} [{first}]"
+        )
+    if _PEER_GONE.search(text):
+        return (
+            "a peer rank dropped its connection in the middle of a collective (it or its node died: its own "
+            f"log says why); {resume} [{first}]"
+        )
+    return None
 
 
 def broadcast_object(obj):

@@ -31,6 +31,46 @@ TINY_MODELS = {
 }
 
 
+# Qwen3-MoE: a dense layer among sparse ones (mlp_only_layers), both norm_topk_prob settings,
+# decoder_sparse_step 2, tied embeddings; routers at router_scale 4 (well-separated top-k).
+MOE_MODELS = {
+    "moe": TinyModelArgs(
+        layers=4, hidden=32, heads=4, kv_heads=2, head_dim=8, ffn=64, moe=True, experts=8, mlp_only_layers=[2], seed=5
+    ),
+    "moe_nonorm_tied": TinyModelArgs(
+        layers=4,
+        hidden=32,
+        heads=4,
+        kv_heads=2,
+        head_dim=8,
+        ffn=64,
+        moe=True,
+        experts=4,
+        norm_topk_prob=False,
+        sparse_step=2,
+        tie_embeddings=True,
+        seed=6,
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_moe")
+    return {name: make_tiny_model(root / name, args) for name, args in MOE_MODELS.items()}
+
+
+@pytest.fixture(scope="session")
+def moe_converted(moe_models, tmp_path_factory) -> dict[str, Path]:
+    """Every tiny MoE model converted at EP=2 (each process writes half the experts)."""
+    root = tmp_path_factory.mktemp("mg_moe")
+    out = {}
+    for name, d in moe_models.items():
+        out[name] = root / name
+        hf_to_megatron(str(d), str(out[name]), ep=2)
+    return out
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
@@ -46,6 +86,10 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "gpu: needs CUDA, skipped without it (tests/gpu, run by tools/gpu_check.sh)")
     for line in known_warnings.pytest_filters():  # the known third-party noise, as everywhere else
         config.addinivalue_line("filterwarnings", line)
+    config.addinivalue_line(
+        "markers",
+        "multinode: Slurm jobs on a cluster of network-namespaced nodes (tools/local_slurm.sh start --nodes 2)",
+    )
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -102,8 +102,8 @@ def hf_train_state(hf_dir: str, optim=None):
     return cfg, build_train_state(cfg, ModelOptions(), optim, 10, init_weights=init_weights)
 
 
-def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> None:
-    """Train a few steps at tp x pp, sync into an HF engine on rank 0, check it, save results."""
+def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str, ep: int = 1) -> None:
+    """Train a few steps at tp x pp (x ep), sync into an HF engine on rank 0, check it, save results."""
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
     from megatron_klear.errors import SyncError
     from megatron_klear.inference.hf import HFEngine
@@ -113,7 +113,7 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
     from megatron_klear.training.batches import MicroBatch
     from megatron_klear.training.step import forward_backward, optimizer_step
 
-    init_distributed(ParallelConfig(tp=tp, pp=pp), seed=7)
+    init_distributed(ParallelConfig(tp=tp, pp=pp, expert_parallel=ep), seed=7)
     try:
         cfg, eng = hf_train_state(hf_dir)
         g = torch.Generator().manual_seed(0)
@@ -126,6 +126,7 @@ def sync_worker(tp: int, pp: int, hf_dir: str, wrong_hf_dir: str, out: str) -> N
         for _ in range(3):
             forward_backward(eng, [mb], nll_loss(cfg.vocab_size, "torch"))
             optimizer_step(eng)
+        eng.sync_params()  # with DP > 1 a step updates only each rank's shard until this (or a forward)
         rank0 = torch.distributed.get_rank() == 0
         engine = HFEngine(hf_dir) if rank0 else None
         before = {n: p.detach().clone() for n, p in engine.params.items()} if rank0 else None
@@ -352,6 +353,110 @@ def overlap_save_worker(hf_dir: str, root: str, out: str) -> None:
         destroy_distributed()
 
 
+def reinit_layout(tp: int, pp: int, ep: int = 1, etp: int = 1) -> None:
+    """Megatron's model-parallel groups of another layout in the same process group, so that one
+    start-up checks several layouts."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
+def moe_layouts_worker(layouts: list, ckpts: list[str], ids_path: str, bucket_bytes: int, out_dir: str) -> None:
+    """For each (tp, pp, ep, etp) layout and checkpoint: the logits (``forward_logits``) and the
+    gathered HF buckets, saved from rank 0 as ``{name}_{tp}{pp}{ep}{etp}.pt``."""
+    from megatron_klear.checkpoint.megatron_ckpt import load_model
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.config import Qwen3Config
+    from megatron_klear.models.forward import forward_logits, send_to_rank0
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
+    from megatron_klear.sync.gather import gather_hf_buckets
+
+    init_distributed(ParallelConfig())
+    try:
+        ids = torch.tensor(json.loads(Path(ids_path).read_text()))
+        for tp, pp, ep, etp in layouts:
+            reinit_layout(tp, pp, ep, etp)
+            for ck in ckpts:
+                cfg = Qwen3Config.from_dict(json.loads((Path(ck) / "config.json").read_text()))
+                model = build_model(cfg, ModelOptions(), init_weights=False)
+                load_model(model, ck)
+                logits = send_to_rank0(forward_logits(model, ids, cfg.vocab_size))
+                buckets = [[(n, t.clone()) for n, t in b] for b in gather_hf_buckets(model, cfg, bucket_bytes)]
+                if torch.distributed.get_rank() == 0:
+                    out = Path(out_dir) / f"{Path(ck).name}_{tp}{pp}{ep}{etp}.pt"
+                    torch.save(dict(logits=logits, buckets=buckets), out)
+                else:
+                    assert buckets == [], "buckets must come out on rank 0 only"
+    finally:
+        destroy_distributed()
+
+
+def moe_sglang_worker(hf_dir: str, engine_cfg: dict, out: str) -> None:
+    """EP=2 on 2 ranks: train, sync into a real SGLang server (distributed mode, gloo), probe;
+    train, sync again through a colocated engine on the same server (every rank builds its
+    buckets, ``sync.colocated``), probe. Saves the probe differences and sync stats."""
+    import dataclasses
+
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.inference.sglang import SGLangConfig, SGLangEngine
+    from megatron_klear.ops.loss import nll_loss
+    from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
+    from megatron_klear.training.batches import MicroBatch
+    from megatron_klear.training.step import forward_backward, optimizer_step
+
+    init_distributed(ParallelConfig(expert_parallel=2), seed=7)
+    rank0 = torch.distributed.get_rank() == 0
+    engines = []
+    try:
+        cfg, state = hf_train_state(hf_dir)
+        g = torch.Generator().manual_seed(torch.distributed.get_rank())
+        ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+        labels = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=ids.dtype)], 1)  # the last predicts nothing
+        mask = torch.ones(2, 16)
+        mask[:, -1] = 0
+        mb = MicroBatch(ids, torch.arange(16)[None].expand(2, -1), labels, mask)
+
+        def train(steps: int) -> None:
+            for _ in range(steps):
+                forward_backward(state, [mb], nll_loss(cfg.vocab_size, "torch"))
+                optimizer_step(state)
+            state.sync_params()
+
+        result = {}
+        dist_engine = SGLangEngine(SGLangConfig(**engine_cfg)) if rank0 else None
+        engines.append(dist_engine)
+        probe = list(range(20, 32))
+
+        def diff(engine) -> float:
+            return probe_logprob_diff(engine, state.module, cfg, probe, temperature=1.0, new_tokens=8, seed=3)
+
+        result["initial"] = diff(dist_engine)  # the same weights on both sides: the engine's numerics
+        train(2)
+        result["before_sync"] = diff(dist_engine)  # the server still has the initial weights
+        stats = sync_weights(dist_engine, state.module, cfg, "step-2", bucket_bytes=20_000)
+        result.update(distributed=diff(dist_engine), buckets=stats.buckets, tensors=stats.tensors)
+        colo = None
+        if rank0:
+            urls = [s.url for s in dist_engine.servers]
+            fields = dict(mode="colocated", launch=False, server_urls=urls, router_url=dist_engine.router_url)
+            colo = SGLangEngine(dataclasses.replace(SGLangConfig(**engine_cfg), **fields))
+        train(1)
+        stats = sync_weights(colo, state.module, cfg, "step-3", bucket_bytes=20_000)
+        result.update(colocated=diff(colo), colocated_buckets=stats.buckets)
+        torch.save(result, f"{out}.{torch.distributed.get_rank()}")
+    finally:
+        for e in engines:
+            if e is not None:
+                e.shutdown()
+        destroy_distributed()
+
+
 class HostSyncCounter:
     """Counts the calls that read a tensor on the host (a device-to-host sync on a GPU):
     ``Tensor.item``, ``__float__``, ``__int__``, ``__bool__``, ``cpu``, ``tolist``, ``numpy``.
@@ -443,5 +548,137 @@ def host_sync_worker(hf_dir: str, out: str) -> None:
             reduced=reduced,
         )
         torch.save(result, f"{out}.0")
+    finally:
+        destroy_distributed()
+
+
+def yarn_worker(hf_dir: str, plain_dir: str, ckpt: str, ids_path: str, docs: list[int], out: str) -> None:
+    """A YaRN model at TP=2 (2 ranks), past its original context: logits of whole rows (from the
+    HF weights and from a converted checkpoint), logits of one packed row of ``docs``, the weight
+    sync + probe into HF engines (the YaRN model's, and the same weights without YaRN), and
+    Megatron's THD RoPE under a 2-rank context-parallel group. Rank 0 saves what it saw."""
+    import numpy as np
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    from megatron_klear.checkpoint.megatron_ckpt import load_model
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.inference.hf import HFEngine
+    from megatron_klear.models.forward import forward_logits, gather_vocab
+    from megatron_klear.models.qwen3 import ModelOptions, build_model
+    from megatron_klear.sync.weights import probe_logprob_diff, sync_weights
+    from megatron_klear.training.batches import MicroBatch, context_parallel_index
+    from megatron_klear.training.step import forward_backward
+
+    init_distributed(ParallelConfig(tp=2), seed=7)
+    try:
+        cfg, state = hf_train_state(hf_dir)
+        rank0 = torch.distributed.get_rank() == 0
+        ids = torch.tensor(json.loads(Path(ids_path).read_text()))
+        result = {"rows": forward_logits(state.module, ids, cfg.vocab_size)}
+        converted = build_model(cfg, ModelOptions(), init_weights=False)
+        load_model(converted, ckpt)
+        result["rows_converted"] = forward_logits(converted, ids, cfg.vocab_size)
+
+        cu = np.cumsum([0, *docs])
+        packed = ids[0, : cu[-1]][None]
+        positions = torch.cat([torch.arange(d) for d in docs])[None]  # restarting at every document
+        last = torch.zeros_like(packed, dtype=torch.bool)
+        last[0, torch.from_numpy(cu[1:] - 1)] = True  # a document's last position predicts nothing
+        labels = torch.cat([packed[:, 1:], packed[:, :1]], 1).masked_fill(last, 0)
+        mb = MicroBatch(packed, positions, labels, (~last).float(), cu_seqlens=[cu])
+        seen = []
+
+        def keep_logits(logits, mb):
+            seen.append(gather_vocab(logits.float(), cfg.vocab_size))
+            return logits.sum() * 0, torch.tensor(1), {}
+
+        forward_backward(state, [mb], keep_logits, forward_only=True)
+        result["packed"] = seen[0][0]
+
+        probe = ids[1, :24].tolist()
+        engines = {"yarn": HFEngine(hf_dir), "plain": HFEngine(plain_dir)} if rank0 else {"yarn": None, "plain": None}
+        for name, engine in engines.items():
+            sync_weights(engine, state.module, cfg, "v1")
+            result[f"probe_{name}"] = probe_logprob_diff(engine, state.module, cfg, probe, new_tokens=32)
+
+        # Megatron's THD RoPE (packed, context parallel = 2) with the model's own YaRN table
+        cp = torch.distributed.new_group([0, 1])
+        total = int(cu[-1])
+        g = torch.Generator().manual_seed(3)
+        t = torch.randn(total, 2, cfg.head_dim, generator=g)
+        mine = torch.from_numpy(context_parallel_index(cu, 2, torch.distributed.get_rank()))
+        freqs, _ = state.module.rotary_pos_emb(max(docs))
+        rotated = apply_rotary_pos_emb(
+            t[mine],
+            freqs,
+            config=state.module.config,
+            cu_seqlens=torch.from_numpy(cu).int(),
+            mscale=_yarn_get_concentration_factor_from_config(state.module.config),
+            cp_group=cp,
+        )
+        result.update(thd_input=t, thd_index=mine, thd_rotated=rotated)
+        parts = [None, None]
+        torch.distributed.all_gather_object(parts, (mine, rotated))
+        if rank0:
+            result["thd_parts"] = parts
+            torch.save(result, out)
+    finally:
+        destroy_distributed()
+
+
+def collective_failure_worker(out: str) -> None:
+    """Rank 0 records the real gloo errors of two failed all-reduces: rank 1 silent past the
+    2 s timeout, then rank 1 gone (its process exited) in the middle of one."""
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+    dist.barrier()
+    if dist.get_rank() == 1:
+        time.sleep(4)  # rank 0 times out waiting for us
+    errors = {}
+    if dist.get_rank() == 0:
+        try:
+            dist.all_reduce(torch.ones(4))
+        except RuntimeError as e:
+            errors["silent"] = str(e)
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=30))  # a fresh pair
+    dist.barrier(group=group)
+    if dist.get_rank() == 1:
+        os._exit(0)  # gone: no goodbye to rank 0's pending all-reduce
+    try:
+        dist.all_reduce(torch.ones(4), group=group)
+    except RuntimeError as e:
+        errors["gone"] = str(e)
+    Path(out).write_text(json.dumps(errors))
+    os._exit(0)  # the default group's store would wait for rank 1 at destroy
+
+
+def tp_attributes_worker(hf_dir: str, out: str) -> None:
+    """Every parameter's tensor-parallel attributes, built with Megatron's random
+    initialisation and without it (the weights loaded next): saved from each rank."""
+    import os
+
+    from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_klear.models.config import load_hf_config
+    from megatron_klear.models.qwen3 import build_model
+
+    init_distributed(ParallelConfig(tp=int(os.environ["WORLD_SIZE"])))
+    try:
+        cfg = load_hf_config(hf_dir)
+        seen = {}
+        for init in (True, False):
+            model = build_model(cfg, init_weights=init)
+            seen[init] = {
+                n: tuple(getattr(p, a, None) for a in ("tensor_model_parallel", "partition_dim", "partition_stride"))
+                for n, p in model.named_parameters()
+            }
+        torch.save(seen, f"{out}.{torch.distributed.get_rank()}")
     finally:
         destroy_distributed()

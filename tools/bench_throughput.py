@@ -2,15 +2,16 @@
 """Training throughput of a model shape and parallel layout: tokens/s per device, step-time
 breakdown, and model FLOPs utilisation.
 
-    torchrun --nproc-per-node N tools/bench_throughput.py --mode sft [--shape tiny|0.6b|1.7b|8b]
-        [--seq-len 4096] [--steps 6] [--tp 1 --pp 1 --cp 1] [--sequence-parallel]
+    torchrun --nproc-per-node N tools/bench_throughput.py --mode sft [--shape tiny|0.6b|1.7b|8b|tiny-moe|30b-a3b]
+        [--seq-len 4096] [--steps 6] [--tp 1 --pp 1 --cp 1 --ep 1 --etp 1] [--sequence-parallel]
         [--recompute full|selective] [--recompute-modules mlp] [--recompute-method uniform|block]
         [--recompute-num-layers N] [--fp8 hybrid|e4m3] [--peak-tflops 989] [--json OUT.json]
 
 Random weights of the named Qwen3 shape (no download). Each packed sequence holds three
 documents (1/3, 1/6 and 1/2 of it, aligned to 2 x cp): model FLOPs count causal attention within
-documents (``training.metrics.model_flops``). Sequence parallel, context parallel and FP8 need
-Transformer Engine; without it the torch-native layers run.
+documents (``training.metrics.model_flops``; a Qwen3-MoE shape counts the top-k experts a token
+passes, not all). Sequence parallel, context parallel and FP8 need Transformer Engine; without
+it the torch-native layers run. ``--ep`` / ``--etp``: expert (tensor) parallel of a MoE shape.
 
     torchrun --nproc-per-node N tools/bench_throughput.py --mode rl --config examples/tiny/rl_math.yaml
         [--steps 2] [--json OUT.json] [key=value ...]
@@ -44,11 +45,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_klear.config import load_config
-from megatron_klear.data.sft import PackedSample
+from megatron_klear.data.sft import assemble_pack
 from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed, is_main, spawn
 from megatron_klear.errors import ConfigError
-from megatron_klear.models.config import Qwen3Config
-from megatron_klear.models.hf_mapping import num_params
+from megatron_klear.models.config import Qwen3Config, validate_training_layout
+from megatron_klear.models.hf_mapping import active_params, num_params
 from megatron_klear.models.qwen3 import (
     FP8_FORMATS,
     FP8_RECIPES,
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1, help="context parallel (Transformer Engine)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel (MoE shapes)")
+    p.add_argument("--etp", type=int, default=1, help="expert tensor parallel (MoE shapes)")
     p.add_argument("--sequence-parallel", action="store_true", help="needs --tp > 1 (Transformer Engine)")
     p.add_argument("--recompute", choices=RECOMPUTE, default=None)
     p.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None)
@@ -289,7 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    par = ParallelConfig(a.tp, a.pp, sequence_parallel=a.sequence_parallel, context_parallel=a.cp)
+    par = ParallelConfig(
+        a.tp,
+        a.pp,
+        sequence_parallel=a.sequence_parallel,
+        context_parallel=a.cp,
+        expert_parallel=a.ep,
+        expert_tensor_parallel=a.etp,
+    )
     opts = ModelOptions(
         use_te=have_transformer_engine(),
         fp8=a.fp8,
@@ -300,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         recompute_modules=a.recompute_modules,
     )
     L = a.seq_len
+    dtype = a.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    hf = Qwen3Config.from_dict(qwen3_config_dict(a.shape, dtype, max(40960, a.seq_len)))
     try:  # every layout error before the process group starts
         par.validate()
         opts.validate()
@@ -307,11 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         multiple = fp8_sequence_multiple(a.tp, a.sequence_parallel, a.cp)
         if a.fp8 and L % multiple:
             raise ConfigError(f"--seq-len {L} must be a multiple of {multiple} with --fp8 (FP8 GEMM alignment)")
+        validate_training_layout(hf, par)
     except ConfigError as e:
         p.error(str(e))
     init_distributed(par)
-    dtype = a.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    hf = Qwen3Config.from_dict(qwen3_config_dict(a.shape, dtype, max(40960, a.seq_len)))
     use_te = opts.use_te
     engine = build_train_state(
         hf, opts, OptimConfig(lr=1e-5, min_lr=1e-5), a.steps, sequence_parallel=a.sequence_parallel
@@ -321,13 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     docs = [0] + [int(L * f) // align * align for f in (1 / 3, 1 / 2)] + [L]  # three packed documents
     lengths = np.diff(docs)
 
-    def sample():
-        ids = rng.integers(0, hf.vocab_size, L)
-        pos = np.concatenate([np.arange(n) for n in lengths])
-        labels, mask = np.roll(ids, -1), np.ones(L, np.float32)
-        ends = np.asarray(docs[1:]) - 1  # a document's last position predicts nothing (MicroBatch's contract)
-        labels[ends], mask[ends] = 0, 0.0
-        return PackedSample(ids, labels, mask, pos, np.asarray(docs, np.int32))
+    def sample():  # every token of each document trained on (labels within the document)
+        return assemble_pack([(rng.integers(0, hf.vocab_size, n), np.ones(n, np.float32)) for n in lengths], L)
 
     cp_rank = ps.get_context_parallel_rank()
     micro = [micro_batch([sample()], use_te, a.cp, cp_rank) for _ in range(a.micro_batches)]
@@ -356,11 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         mode=a.mode,
         shape=a.shape,
         params=num_params(hf),
+        active_params=active_params(hf),
         seq_len=L,
         micro_batches=a.micro_batches,
         tp=a.tp,
         pp=a.pp,
         cp=a.cp,
+        ep=a.ep,
+        etp=a.etp,
         dp=dp,
         sequence_parallel=a.sequence_parallel,
         recompute=a.recompute,
@@ -385,9 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     if is_main():
         print(
             f"{a.shape} ({num_params(hf) / 1e6:.2f}M params) seq {L} x {a.micro_batches} micro-batches, "
-            f"tp={a.tp} pp={a.pp} cp={a.cp} dp={dp} sp={a.sequence_parallel} recompute={a.recompute} "
-            f"{a.recompute_modules or ''} fp8={a.fp8}{'/' + a.fp8_recipe if a.fp8 else ''} on {result['device']}, "
-            f"{dtype}, TE={use_te}"
+            f"tp={a.tp} pp={a.pp} cp={a.cp} ep={a.ep} etp={a.etp} dp={dp} sp={a.sequence_parallel} "
+            f"recompute={a.recompute} {a.recompute_modules or ''} "
+            f"fp8={a.fp8}{'/' + a.fp8_recipe if a.fp8 else ''} on {result['device']}, {dtype}, TE={use_te}"
         )
         print("| step s | fwd+bwd s | optimizer s | tokens/s/device | model TFLOP/s/device | MFU |")
         print("|---:|---:|---:|---:|---:|---:|")

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Convert an HF Qwen3 model directory into a Megatron-Core distributed checkpoint.
 
-    python tools/convert_hf_to_megatron.py --hf DIR --out DIR [--tp N --pp N] [--force]
+    python tools/convert_hf_to_megatron.py --hf DIR --out DIR [--tp N --pp N --ep N] [--force]
 
-The checkpoint loads at any TP/PP that divides the model, whatever --tp/--pp wrote it.
+The checkpoint loads at any TP/PP (and EP for Qwen3-MoE) that divides the model, whatever
+--tp/--pp/--ep wrote it; a larger layout only spreads the conversion's memory over more
+processes (--ep: each holds 1/N of the experts).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output Megatron checkpoint directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write with")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write with")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size to write with (Qwen3-MoE)")
     p.add_argument(
         "--force",
         action="store_true",
@@ -31,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     try:
-        hf_to_megatron(a.hf, a.out, tp=a.tp, pp=a.pp, force=a.force)
+        hf_to_megatron(a.hf, a.out, tp=a.tp, pp=a.pp, force=a.force, ep=a.ep)
     except (KlearError, OSError) as e:  # every user error: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {a.out} (tp={a.tp}, pp={a.pp})")
+    print(f"wrote {a.out} (tp={a.tp}, pp={a.pp}, ep={a.ep})")
     return 0
 
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Run a Megatron checkpoint at TP x PP and save its full float32 logits from rank 0.
+"""Run a Megatron checkpoint at TP x PP (x EP) and save its full float32 logits from rank 0.
 
-    torchrun --nproc-per-node N tools/dump_logits.py --load DIR --tp T --pp P \\
+    torchrun --nproc-per-node N tools/dump_logits.py --load DIR --tp T --pp P [--ep E --etp T] \\
         --input-ids IDS.json --out OUT.pt
+
+--ep / --etp split a Qwen3-MoE model's experts over E ranks (and each expert over T ranks);
+N must be a multiple of tp x pp and of etp x ep x pp (EP may share ranks with TP: TP=2 x EP=2
+runs on 2 processes).
 
 IDS.json is a list of equal-length token-id lists. OUT.pt holds a [batch, seq, vocab]
 float32 tensor (vocab unpadded). Use it to check a conversion against HF transformers.
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", required=True, help="Megatron checkpoint directory")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (Qwen3-MoE)")
+    p.add_argument("--etp", type=int, default=1, help="expert tensor-parallel size (Qwen3-MoE)")
     p.add_argument("--input-ids", required=True, help="JSON list of equal-length token-id lists")
     p.add_argument("--out", required=True, help="output .pt file")
     a = p.parse_args(argv)
@@ -55,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     read_marker(a.load)
     cfg = Qwen3Config.from_dict(json.loads((Path(a.load) / "config.json").read_text()))
-    validate_parallel(cfg, a.tp, a.pp)
+    validate_parallel(cfg, a.tp, a.pp, a.ep, a.etp)
     ids = read_input_ids(a.input_ids, cfg.vocab_size)
-    init_distributed(ParallelConfig(tp=a.tp, pp=a.pp))
+    init_distributed(ParallelConfig(tp=a.tp, pp=a.pp, expert_parallel=a.ep, expert_tensor_parallel=a.etp))
     try:
         model = build_model(cfg, ModelOptions(), init_weights=False)
         load_model(model, a.load)

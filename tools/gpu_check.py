@@ -191,8 +191,10 @@ def environment() -> dict:
 def gpu_inventory() -> tuple[Optional[float], int]:
     """(free memory of GPU 0 in GiB, or None without a GPU; the number of GPUs), asked in a child
     process so this one never initialises CUDA."""
-    code = "import torch; print(torch.cuda.mem_get_info()[0] / 2**30, torch.cuda.device_count())" \
+    code = (
+        "import torch; print(torch.cuda.mem_get_info()[0] / 2**30, torch.cuda.device_count())"
         " if torch.cuda.is_available() else print(-1, 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if r.returncode != 0 or not r.stdout.strip():
         return None, 0
@@ -305,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(environment()))
         return 0
     if a.outdir is None:
-        p.error("the output folder is required (on our GPU test machine: \"$OUT\")")
+        p.error('the output folder is required (on our GPU test machine: "$OUT")')
     out = Path(a.outdir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))

@@ -16,13 +16,18 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Without a GPU the Triton kernels run (slowly, for correctness) under the interpreter.
 [ -e /dev/nvidia0 ] || export TRITON_INTERPRET=1
 # A real one-node Slurm for tests/e2e/test_slurm.py (installs slurmctld/slurmd/munge when root on
-# Debian); if it cannot start, those tests skip and print why.
+# Debian), and a two-node one (network namespaces) for the multinode tests in
+# tests/e2e/test_multinode.py, each in its own directory; if one cannot start, its tests skip and
+# print why.
 STARTED_SLURM=0
 if bash tools/local_slurm.sh start; then STARTED_SLURM=1; fi
+export KLEAR_SLURM_2N_DIR=${KLEAR_SLURM_2N_DIR:-/tmp/megatron-klear-slurm-2n}
+KLEAR_SLURM_DIR=$KLEAR_SLURM_2N_DIR bash tools/local_slurm.sh start --nodes 2 || true
 set +e
 python -m pytest tests -q -p no:cacheprovider "$@"
 rc=$?
 [ "$STARTED_SLURM" = 1 ] && bash tools/local_slurm.sh stop
+KLEAR_SLURM_DIR=$KLEAR_SLURM_2N_DIR bash tools/local_slurm.sh stop # also when a test started it
 set -e
 if [ "$rc" -eq 5 ]; then
   echo "tools/test.sh: pytest collected no tests: failing" >&2

@@ -45,10 +45,10 @@ def _log_rss(what: str) -> None:
         print(f"[rank {dist.get_rank()}] {what}: rss {info.rss / 1e9:.2f} GB, uss {info.uss / 1e9:.2f} GB", flush=True)
 
 
-def _hf_to_megatron_worker(hf_dir: str, tmp: str, tp: int, pp: int) -> None:
+def _hf_to_megatron_worker(hf_dir: str, tmp: str, tp: int, pp: int, ep: int = 1) -> None:
     from pathlib import Path
 
-    init_distributed(ParallelConfig(tp=tp, pp=pp))
+    init_distributed(ParallelConfig(tp=tp, pp=pp, expert_parallel=ep))
     try:
         cfg = load_hf_config(hf_dir)
         reader = HFReader(hf_dir)
@@ -56,35 +56,36 @@ def _hf_to_megatron_worker(hf_dir: str, tmp: str, tp: int, pp: int) -> None:
         model = build_model(cfg, ModelOptions(use_te=False), init_weights=False)
         _log_rss("built model")
         n = sum(1 for _ in model.parameters())
-        with _progress(n, f"load HF (rank 0 of {tp * pp})", is_main()) as bar:
+        with _progress(n, f"load HF (rank 0 of {tp * pp * ep})", is_main()) as bar:
             load_hf_weights(model, cfg, reader.get, on_param=lambda _: bar.update(), source=hf_dir)
         _log_rss("loaded HF weights")
         save_model(model, Path(tmp))
         _log_rss("saved")
         if is_main():
             copy_side_files(hf_dir, tmp)
-        write_marker(Path(tmp), cfg, written_tp=tp, written_pp=pp, source=str(Path(hf_dir).absolute()))
+        write_marker(Path(tmp), cfg, written_tp=tp, written_pp=pp, written_ep=ep, source=str(Path(hf_dir).absolute()))
         dist.barrier()
     finally:
         destroy_distributed()
 
 
-def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool = False) -> None:
-    """Convert an HF Qwen3 directory into a Megatron-Core distributed checkpoint.
+def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool = False, ep: int = 1) -> None:
+    """Convert an HF Qwen3 (or Qwen3-MoE) directory into a Megatron-Core distributed checkpoint.
 
     Everything that can be checked (architecture, parallel sizes, every tensor present,
     output directory) is checked before any worker starts. The output appears only when
-    complete. ``tp * pp`` local processes each read only their shard of every tensor.
+    complete. ``tp * pp * ep`` local processes each read only their shard of every tensor
+    (with ``ep``, its 1/ep of the experts; the dense tensors once per expert-parallel rank).
     """
 
     check_output_dir(out, force, inputs=(hf_dir,))
     cfg = load_hf_config(hf_dir)
-    validate_parallel(cfg, tp, pp)
+    validate_parallel(cfg, tp, pp, ep)
     reader = HFReader(hf_dir)
     reader.require(hf_mapping.hf_tensor_names(cfg))
     check_hf_shapes(cfg, reader.shape, hf_dir)
     with atomic_dir(out, force, collective=False) as tmp:
-        spawn(_hf_to_megatron_worker, tp * pp, hf_dir, str(tmp), tp, pp)
+        spawn(_hf_to_megatron_worker, tp * pp * ep, hf_dir, str(tmp), tp, pp, ep)
 
 
 def _megatron_to_hf_worker(load: str, tmp: str, max_shard_bytes: int, sampling: Optional[dict]) -> None:
@@ -106,7 +107,9 @@ def _megatron_to_hf_worker(load: str, tmp: str, max_shard_bytes: int, sampling: 
         n = len(hf_mapping.hf_tensor_names(cfg))
         with _progress(n, "write HF", True) as bar:
             for name, tensor in iter_hf_weights(model, cfg):
-                writer.add(name, tensor)
+                # in the checkpoint's dtype: Megatron's torch-native RMSNorm keeps its weights in
+                # float32 whatever the model's dtype; they were bf16 values if the source was bf16
+                writer.add(name, tensor.to(cfg.torch_dtype) if tensor.is_floating_point() else tensor)
                 bar.update()
         writer.close()
         (Path(tmp) / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))

@@ -3,9 +3,13 @@
 Sampling is our own loop over the model's KV cache (left-padded batches), so the log-prob of
 every sampled token is exactly log softmax(logits / T) at the step it was drawn (before top-k /
 top-p truncation), a call's ``seed`` fixes its samples, and generation stops at the given stop
-ids; weight updates are copied into the live parameters by HF name. The cache goes in and out
-under the name the installed transformers uses (``cache_keyword``): the loop runs on the whole
+ids; weight updates are copied into the live parameters by the hub checkpoint's names (a Qwen3-MoE
+model's fused experts through per-expert views, ``hf_mapping.hub_views``). The cache goes in and
+out under the name the installed transformers uses (``cache_keyword``): the loop runs on the whole
 declared transformers range without a deprecated argument.
+
+Long context: ``rope_scaling`` applies YaRN over the model's config as the SGLang engine does
+(``models.config.served_config``); transformers has no context limit of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 
 from megatron_klear.errors import EngineWeightError
 from megatron_klear.inference.base import Bucket, Completion, InferenceEngine, SamplingParams
+from megatron_klear.models.config import read_config_dict, served_config
+from megatron_klear.models.hf_mapping import hub_views
 
 
 def filter_logits(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -50,16 +56,22 @@ class HFEngine(InferenceEngine):
         dtype: Optional[str] = None,
         max_batch: int = 64,
         pad_token_id: Optional[int] = None,
+        rope_scaling: Optional[dict] = None,
     ):
         from pathlib import Path
 
         from transformers import AutoConfig, AutoModelForCausalLM
 
         kw = {"dtype": getattr(torch, dtype)} if dtype else {}
+        config = AutoConfig.from_pretrained(model_dir)
+        if rope_scaling is not None:
+            served, _ = served_config(read_config_dict(model_dir), rope_scaling, source=model_dir, where="hf engine")
+            config.rope_parameters = served["rope_parameters"]
+            config.max_position_embeddings = served["max_position_embeddings"]
         if any(Path(model_dir).glob("*.safetensors")):
-            model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, **kw)
         else:  # a Megatron checkpoint directory: config only; the first sync brings the weights
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), **kw)
+            model = AutoModelForCausalLM.from_config(config, **kw)
         self.model = model.to(device).eval()
         self.cache_kw = cache_keyword(self.model)
         self.device = device
@@ -68,8 +80,8 @@ class HFEngine(InferenceEngine):
         self.pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
         self.eos_ids = {cfg.eos_token_id} if isinstance(cfg.eos_token_id, int) else set(cfg.eos_token_id or [])
         # named_parameters() lists a tied lm_head once, as model.embed_tokens.weight: the names
-        # a sync must cover are exactly these
-        self.params = dict(self.model.named_parameters())
+        # a sync must cover are exactly these (fused experts under their per-expert hub names)
+        self.params = hub_views(self.model.named_parameters())
         self.version: Optional[str] = "initial"
         self.stale = False
         self._seen: set[str] = set()

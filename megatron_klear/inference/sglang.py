@@ -26,6 +26,11 @@ Qwen3 weights back (``/get_weights_by_name`` answers 400), so a sync is checked 
 the engine's log-probs of a probe at the rollout temperature against its own
 (``sync.weights.probe_logprob_diff``), a hard limit.
 
+Long context (``rope_scaling``, ``context_length``; ``sglang_servers.long_context_args``): the
+servers get the model's RoPE written out complete, with every YaRN default spelled out, in
+``--json-model-override-args`` (SGLang's defaults differ from transformers' where a key is
+missing), and ``--context-length``.
+
 Memory (colocated): ``release_memory`` pauses generation first, ``resume_memory`` resumes only
 the tags this engine released on that server (resuming a tag never released makes SGLang raise
 and kill the server) and continues generation once nothing is released any more.

@@ -12,6 +12,7 @@ Checked against SGLang 0.5.23 and sglang-router 0.3.2 (tests/e2e/test_sglang_rea
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import Any, Callable, Optional
 from megatron_klear.errors import ConfigError, EngineError
 from megatron_klear.inference import http
 from megatron_klear.inference import sglang_api as api
+from megatron_klear.models.config import Qwen3Config, read_config_dict, served_config
 
 
 @dataclass
@@ -65,6 +67,11 @@ class SGLangConfig:
     # Slurm: nodes at the end of the allocation that run only engines (distributed mode);
     # 0: the engines share the trainer's first node.
     nodes: int = 0
+    # Long context: YaRN for the served model, merged into its config's RoPE dict key by key, e.g.
+    # {rope_type: yarn, factor: 2.5, original_max_position_embeddings: 32768} (the paper's 64K
+    # evaluation). In RL it must be the model's own (the trainer applies the model's config.json).
+    rope_scaling: Optional[dict] = None
+    context_length: Optional[int] = None  # tokens a server accepts; default: what the model reaches
 
     def validate(self, where: str = "rollout.sglang") -> None:
         if self.mode not in ("colocated", "distributed"):
@@ -89,11 +96,17 @@ class SGLangConfig:
             )
         if self.python and self.launch and not Path(self.python).is_file():
             raise ConfigError(f"{where}.python={self.python!r} does not exist")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"{where}.rope_scaling must be a dict (HF rope_parameters), got {self.rope_scaling!r}")
+        if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 1):
+            raise ConfigError(f"{where}.context_length must be a positive integer, got {self.context_length!r}")
 
     def check_launchable(self, where: str = "rollout.sglang") -> None:
         """What only the final config (model path filled in by the run) must satisfy."""
         if self.launch and not self.model_path:
             raise ConfigError(f"{where}.model_path is required when launch is true")
+        if self.launch and (self.rope_scaling is not None or self.context_length is not None):
+            long_context_args(self, where)
 
     @property
     def interpreter(self) -> str:
@@ -123,7 +136,56 @@ def server_command(cfg: SGLangConfig, i: int) -> list[str]:
         ]
         if cfg.mode == "colocated":  # torch_memory_saver: CUDA only
             cmd.append("--enable-memory-saver")
-    return cmd + list(cfg.extra_args)
+    return cmd + long_context_args(cfg) + list(cfg.extra_args)
+
+
+def served_model(cfg: SGLangConfig, where: str = "rollout.sglang") -> tuple[Optional[dict], Optional[int]]:
+    """``(HF config dict, context length)`` the servers run ``cfg.model_path`` with
+    (``models.config.served_config``); ``(None, None)`` when the model directory has no
+    config.json here (servers started elsewhere) and nothing is asked of the positions."""
+    path = Path(cfg.model_path) / "config.json"
+    if not path.is_file():
+        if cfg.rope_scaling is not None or cfg.context_length is not None:
+            raise ConfigError(f"{where}.rope_scaling / context_length: {path} is not there to apply them to")
+        return None, None
+    return served_config(read_config_dict(cfg.model_path), cfg.rope_scaling, cfg.context_length, str(path), where)
+
+
+def check_training_positions(
+    cfg: SGLangConfig, model: Qwen3Config, longest: int, where: str = "rollout.sglang"
+) -> None:
+    """RL: the servers rotate positions as the trainer does (the trainer applies the model's own
+    config.json, so ``rope_scaling`` may only restate it) and accept the longest sequence."""
+    if cfg.rope_scaling is None and cfg.context_length is None:
+        return
+    served, context = served_config(model.raw, cfg.rope_scaling, cfg.context_length, "the model's config.json", where)
+    scaling = Qwen3Config.from_dict(served, where).rope_scaling
+    if scaling != model.rope_scaling:
+        raise ConfigError(
+            f"{where}.rope_scaling gives the engine {scaling} but the trainer applies the model's config.json "
+            f"({model.rope_scaling}): the RL ratios would compare different models; put the scaling in the "
+            f"model's config.json instead"
+        )
+    if context < longest:
+        raise ConfigError(f"{where}.context_length={context} is shorter than the longest rollout sequence ({longest})")
+
+
+def long_context_args(cfg: SGLangConfig, where: str = "rollout.sglang") -> list[str]:
+    """The ``launch_server`` flags for the model's positions: for YaRN (the model's own or
+    ``rope_scaling``) the complete RoPE dict and ``max_position_embeddings`` in
+    ``--json-model-override-args`` (SGLang merges it into the model's config; with a key missing
+    its YaRN defaults differ from transformers'), and ``--context-length``; nothing for plain
+    RoPE at the model's own context."""
+    served, context = served_model(cfg, where)
+    if served is None:
+        return []
+    args = []
+    if Qwen3Config.from_dict(served, where).rope_scaling is not None:
+        override = {k: served[k] for k in ("rope_parameters", "max_position_embeddings")}
+        args += ["--json-model-override-args", json.dumps(override, sort_keys=True)]
+    if args or cfg.context_length is not None:
+        args += ["--context-length", str(context)]
+    return args
 
 
 def router_command(cfg: SGLangConfig) -> list[str]:

@@ -17,10 +17,19 @@ Inside an allocation (``sbatch``), ``python -m megatron_klear.launch.slurm sft|r
    ``colocated`` mode the trainer's rank 0 starts and supervises the engines on its node itself
    (CUDA IPC needs them there), so there is nothing for the launcher to do;
 4. starts ``torchrun`` on each trainer node with one ``srun`` task per node (static
-   rendezvous: the first trainer host and a free port), with per-node logs in
-   ``OUTPUT_DIR/logs/``, and exits with the training step's status. A requeued job
-   (``--requeue``) simply starts again: the trainers resume from the latest checkpoint;
-5. the time limit: the job scripts ask Slurm for ``SIGUSR1`` some minutes before it
+   rendezvous: the first trainer host and a free port), through the per-node agent
+   (``launch.node``), which sets ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` on its node
+   (``parallel.socket_ifname``, else the environment's, else the interface holding the node's
+   address towards the master: ``launch.network``) and says in the node's log where it runs;
+   per-node logs go to ``OUTPUT_DIR/logs/``;
+5. waits for the step and exits with its status. When a node's trainers fail (a collective
+   timed out: ``parallel.timeout_minutes``) while ``srun`` still waits for a node that reports
+   nothing ``STEP_GRACE_S`` later (it died, or the network to it is cut, so Slurm cannot end
+   its tasks either), the launcher says which node is silent, stops ``srun`` and exits with the
+   failed node's status instead of holding the allocation until Slurm declares the node down.
+   A requeued job (``--requeue``; ``scontrol requeue``) simply starts again: the trainers
+   resume from the latest checkpoint.
+6. the time limit: the job scripts ask Slurm for ``SIGUSR1`` some minutes before it
    (``#SBATCH --signal=B:USR1@600``, to this process, the batch shell). On it the launcher asks
    the trainer to stop (``OUTPUT_DIR/stop_requested``): the trainer checkpoints at the end of
    its step and exits (``training.lifecycle``), and the launcher requeues the job
@@ -35,6 +44,7 @@ import importlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +59,8 @@ from megatron_klear.distributed import free_port
 from megatron_klear.errors import ConfigError, EngineError, LaunchError
 from megatron_klear.inference.http import wait_healthy
 from megatron_klear.inference.sglang_servers import router_command, server_command, spawn_logged
+from megatron_klear.launch.network import choose_socket_ifname
+from megatron_klear.launch.node import exit_file
 from megatron_klear.training.lifecycle import STOP_FILE, STOPPED_FILE
 
 # entry -> (trainer module, "module:ConfigClass")
@@ -56,6 +68,11 @@ ENTRIES = {
     "sft": ("megatron_klear.sft", "megatron_klear.sft.config:SFTConfig"),
     "rl": ("megatron_klear.rl", "megatron_klear.rl.config:RLConfig"),
 }
+# How long the launcher waits for srun after a node's trainers failed. srun ends the other
+# nodes' tasks by itself within seconds (--kill-on-bad-exit) when it can reach them; a node
+# still silent after this is dead or cut off, and srun would wait for it until Slurm declares
+# the node down (SlurmdTimeout, 300 s by default).
+STEP_GRACE_S = 30.0
 
 
 @dataclass
@@ -139,6 +156,11 @@ class LaunchPlan:
     master_port: int
     engines: Optional[EnginePlan] = None
     notes: list[str] = field(default_factory=list)
+    socket_ifname: str = ""  # parallel.socket_ifname: empty = the environment's, else from the address
+
+    def status_dir(self, job: "SlurmJob") -> Path:
+        """Where the node agents of this job's training step write their exit status."""
+        return self.output_dir / "logs" / f"{self.entry}-{job.job_id}.status"
 
     @property
     def trainer_overrides(self) -> list[str]:
@@ -176,6 +198,10 @@ def check_world(cfg, world: int, where: str) -> None:
             f"(x context_parallel) = {model_parallel}: change the node count, KLEAR_PROCS_PER_NODE or the "
             "parallel sizes"
         )
+    try:  # the expert layout too (world a multiple of expert TP x EP x PP)
+        par.data_parallel_size(world)
+    except ConfigError as e:
+        raise LaunchError(f"{where} give {world} trainer processes: {e}") from None
     dp = world // model_parallel
     if hasattr(cfg, "batch_layout"):
         try:
@@ -236,11 +262,13 @@ def plan_launch(entry: str, config: str, overrides: list[str], job: SlurmJob, th
         master_port=port,
         engines=engines,
         notes=notes,
+        socket_ifname=cfg.parallel.socket_ifname,
     )
 
 
 def trainer_command(plan: LaunchPlan, job: SlurmJob) -> list[str]:
-    """``srun`` (one task per trainer node) running ``torchrun`` with a static rendezvous."""
+    """``srun`` (one task per trainer node) running the node agent (``launch.node``: socket
+    interface, exit status), which runs ``torchrun`` with a static rendezvous."""
     module = ENTRIES[plan.entry][0]
     n = len(plan.trainer_hosts)
     log = plan.output_dir / "logs" / f"{plan.entry}-%j-node%n.log"
@@ -271,7 +299,11 @@ def trainer_command(plan: LaunchPlan, job: SlurmJob) -> list[str]:
     ]
     if job.cpus_per_node:
         srun.append(f"--cpus-per-task={job.cpus_per_node}")
-    return srun + ["bash", "-c", "exec " + script]
+    agent = [sys.executable, "-m", "megatron_klear.launch.node", f"--master={plan.master_addr}"]
+    agent += [f"--procs-per-node={plan.procs_per_node}", f"--exit-dir={plan.status_dir(job)}"]
+    if plan.socket_ifname:
+        agent.append(f"--socket-ifname={plan.socket_ifname}")
+    return srun + agent + ["--", "bash", "-c", "exec " + script]
 
 
 def engines_command(plan: LaunchPlan) -> list[str]:
@@ -293,6 +325,7 @@ def engines_command(plan: LaunchPlan) -> list[str]:
         "--config",
         plan.config,
         *plan.overrides,
+        f"rollout.sglang.nccl_master_address={plan.master_addr}",  # where the weight-update group meets
     ]
 
 
@@ -310,6 +343,51 @@ def wait_for_engines(plan: LaunchPlan, proc: subprocess.Popen) -> None:
             raise LaunchError(
                 f"SGLang engine {url} did not come up ({err}); see {logs}/engines-*.log and {logs}/sglang/"
             ) from None
+
+
+def node_exits(status_dir: Path, nodes: int) -> dict[int, int]:
+    """The exit status each node agent of a step has reported so far, by node index."""
+    found = {}
+    for node in range(nodes):
+        try:
+            found[node] = int(exit_file(status_dir, node).read_text().strip())
+        except (OSError, ValueError):  # not written (yet)
+            continue
+    return found
+
+
+def wait_for_step(
+    proc: subprocess.Popen, status_dir: Path, hosts: list[str], grace_s: float = STEP_GRACE_S, poll_s: float = 1.0
+) -> tuple[int, list[str]]:
+    """The training step's status, and the hosts found silent: ``srun``'s own status, or, when a
+    node's trainers failed and some other node reports nothing ``grace_s`` later, the failed
+    node's status and the silent hosts (the caller stops ``srun``)."""
+    failed: Optional[tuple[int, int, float]] = None  # (node, status, when)
+    while True:
+        try:
+            return proc.wait(timeout=poll_s), []
+        except subprocess.TimeoutExpired:
+            pass
+        exits = node_exits(status_dir, len(hosts))
+        if failed is None:
+            bad = sorted((node, rc) for node, rc in exits.items() if rc != 0)
+            if bad:
+                failed = (*bad[0], time.time())
+                print(
+                    f"[launch] node {bad[0][0]} ({hosts[bad[0][0]]}) failed with exit {bad[0][1]}: waiting up to "
+                    f"{grace_s:.0f} s for srun to end the step on the other nodes",
+                    flush=True,
+                )
+        elif time.time() - failed[2] > grace_s:
+            silent = [hosts[n] for n in range(len(hosts)) if n not in exits]
+            if silent:
+                print(
+                    f"[launch] no exit status from {', '.join(silent)} {grace_s:.0f} s after node {failed[0]} "
+                    f"({hosts[failed[0]]}) failed: {'that node' if len(silent) == 1 else 'those nodes'} died or "
+                    "cannot be reached; stopping the step",
+                    flush=True,
+                )
+                return failed[1], silent
 
 
 class _Children:
@@ -382,6 +460,7 @@ def launch(plan: LaunchPlan, job: SlurmJob) -> int:
     (plan.output_dir / STOP_FILE).unlink(missing_ok=True)  # a request of an earlier allocation
     started = time.time()
     signal.signal(signal.SIGUSR1, lambda *_: ask_to_stop(plan.output_dir, "the job's time limit is near (SIGUSR1)"))
+    silent: list[str] = []
     print(
         f"[launch] job {job.job_id}{f' (restart {job.restart_count})' if job.restart_count else ''}: "
         f"{plan.entry} on {len(plan.trainer_hosts)} node(s) x {plan.procs_per_node} process(es), "
@@ -398,14 +477,24 @@ def launch(plan: LaunchPlan, job: SlurmJob) -> int:
             print(f"[launch] starting SGLang on {','.join(plan.engines.hosts)}", flush=True)
             engines = children.start(engines_command(plan))
             wait_for_engines(plan, engines)
+        status = plan.status_dir(job)
+        shutil.rmtree(status, ignore_errors=True)  # a requeued job keeps its id: drop the last run's
+        status.mkdir(parents=True)
         trainer = children.start(trainer_command(plan, job))
-        rc = trainer.wait()
+        rc, silent = wait_for_step(trainer, status, plan.trainer_hosts)
         print(f"[launch] training step exited with {rc}; logs in {logs}", flush=True)
         if rc == 0 and stopped_since(plan.output_dir, started):
             return requeue(job, plan.output_dir)
+        if rc != 0:
+            print(
+                f"[launch] the job can resume from {plan.output_dir / 'checkpoints'}: requeue it "
+                f"(scontrol requeue {job.job_id}) or submit it again",
+                flush=True,
+            )
         return rc
     finally:
-        children.stop()
+        # srun cannot end the tasks of a node that no longer answers: do not wait long for it
+        children.stop(grace_s=10.0 if silent else 30.0)
 
 
 # -- the engine agent (runs on each engine node under srun) ------------------------------------
@@ -416,8 +505,13 @@ def run_engines(config: str, overrides: list[str]) -> int:
     node = int(os.environ.get("SLURM_NODEID", "0"))
     log_dir = Path(cfg.output_dir) / "logs" / "sglang"
     log_dir.mkdir(parents=True, exist_ok=True)
-    # Bind on all interfaces: trainers on other nodes connect to us.
+    # Bind on all interfaces: trainers on other nodes connect to us. The servers join the
+    # trainer's weight-update group over the interface that reaches its master.
     sg = cfg.sglang_config(host="0.0.0.0", launch=True, log_dir=str(log_dir))
+    master = sg.nccl_master_address or socket.gethostname()
+    sockets = choose_socket_ifname(master, cfg.parallel.socket_ifname, {**os.environ, **sg.env})
+    sg.env = {**sg.env, **sockets.env}
+    print(f"[engines] node {node}: {socket.gethostname()}: gloo/NCCL sockets on {sockets.reason}", flush=True)
 
     per_node = sg.replicas // max(sg.nodes, 1)
     children = _Children()

@@ -13,6 +13,20 @@ Megatron layouts that differ from HF:
   heads, then its key head, then its value head (each ``head_dim`` rows). TP splits by groups.
 * ``linear_fc1``: ``[gate; up]``; each TP rank holds ``[gate_r; up_r]``.
 * embeddings / output layer: vocabulary padded (see ``models.config.padded_vocab_size``).
+
+Qwen3-MoE layers (``cfg.is_sparse(i)``):
+* ``pre_mlp_layernorm`` is a separate norm (also with Transformer Engine) and ``mlp.router``
+  is the HF ``mlp.gate``, replicated.
+* expert ``e`` is named ``decoder.layers.{i}.mlp.experts.{e}.linear_fc{1,2}.weight`` here, with
+  its *global* index: a model holds only its expert-parallel rank's experts, under local indices
+  (``mlp.experts.local_experts.{j}`` for sequential experts, ``mlp.experts.linear_fc1.weight{j}``
+  for TE's grouped GEMM); ``global_name`` maps both. Its ``linear_fc1`` is ``[gate; up]`` of the
+  hub's ``mlp.experts.{e}.gate_proj`` / ``up_proj``, split over *expert* tensor parallelism
+  (``ParamSpec.expert``) rather than TP.
+* transformers 5 keeps a layer's experts in memory as fused 3-D tensors
+  (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``) while checkpoints
+  on the hub keep one tensor per expert; ``hub_views`` shows such a model's parameters under the
+  hub's names.
 """
 
 from __future__ import annotations
@@ -27,6 +41,11 @@ import torch
 from megatron_klear.models.config import Qwen3Config
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# A local expert's parameter: sequential experts, or TE's grouped GEMM (``weight{j}``).
+_SEQUENTIAL_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+_GROUPED_EXPERT_RE = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
+# transformers 5's fused experts of one layer
+_FUSED_EXPERTS_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -38,13 +57,33 @@ class ParamSpec:
     kind: str = "plain"  # "plain", "qkv" or "gate_up"
     split: Optional[int] = None  # TP split dim of the Megatron tensor; None = replicated
     vocab: bool = False  # first dim is the (padded) vocabulary
+    expert: bool = False  # a routed expert's weight: split over expert TP, held by one EP rank
 
 
-def _layer_specs(i: int, te: bool) -> list[ParamSpec]:
+def _expert_specs(i: int, cfg: Qwen3Config) -> list[ParamSpec]:
+    m, h = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.mlp."
+    specs = [ParamSpec(m + "router.weight", (h + "gate.weight",))]
+    for e in range(cfg.moe.num_experts):
+        hub = f"{h}experts.{e}."
+        specs += [
+            ParamSpec(
+                f"{m}experts.{e}.linear_fc1.weight",
+                (hub + "gate_proj.weight", hub + "up_proj.weight"),
+                kind="gate_up",
+                split=0,
+                expert=True,
+            ),
+            ParamSpec(f"{m}experts.{e}.linear_fc2.weight", (hub + "down_proj.weight",), split=1, expert=True),
+        ]
+    return specs
+
+
+def _layer_specs(i: int, te: bool, cfg: Optional[Qwen3Config] = None) -> list[ParamSpec]:
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+    sparse = cfg is not None and cfg.is_sparse(i)
     in_norm = "self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight"
-    mlp_norm = "mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"
-    return [
+    mlp_norm = "mlp.linear_fc1.layer_norm_weight" if te and not sparse else "pre_mlp_layernorm.weight"
+    attention = [
         ParamSpec(m + in_norm, (h + "input_layernorm.weight",)),
         ParamSpec(
             m + "self_attention.linear_qkv.weight",
@@ -56,6 +95,10 @@ def _layer_specs(i: int, te: bool) -> list[ParamSpec]:
         ParamSpec(m + "self_attention.k_layernorm.weight", (h + "self_attn.k_norm.weight",)),
         ParamSpec(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), split=1),
         ParamSpec(m + mlp_norm, (h + "post_attention_layernorm.weight",)),
+    ]
+    if sparse:
+        return attention + _expert_specs(i, cfg)
+    return attention + [
         ParamSpec(
             m + "mlp.linear_fc1.weight",
             (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
@@ -74,19 +117,25 @@ def param_specs(cfg: Qwen3Config, te: bool = False) -> dict[str, ParamSpec]:
     """
     specs = [ParamSpec("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), split=0, vocab=True)]
     for i in range(cfg.num_hidden_layers):
-        specs += _layer_specs(i, te)
+        specs += _layer_specs(i, te, cfg)
     specs.append(ParamSpec("decoder.final_layernorm.weight", ("model.norm.weight",)))
     if not cfg.tie_word_embeddings:
         specs.append(ParamSpec("output_layer.weight", ("lm_head.weight",), split=0, vocab=True))
     return {s.megatron: s for s in specs}
 
 
-def global_name(local_name: str, layer_offset: int) -> str:
-    """Megatron state-dict name with the pipeline stage's layer offset applied."""
+def global_name(local_name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    """Megatron state-dict name with the pipeline stage's layer offset applied, and a local
+    expert's index made global (``expert_offset``: the first expert of this EP rank)."""
     m = _LAYER_RE.match(local_name)
     if not m:
         return local_name
-    return f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}"
+    rest = m.group(2)
+    if e := _SEQUENTIAL_EXPERT_RE.match(rest):
+        rest = f"mlp.experts.{int(e.group(1)) + expert_offset}.{e.group(2)}"
+    elif e := _GROUPED_EXPERT_RE.match(rest):
+        rest = f"mlp.experts.{int(e.group(2)) + expert_offset}.{e.group(1)}.weight"
+    return f"decoder.layers.{int(m.group(1)) + layer_offset}.{rest}"
 
 
 def spec_for(name: str, specs: Mapping[str, ParamSpec], cfg: Qwen3Config) -> ParamSpec:
@@ -178,6 +227,9 @@ def hf_tensor_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
     """Shape of every tensor of an HF Qwen3 checkpoint of this config."""
     h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    if cfg.moe is not None:
+        fe = cfg.moe.moe_intermediate_size
+        expert = {"gate_proj.weight": (fe, h), "up_proj.weight": (fe, h), "down_proj.weight": (h, fe)}
     by_suffix = {
         "q_proj.weight": (q, h),
         "k_proj.weight": (kv, h),
@@ -194,8 +246,46 @@ def hf_tensor_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for name in hf_tensor_names(cfg):
         suffix = ".".join(name.split(".")[-2:])
-        shapes[name] = by_suffix.get(suffix, (h,))  # the remaining ones are RMSNorm weights
+        if ".mlp.experts." in name:
+            shapes[name] = expert[suffix]
+        elif name.endswith(".mlp.gate.weight"):
+            shapes[name] = (cfg.moe.num_experts, h)
+        else:
+            shapes[name] = by_suffix.get(suffix, (h,))  # the remaining ones are RMSNorm weights
     return shapes
+
+
+def active_params(cfg: Qwen3Config) -> int:
+    """Parameters one token passes through: a MoE layer's top-k experts, not all of them."""
+    total = num_params(cfg)
+    if cfg.moe is None:
+        return total
+    moe = cfg.moe
+    per_expert = 3 * cfg.hidden_size * moe.moe_intermediate_size
+    sparse = sum(cfg.is_sparse(i) for i in range(cfg.num_hidden_layers))
+    return total - sparse * (moe.num_experts - moe.num_experts_per_tok) * per_expert
+
+
+def hub_views(named_params) -> dict[str, torch.Tensor]:
+    """A transformers model's parameters under the hub checkpoint's names, as views that share
+    their storage: a fused expert tensor of transformers 5 shows as one view per expert and
+    projection (``gate_up_proj[e]`` is ``[gate; up]``, as its forward splits it), every other
+    parameter as itself. Copying into a view updates the model."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in named_params:
+        m = _FUSED_EXPERTS_RE.match(name)
+        if m is None:
+            out[name] = p
+            continue
+        prefix, p = m.group(1), p.detach()  # detached views still share the parameter's storage
+        for e in range(p.shape[0]):
+            if m.group(2) == "down_proj":
+                out[f"{prefix}.{e}.down_proj.weight"] = p[e]
+            else:
+                gate, up = p[e].chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate
+                out[f"{prefix}.{e}.up_proj.weight"] = up
+    return out
 
 
 def num_params(cfg: Qwen3Config) -> int:

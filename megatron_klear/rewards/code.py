@@ -10,10 +10,25 @@ Test formats:
   input is the list of arguments.
 
 Every test runs in its own sandboxed process with its own limits, so one crash or timeout
-costs that test only. Outputs compare as LiveCodeBench does: line by line, whitespace-
-insensitive, numbers with a tolerance. A sandbox that fails to start raises ``SandboxError``:
-it is never scored as a failed test. ``check_sandbox`` runs a known-good and a known-bad
-program before training.
+costs that test only. A sandbox that fails to start raises ``SandboxError``: it is never scored
+as a failed test. ``check_sandbox`` runs a known-good and a known-bad program before training.
+
+How outputs compare (``compare``):
+
+* ``tolerant`` (default, RL): non-empty lines of whitespace-split tokens, numbers within 1e-6;
+  a call's value likewise (and a one-element expected list matches its element, TACO-style);
+* ``livecodebench``: LiveCodeBench's evaluator (``lcb_runner/evaluation/testing_util.py``, read,
+  not copied): both outputs stripped and split at newlines, each line stripped; the line counts
+  must agree and each line be equal, or else every token equal as a ``Decimal``; a call's value
+  must equal the expected one (no tolerance). Every program runs after the imports LiveCodeBench
+  puts before it (``LCB_PRELUDE``), and the code is the text between the last two lines that
+  hold a fence (``fence=livecodebench``);
+* ``exact``: the public KlearReasoner code: ``stdout.strip() == expected.strip()``, a call's
+  value equal.
+
+``binary`` stops at the first failed test (as LiveCodeBench does); ``sample_tests`` runs up to N
+tests drawn at random per response (the public code's 16), from a generator seeded by the
+program's text, so a response always gets the same tests and its reward is reproducible.
 
 The public KlearReasoner code's rules (``code_r1_compute.py``) are options, off by default:
 its think-tag rule (no ``</think>``: -0.5, then no ``<think>``: -2.0), its fence rule (the last
@@ -25,8 +40,11 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
+import zlib
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any, Optional, Union
 
 from megatron_klear.errors import ConfigError, DataError, SandboxError
@@ -36,7 +54,16 @@ from megatron_klear.rewards.sandbox import BACKENDS, MIN_MEMORY_MB, ExecResult, 
 from megatron_klear.rewards.types import RewardResult
 
 CODE_FORMAT_RULES = ("none", "public")
-FENCE_RULES = ("last", "python")
+FENCE_RULES = ("last", "python", "livecodebench")
+COMPARE_RULES = ("tolerant", "livecodebench", "exact")
+# What LiveCodeBench's evaluator has imported when a program runs: each module, and its names.
+_LCB_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
+                "statistics", "itertools", "functools", "operator", "io", "sys", "json")  # fmt: skip
+LCB_PRELUDE = (
+    "".join(f"from {m} import *\n" for m in (*_LCB_MODULES, "builtins", "typing"))
+    + "".join(f"import {m}\n" for m in _LCB_MODULES)
+    + "sys.setrecursionlimit(50000)\n"
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,9 @@ class CodeRewardConfig:
     fence: str = "last"  # "last": last block after the last </think>; "python": the public code's rule
     no_code_score: float = 0.0  # no program in the response (the public code: -1.0)
     signed: bool = False  # a test counts +1 passed, -1 failed, averaged (the public code)
+    # how outputs compare: "tolerant" (ours), "livecodebench" (its evaluator), "exact" (the public code)
+    compare: str = "tolerant"
+    sample_tests: Optional[int] = None  # run up to N tests drawn at random per response (the public code: 16)
 
     def validate(self, where: str = "reward.code") -> None:
         """Raises ConfigError naming ``<where>.<field>`` (the config loader passes the section's path)."""
@@ -80,6 +110,13 @@ class CodeRewardConfig:
             raise ConfigError(f"{where}.format_rule must be one of {CODE_FORMAT_RULES}, got {self.format_rule!r}")
         if self.fence not in FENCE_RULES:
             raise ConfigError(f"{where}.fence must be one of {FENCE_RULES}, got {self.fence!r}")
+        if self.compare not in COMPARE_RULES:
+            raise ConfigError(f"{where}.compare must be one of {COMPARE_RULES}, got {self.compare!r}")
+        if self.sample_tests is not None:
+            if isinstance(self.sample_tests, bool) or not isinstance(self.sample_tests, int) or self.sample_tests < 1:
+                raise ConfigError(f"{where}.sample_tests must be >= 1 or null, got {self.sample_tests!r}")
+            if self.max_tests is not None:
+                raise ConfigError(f"set at most one of {where}.max_tests (the first N) and {where}.sample_tests")
         for name in ("missing_think_end_score", "missing_think_start_score", "no_code_score"):
             check_finite(self, name, where)
 
@@ -134,6 +171,19 @@ def extract_code_python(response: str) -> Optional[str]:
         return None
     body = start + len(_PY_OPEN)
     return response[body : response.find(_PY_CLOSE, body)]
+
+
+def extract_code_lcb(response: str) -> Optional[str]:
+    """LiveCodeBench's rule: the lines between the last two lines that contain ```` ``` ````
+    (anywhere in the response); None with fewer than two such lines."""
+    lines = response.split("\n")
+    fences = [i for i, line in enumerate(lines) if "```" in line]
+    if len(fences) < 2:
+        return None
+    return "\n".join(lines[fences[-2] + 1 : fences[-1]])
+
+
+_EXTRACT = {"last": extract_code, "python": extract_code_python, "livecodebench": extract_code_lcb}
 
 
 def normalize_tests(
@@ -201,12 +251,44 @@ def _tokens_equal(a: str, b: str, rel: float = 1e-6, abs_: float = 1e-6) -> bool
 
 
 def outputs_match(got: str, expected: str) -> bool:
-    """LiveCodeBench-style: non-empty lines, whitespace-split tokens, numbers with tolerance."""
+    """``tolerant``: non-empty lines, whitespace-split tokens, numbers with tolerance."""
     g = [line.split() for line in got.strip().splitlines() if line.strip()]
     e = [line.split() for line in expected.strip().splitlines() if line.strip()]
     if len(g) != len(e):
         return False
     return all(len(x) == len(y) and all(_tokens_equal(p, q) for p, q in zip(x, y)) for x, y in zip(g, e))
+
+
+def _decimals(line: str) -> Optional[list[Decimal]]:
+    try:
+        return [Decimal(tok) for tok in line.split()]
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def outputs_match_lcb(got: str, expected: str) -> bool:
+    """``livecodebench``: stripped lines (empty ones inside count), equal text or equal
+    ``Decimal`` tokens per line (so ``1.0`` equals ``1``, with no tolerance)."""
+    g = [line.strip() for line in got.strip().split("\n")]
+    e = [line.strip() for line in expected.strip().split("\n")]
+    if len(g) != len(e):
+        return False
+    for x, y in zip(g, e):
+        if x == y:
+            continue
+        dx, dy = _decimals(x), _decimals(y)
+        if dx is None or dy is None or dx != dy:
+            return False
+    return True
+
+
+def stdout_matches(got: str, expected: str, compare: str = "tolerant") -> bool:
+    """Whether a program's stdout is the expected output under rule ``compare``."""
+    if compare == "exact":
+        return got.strip() == expected.strip()
+    if compare == "livecodebench":
+        return outputs_match_lcb(got, expected)
+    return outputs_match(got, expected)
 
 
 def _values_equal(got: Any, expected: Any) -> bool:
@@ -224,9 +306,10 @@ _CALL_HARNESS = """
 
 import json as _mk_json, sys as _mk_sys
 _mk_args = _mk_json.loads(_mk_sys.stdin.read())
-_mk_fn = globals().get({fn!r})
-if _mk_fn is None and "Solution" in globals():
+if isinstance(globals().get("Solution"), type) and hasattr(Solution, {fn!r}):  # LeetCode's class first
     _mk_fn = getattr(Solution(), {fn!r})
+else:
+    _mk_fn = globals().get({fn!r})
 _mk_sys.stdout.write("\\n@@MK_RESULT@@" + _mk_json.dumps(_mk_fn(*_mk_args)))
 """
 
@@ -244,15 +327,19 @@ def run_case(
         disk_mb=cfg.disk_mb,
         cancel=cancel,
     )
+    if cfg.compare == "livecodebench":
+        code = LCB_PRELUDE + code
     if case.kind == "stdin":
         r = run_program(code, case.input, **kw)
-        return r.ok and outputs_match(r.stdout, case.output), r
+        return r.ok and stdout_matches(r.stdout, case.output, cfg.compare), r
     r = run_program(code + _CALL_HARNESS.format(fn=fn_name), json.dumps(case.input), **kw)
     if not r.ok or "@@MK_RESULT@@" not in r.stdout:
         return False, r
     expected = case.output
     try:
         got = json.loads(r.stdout.rsplit("@@MK_RESULT@@", 1)[1])
+        if cfg.compare != "tolerant":  # the value itself (tuples came back as lists, as LiveCodeBench makes them)
+            return got == expected, r
         ok = _values_equal(got, expected) or (
             isinstance(expected, list) and len(expected) == 1 and _values_equal(got, expected[0])
         )
@@ -291,27 +378,40 @@ def score_code(
         failed = public_format_failure(response, c.missing_think_end_score, c.missing_think_start_score)
         if failed is not None:
             return failed
-    code = extract_code_python(response) if c.fence == "python" else extract_code(response)
+    code = _EXTRACT[c.fence](response)
     if code is None:
         return RewardResult(c.no_code_score, False, "no_code")
     try:
         cases, fn = normalize_tests(tests, fn_name)
     except ValueError as e:
         return RewardResult(0.0, False, f"bad_tests: {e}")
-    if c.max_tests is not None:
-        cases = cases[: c.max_tests]
+    cases = select_tests(cases, code, c)
     if not cases:
         return RewardResult(0.0, False, "no_tests")
     passed = 0
-    for case in cases:
+    for i, case in enumerate(cases):
         if cancel is not None and cancel.is_set():
             return RewardResult(0.0, False, "cancelled")
-        passed += run_test(code, case, fn, c, cancel)
+        ok = run_test(code, case, fn, c, cancel)
+        passed += ok
+        if c.binary and not ok:  # solved only if all pass: the rest cannot change the score
+            return RewardResult(-1.0 if c.signed else 0.0, False, f"failed test {i + 1} of {len(cases)}")
     all_ok = passed == len(cases)
     score = (1.0 if all_ok else 0.0) if c.binary else passed / len(cases)
     if c.signed:
         score = 2.0 * score - 1.0
     return RewardResult(score, all_ok, f"passed {passed}/{len(cases)}")
+
+
+def select_tests(cases: list[TestCase], code: str, cfg: CodeRewardConfig) -> list[TestCase]:
+    """The tests a response runs: all, the first ``max_tests``, or ``sample_tests`` drawn at
+    random (in their original order) with a generator seeded by ``code``."""
+    if cfg.max_tests is not None:
+        return cases[: cfg.max_tests]
+    if cfg.sample_tests is not None and len(cases) > cfg.sample_tests:
+        rng = random.Random(zlib.crc32(code.encode("utf-8", "surrogatepass")))
+        return [cases[i] for i in sorted(rng.sample(range(len(cases)), cfg.sample_tests))]
+    return cases
 
 
 # Start-up check: a program that must pass and one that must fail, stdin and call-based.

@@ -34,7 +34,8 @@ from megatron_klear.inference.base import InferenceEngine
 from megatron_klear.inference.hf import HFEngine
 from megatron_klear.inference.rollout_env import check_rollout_env
 from megatron_klear.inference.sglang import SGLangEngine
-from megatron_klear.models.config import Qwen3Config, validate_parallel
+from megatron_klear.inference.sglang_servers import check_training_positions
+from megatron_klear.models.config import Qwen3Config, validate_training_layout
 from megatron_klear.rewards.code import CodeRewardConfig, check_sandbox
 from megatron_klear.rl.batch import PAD_TO, layout_metrics, minibatches
 from megatron_klear.rl.config import RLConfig
@@ -93,12 +94,28 @@ def load_prompts(cfg: RLConfig) -> tuple[list[RLPrompt], list[RLPrompt], dict]:
 
 def check_model_fits(cfg: RLConfig, hf_cfg: Qwen3Config) -> None:
     """The parallel layout divides the model, and prompt + response fit its positions."""
-    validate_parallel(hf_cfg, cfg.parallel.tp, cfg.parallel.pp)
+    validate_training_layout(hf_cfg, cfg.parallel)
+    check_moe_aux_loss(cfg, hf_cfg)
     r = cfg.rollout
     if r.max_prompt_len + r.max_response_len > hf_cfg.max_position_embeddings:
         raise ConfigError(
             f"rollout.max_prompt_len + rollout.max_response_len = {r.max_prompt_len + r.max_response_len} exceeds "
             f"the model's max_position_embeddings={hf_cfg.max_position_embeddings}"
+        )
+    if cfg.rollout.engine == "sglang":
+        check_training_positions(cfg.rollout.sglang, hf_cfg, r.max_prompt_len + r.max_response_len)
+
+
+def check_moe_aux_loss(cfg: RLConfig, hf_cfg: Qwen3Config) -> None:
+    """Megatron scales the router's load-balancing gradient per token, like a token-sum loss;
+    under a per-sequence normaliser it would grow with the sequence length."""
+    if hf_cfg.moe is None or cfg.algo.agg == "token-mean":
+        return
+    coef = hf_cfg.moe.router_aux_loss_coef if cfg.model.moe_aux_loss_coef is None else cfg.model.moe_aux_loss_coef
+    if coef > 0:
+        raise ConfigError(
+            f"algo.agg={cfg.algo.agg} with the MoE load-balancing loss on (model.moe_aux_loss_coef: {coef}): "
+            "Megatron scales its gradient per token, so it needs algo.agg=token-mean; or set model.moe_aux_loss_coef=0"
         )
 
 

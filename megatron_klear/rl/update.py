@@ -21,7 +21,7 @@ from megatron_klear.rl.config import RLConfig
 from megatron_klear.rl.loss import REPORT_KEYS, old_logprob_fn, rl_loss_fn
 from megatron_klear.training.guards import stop_on_nonfinite, weights_finite
 from megatron_klear.training.state import TrainState
-from megatron_klear.training.step import forward_backward, optimizer_step, reduce_reports
+from megatron_klear.training.step import forward_backward, moe_aux_loss, optimizer_step, reduce_reports
 
 
 def compute_old_logprobs(train_state: TrainState, minis: list[MiniBatch], cfg: RLConfig, vocab_size: int) -> None:
@@ -46,9 +46,12 @@ def train_minibatches(
     sums = dict.fromkeys(REPORT_KEYS, 0.0)
     grad_norms: list[float] = []
     norm_total = 0
+    moe: dict[str, float] = {}  # Qwen3-MoE: the router's load-balancing loss, mean over mini-batches
     for mini in minis:
         loss_fn = rl_loss_fn(vocab_size, a, mini, cfg.rollout.temperature, cfg.model.logprob_impl)
         reps = forward_backward(train_state, mini.micro, loss_fn)
+        for k, v in moe_aux_loss(train_state, len(mini.micro)).items():
+            moe[k] = moe.get(k, 0.0) + v / len(minis)
         _, grad_norm = optimizer_step(train_state, advance_schedule=False)  # once per RL step, below
         rep = reduce_reports(reps, REPORT_KEYS)
         if rep["nonfinite"] > 0 or not math.isfinite(rep["pg_sum"]) or not math.isfinite(grad_norm):
@@ -74,6 +77,7 @@ def train_minibatches(
         "train/tokens": sums["tokens"],
         "train/normaliser": norm_total,
         "train/lr": train_state.optimizer.param_groups[0]["lr"],
+        **moe,
     }
 
 

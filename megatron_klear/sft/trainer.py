@@ -24,7 +24,7 @@ from megatron_klear.cli import DryRun, run_config_entry
 from megatron_klear.data.sft import SFTDataset, check_sft_rows
 from megatron_klear.distributed import comm_device, rank0_first
 from megatron_klear.errors import ConfigError
-from megatron_klear.models.config import Qwen3Config, validate_parallel
+from megatron_klear.models.config import Qwen3Config, validate_training_layout
 from megatron_klear.models.qwen3 import uses_transformer_engine
 from megatron_klear.ops.loss import nll_loss
 from megatron_klear.sft.config import SFTConfig
@@ -35,7 +35,7 @@ from megatron_klear.training.metrics import model_flops
 from megatron_klear.training.run import EVAL_TEMPERATURE, EVAL_TOP_P, check_data_files, starting_config
 from megatron_klear.training.run_state import DataPosition
 from megatron_klear.training.rundir import writable_problem
-from megatron_klear.training.step import forward_backward, optimizer_step, reduce_reports
+from megatron_klear.training.step import forward_backward, moe_aux_loss, optimizer_step, reduce_reports
 
 
 def batch_work(hf_cfg, lengths: list) -> tuple[float, float]:
@@ -52,7 +52,7 @@ def batch_work(hf_cfg, lengths: list) -> tuple[float, float]:
 
 def check_model_fits(cfg: SFTConfig, hf_cfg: Qwen3Config) -> None:
     """The parallel layout divides the model, and a packed sequence fits its positions."""
-    validate_parallel(hf_cfg, cfg.parallel.tp, cfg.parallel.pp)
+    validate_training_layout(hf_cfg, cfg.parallel)
     if cfg.data.seq_len > hf_cfg.max_position_embeddings:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds the model's "
@@ -167,6 +167,7 @@ class SFTRun(TrainingRun):
             "supervised_tokens": rep["tokens"],
             "epoch": self.state.position.epoch,
             "skipped_update": not applied,
+            **moe_aux_loss(self.train_state, len(batch.micro)),  # Qwen3-MoE: the router's balance
         }
 
     def throughput(self, batch: GlobalBatch, seconds: float) -> dict:

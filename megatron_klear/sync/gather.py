@@ -1,12 +1,15 @@
-"""Full HF-named weights from a Megatron model at any TP x PP, in size-bounded buckets.
+"""Full HF-named weights from a Megatron model at any TP x PP (x EP), in size-bounded buckets.
 
-Every rank of data-parallel replica 0 takes part; the buckets come out on global rank 0
-(``gather_hf_buckets``), or, with pipeline parallelism 1, on every rank at once
-(``local_hf_buckets``, for colocated engines that read each GPU's own copy).
-Each pipeline stage gathers its tensors over TP (``models.weights.iter_hf_weights``, the
+The buckets come out on global rank 0 (``gather_hf_buckets``), or, with pipeline parallelism
+1, on every rank at once (``local_hf_buckets``, for colocated engines that read each GPU's own
+copy). Each pipeline stage gathers its tensors over TP (``models.weights.iter_hf_weights``, the
 same mapping as conversion: QKV and gate/up split, vocabulary padding removed, tied
-embeddings once) and sends them to rank 0 one at a time, so no rank ever holds more than one
-bucket beyond its own shard of the model.
+embeddings once) and the stage's first rank sends them to rank 0 one at a time, so no rank
+ever holds more than one bucket beyond its own shard of the model. Qwen3-MoE experts come to
+the stage's first rank from their expert-parallel owners, one expert tensor at a time, in
+global expert order. The ranks of the first data-parallel replica do the dense part, those of
+the first expert-data-parallel replica the experts; with expert parallelism the two sets differ
+(the EP group spans data-parallel ranks).
 """
 
 from __future__ import annotations
@@ -34,24 +37,24 @@ def _stage_tensors(model: torch.nn.Module, cfg: Qwen3Config) -> Iterator[tuple[s
 
     pp_group = ps.get_pipeline_model_parallel_group()
     pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    # the stage's first rank: TP, CP and DP rank 0 (and so expert TP, EP, expert-DP rank 0)
+    lead = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
     ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else [dist.get_rank()]
     dev = comm_device()
     for stage in range(pp):
-        if pp_rank == stage:
-            items = iter_hf_weights(model, cfg)  # collective over this stage's TP group
+        if pp_rank == stage:  # collective over this stage's TP (and EP, ETP) groups
+            items = iter_hf_weights(model, cfg, every_replica=False)
         else:
             items = iter(())
-        if stage == 0:  # already on the first stage: its TP rank 0 (global rank 0) has them
-            if pp_rank == 0:
-                if tp_rank == 0:
-                    yield from items
-                else:
-                    for _ in items:  # take part in the TP gathers
-                        pass
+        if stage == 0:  # already on the first stage: its lead (global rank 0) has them
+            if pp_rank == 0 and lead:
+                yield from items
+            else:
+                for _ in items:  # take part in the gathers
+                    pass
             continue
-        # stage > 0: its TP rank 0 sends each tensor to the first stage's TP rank 0
-        if tp_rank != 0:
+        # stage > 0: its lead sends each tensor to the first stage's lead
+        if not lead:
             for _ in items:
                 pass
             continue
@@ -90,14 +93,24 @@ def bucketed(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> It
         yield bucket
 
 
+def gather_participant(cfg: Qwen3Config) -> bool:
+    """Whether this rank takes part in ``gather_hf_buckets``: it is in the first data-parallel
+    replica, or, for Qwen3-MoE, in the first expert-data-parallel replica."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() == 0:
+        return True
+    return cfg.moe is not None and ps.get_expert_data_parallel_rank() == 0
+
+
 def gather_hf_buckets(
     model: torch.nn.Module, cfg: Qwen3Config, bucket_bytes: int = DEFAULT_BUCKET_BYTES
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield lists of ``(hf_name, tensor)`` of at most ``bucket_bytes`` each (a single larger
     tensor forms its own bucket) on global rank 0; nothing elsewhere.
 
-    Collective: every rank of data-parallel replica 0 must iterate it to the end; other DP
-    replicas hold the same weights and must not call it.
+    Collective: every rank where ``gather_participant`` holds must iterate it to the end (the
+    others may too: they take part in nothing).
     """
     on_rank0 = not dist.is_initialized() or dist.get_rank() == 0
     items = _stage_tensors(model, cfg)

@@ -29,7 +29,7 @@ from megatron_klear.inference.base import InferenceEngine, SamplingParams
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.models.forward import forward_logits, send_to_rank0
 from megatron_klear.sync.colocated import sync_colocated
-from megatron_klear.sync.gather import DEFAULT_BUCKET_BYTES, gather_hf_buckets
+from megatron_klear.sync.gather import DEFAULT_BUCKET_BYTES, gather_hf_buckets, gather_participant
 
 
 @dataclass
@@ -48,8 +48,6 @@ def sync_weights(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> SyncStats:
     """Collective: send the model's full HF weights to ``engine`` (held by global rank 0)."""
-    from megatron.core import parallel_state as ps
-
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0 and engine is None:
         raise AssertionError("global rank 0 must hold the engine")
@@ -69,7 +67,7 @@ def sync_weights(
             engine.begin_update(version)
         except EngineError as e:
             error = f"begin_update: {e}"
-    if ps.get_data_parallel_rank() == 0:
+    if gather_participant(cfg):
         for bucket in gather_hf_buckets(model, cfg, bucket_bytes):
             nbuckets += 1
             ntensors += len(bucket)

@@ -203,15 +203,26 @@ def model_flops(hf, doc_lengths: Iterable[int]) -> float:
     """Model FLOPs of training (forward + backward = 3x forward) on one packed sequence whose
     documents have these real lengths (padding excluded: it is not part of any document).
 
-    Per real token: the dense matmuls of every layer (QKV, output projection, SwiGLU MLP) and
-    the LM head, 2 FLOPs per multiply-add. Attention works within each document (THD packing or
-    the block-diagonal mask): causally, a document of d tokens has d^2 / 2 query-key pairs, each
-    costing 2 x (heads x head_dim) multiply-adds (QK^T and PV), i.e. 2 x q_dim x d^2 FLOPs per layer.
+    Per real token: the dense matmuls of every layer (QKV, output projection, SwiGLU MLP; in a
+    Qwen3-MoE layer the router and the top-k experts the token is routed to, not the others)
+    and the LM head, 2 FLOPs per multiply-add. Attention works within each document (THD packing
+    or the block-diagonal mask): causally, a document of d tokens has d^2 / 2 query-key pairs,
+    each costing 2 x (heads x head_dim) multiply-adds (QK^T and PV), i.e. 2 x q_dim x d^2 FLOPs
+    per layer.
     """
     h, L, hd = hf.hidden_size, hf.num_hidden_layers, hf.head_dim
     q, kv = hf.num_attention_heads * hd, hf.num_key_value_heads * hd
-    per_layer_token = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * hf.intermediate_size
-    per_token = L * per_layer_token + 2 * h * hf.vocab_size
+    attention_proj = 2 * h * (q + 2 * kv) + 2 * q * h
+    per_token = sum(attention_proj + mlp_flops_per_token(hf, i) for i in range(L)) + 2 * h * hf.vocab_size
     lengths = [int(d) for d in doc_lengths]
     attention = L * 2 * q * sum(d * d for d in lengths)
     return 3 * (sum(lengths) * per_token + attention)
+
+
+def mlp_flops_per_token(hf, layer: int) -> int:
+    """Forward FLOPs of one token through layer ``layer``'s MLP: SwiGLU, or router + top-k experts."""
+    h = hf.hidden_size
+    if not getattr(hf, "is_sparse", lambda _: False)(layer):
+        return 2 * 3 * h * hf.intermediate_size
+    moe = hf.moe
+    return 2 * h * moe.num_experts + moe.num_experts_per_tok * 2 * 3 * h * moe.moe_intermediate_size

@@ -33,7 +33,8 @@ from megatron_klear.errors import ConfigError, KlearError, OutputDirError
 from megatron_klear.training.checkpoint import Resume, find_resumable
 
 LOCK_NAME = "run.lock"
-# Keys a resumed run may change freely: how long to run, what to log and save, where helpers run.
+# Keys a resumed run may change freely: how long to run, what to log and save, where helpers run,
+# how long a collective may wait and which network the ranks use (a requeued job may get other nodes).
 FREE_KEYS = (
     "output_dir",
     "train_steps",
@@ -50,6 +51,8 @@ FREE_KEYS = (
     "data.cache_dir",
     "data.workers",
     "data.generate",
+    "parallel.timeout_minutes",
+    "parallel.socket_ifname",
 )
 _NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 

@@ -4,6 +4,11 @@ The loss is a token sum per micro-batch with Megatron's ``calculate_per_token_lo
 schedule sums the token counts, DDP sums gradients across data- and context-parallel ranks,
 and ``finalize_model_grads`` divides by the global count. So the gradient is the token mean over
 the whole global batch, whatever the split into micro-batches and DP ranks.
+
+Qwen3-MoE: Megatron's router adds the load-balancing loss's gradient itself (scaled per token
+like the main loss) and records the loss per layer in its tracker; ``moe_aux_loss`` reads the
+last training pass's value for the logs (the tracker is cleared when a training pass starts, so
+forward-only passes such as validation or old log-probs never count).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ def forward_backward(
     if not forward_only:
         train_state.model.zero_grad_buffer()
         train_state.optimizer.zero_grad()
+        clear_moe_tracker()
     return get_forward_backward_func()(
         forward_step_func=step,
         data_iterator=iter(micro_batches),
@@ -97,3 +103,45 @@ def reduce_reports(reports: Iterable[dict], keys: Iterable[str]) -> dict[str, fl
             local, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
         )
     return dict(zip(keys, local.tolist()))  # the one host transfer
+
+
+MOE_AUX_LOSS = "load_balancing_loss"  # the name Megatron's router records it under
+
+
+def clear_moe_tracker() -> None:
+    """Zero Megatron's per-layer MoE loss tracker (nothing to do for a dense model)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
+
+
+def moe_aux_loss(train_state: TrainState, num_micro_batches: int) -> dict[str, float]:
+    """Collective: ``{"moe/load_balancing_loss": ...}``, the router's load-balancing loss of the
+    last training ``forward_backward`` before its coefficient (1.0 for a perfectly balanced
+    router), averaged over micro-batches, MoE layers and data-parallel ranks; ``{}`` for a dense
+    model or with the loss off (``model.moe_aux_loss_coef=0``).
+
+    Megatron's own reduction averages over DP with ``ReduceOp.AVG``, which gloo lacks: this sums
+    over the stages (each holds its layers' entries) and over TP x CP (each rank's loss covers its
+    share of the tokens), then takes the mean over every DP rank's micro-batches (their numbers
+    may differ: RL balances tokens, not micro-batches)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    config = train_state.module.config
+    if not config.num_moe_experts or not config.moe_aux_loss_coeff:
+        return {}
+    entry = get_moe_layer_wise_logging_tracker().get(MOE_AUX_LOSS)
+    values = torch.zeros(config.num_layers, dtype=torch.float64, device=comm_device())
+    if entry is not None:  # a stage without MoE layers records nothing
+        values += entry["values"].to(values)
+    if dist.is_initialized():
+        dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(values, group=ps.get_tensor_and_context_parallel_group())
+    total = torch.stack([values.sum(), torch.tensor(float(num_micro_batches), dtype=values.dtype).to(values)])
+    if dist.is_initialized():
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    hf = train_state.hf_config
+    sparse = sum(hf.is_sparse(i) for i in range(hf.num_hidden_layers))
+    clear_moe_tracker()
+    return {f"moe/{MOE_AUX_LOSS}": float(total[0]) / max(sparse, 1) / max(float(total[1]), 1.0)}

@@ -22,7 +22,7 @@ STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[rank \d+\] ")
 def klear() -> list[str]:
     """The installed command when this environment has it (``pip install -e .``), else what
     pip's console-script wrapper runs: ``sys.exit(megatron_klear.launch.command.main())``."""
-    assert 'megatron-klear = megatron_klear.launch.command:main' in (ROOT / "setup.py").read_text()
+    assert "megatron-klear = megatron_klear.launch.command:main" in (ROOT / "setup.py").read_text()
     script = Path(sys.executable).parent / "megatron-klear"
     if script.is_file() and "megatron_klear.launch.command" in script.read_text():
         return [str(script)]
@@ -46,11 +46,30 @@ def tiny(tmp: Path, out: Path, steps: int) -> list[str]:
 def test_bad_values_are_one_line_and_exit_2_before_torchrun(tmp_path):
     for args, message in [
         (["sft", "--config", "examples/tiny/sft.yaml", "optim.lr=abc"], "optim.lr: expected a number, got 'abc'"),
-        (["sft", "--nproc-per-node", "3", "--config", "examples/tiny/sft.yaml", "parallel.tp=2",
-          f"output_dir={tmp_path}"], "give 3 trainer processes, not a multiple of parallel.tp"),  # fmt: skip
+        (
+            [
+                "sft",
+                "--nproc-per-node",
+                "3",
+                "--config",
+                "examples/tiny/sft.yaml",
+                "parallel.tp=2",
+                f"output_dir={tmp_path}",
+            ],
+            "give 3 trainer processes, not a multiple of parallel.tp",
+        ),  # fmt: skip
         (["sft", "--nproc-per-node", "many", "--config", "examples/tiny/sft.yaml"], "--nproc-per-node must be"),
-        (["rl", "--config", "examples/tiny/rl_math.yaml", "rollout.engine=sglang", "rollout.sglang.mode=distributed",
-          f"output_dir={tmp_path}"], "rollout.sglang.base_gpu_id=0 starts engines on the trainer's GPU 0"),  # fmt: skip
+        (
+            [
+                "rl",
+                "--config",
+                "examples/tiny/rl_math.yaml",
+                "rollout.engine=sglang",
+                "rollout.sglang.mode=distributed",
+                f"output_dir={tmp_path}",
+            ],
+            "rollout.sglang.base_gpu_id=0 starts engines on the trainer's GPU 0",
+        ),  # fmt: skip
         (["convert", "sideways"], "say to-megatron (HF -> Megatron) or to-hf"),
         (["convert", "to-hf", "--load", str(tmp_path / "none"), "--out", str(tmp_path / "o")], "error:"),
     ]:

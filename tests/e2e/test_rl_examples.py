@@ -1,15 +1,19 @@
 """The shipped RL configs as a user runs them, from the tiny SFT (the demo's task): the tiny
-math RL example keeps groups and trains tokens on every step, and the demo's RL config gives
-identical metrics when run twice on one machine."""
+math RL example keeps groups and trains tokens on every step, the demo's RL config gives
+identical metrics when run twice on one machine, and tools/eval.py's docstring example scores
+the tiny SFT model on its held-out prompts."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.jobs import torchrun
+from tests.jobs import ROOT, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +77,16 @@ def test_demo_rl_config_is_deterministic(tiny_sft, tmp_path):
 def untimed(row: dict) -> dict:
     """A metrics row without its wall-clock numbers (the timestamp, durations, throughput)."""
     return {k: v for k, v in row.items() if k != "time" and not k.startswith(("time/", "perf/"))}
+
+
+def test_eval_docstring_example_scores_the_tiny_model(tiny_sft):
+    """``python tools/eval.py --model runs/tiny_sft/hf --data runs/tiny_data/math_test.parquet
+    --k 4 --max-prompts 32`` (paths under the fixture's folder), with the default budget: the
+    model's context minus the longest prompt, so no answer is cut short."""
+    cmd = [sys.executable, "tools/eval.py", "--model", str(tiny_sft / "sft" / "hf"), "--data",
+           str(tiny_sft / "data" / "math_test.parquet"), "--k", "4", "--max-prompts", "32"]  # fmt: skip
+    env = dict(os.environ, MEGATRON_KLEAR_PROGRESS_S="0.5")  # progress lines: on stderr, never in the JSON
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["eval/prompts"] == 32 and res["eval/avg@4"] > 0 and res["eval/math/lenient_avg@4"] > 0, res

@@ -110,6 +110,8 @@ def test_tp2_pp2_matches_tp1(tiny4, tmp_path):
     la, lb = losses(a), losses(b)
     for s in (1, 2, 3):
         assert lb[s] == pytest.approx(la[s], rel=1e-4), (s, la, lb)
+    # the whole gradient counts at TP=2 (a split weight's every part), as at TP=1
+    assert rows(b)[0]["grad_norm"] == pytest.approx(rows(a)[0]["grad_norm"], rel=1e-5)
 
 
 def test_gradient_does_not_depend_on_micro_batches(tiny4, tmp_path):

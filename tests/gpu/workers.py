@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def model_fwd_bwd_worker(
-    hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, out: str, use_te: bool = False
-) -> None:
+def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, out: str, use_te: bool = False) -> None:
     """The Megatron model on CUDA (the torch-native spec, or Transformer Engine's with ``use_te``):
     float32 logits and the gradients of ``sum(logits * weights)`` w.r.t. two norm weights;
     bfloat16 logits of the same ids."""

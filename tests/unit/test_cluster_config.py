@@ -21,15 +21,32 @@ def test_fp8_recipe_and_the_lengths_fp8_gemms_take():
     assert fp8_sequence_multiple(1, False) == 16 and fp8_sequence_multiple(4, True) == 32
     assert fp8_sequence_multiple(8, True, 2) == 128 and fp8_sequence_multiple(2, True) == 16
     for overrides, message in [
-        (["model.fp8=hybrid", "data.seq_len=250", "data.global_batch_tokens=2000"],
-         "data.seq_len=250 must be a multiple of 16 with model.fp8"),
+        (
+            ["model.fp8=hybrid", "data.seq_len=250", "data.global_batch_tokens=2000"],
+            "data.seq_len=250 must be a multiple of 16 with model.fp8",
+        ),
         (["model.fp8=hybrid", "data.seq_len=250", "data.global_batch_tokens=2000"], "use 240 or 256"),
-        (["model.fp8=hybrid", "data.seq_len=272", "parallel.tp=4", "parallel.sequence_parallel=true",
-          "data.global_batch_tokens=2176"], "must be a multiple of 32 with model.fp8"),  # fmt: skip
+        (
+            [
+                "model.fp8=hybrid",
+                "data.seq_len=272",
+                "parallel.tp=4",
+                "parallel.sequence_parallel=true",
+                "data.global_batch_tokens=2176",
+            ],
+            "must be a multiple of 32 with model.fp8",
+        ),  # fmt: skip
         (["model.fp8=hybrid", "model.fp8_recipe=bogus"], "model.fp8_recipe must be one of"),
         (["model.fp8_amax_compute_algo=mean"], "model.fp8_amax_compute_algo must be one of"),
-        (["model.fp8=hybrid", "model.fp8_recipe=delayed", "model.recompute=selective",
-          "model.recompute_modules=[layernorm]"], "'layernorm' does not work with model.fp8_recipe=delayed"),
+        (
+            [
+                "model.fp8=hybrid",
+                "model.fp8_recipe=delayed",
+                "model.recompute=selective",
+                "model.recompute_modules=[layernorm]",
+            ],
+            "'layernorm' does not work with model.fp8_recipe=delayed",
+        ),
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_config(SFTConfig, SFT, overrides)

@@ -23,7 +23,7 @@ from megatron_klear.distributed import NO_GPU_ENV, ParallelConfig, spawn
 from megatron_klear.errors import CheckpointError, ConfigError
 from megatron_klear.models import hf_mapping
 from megatron_klear.models.config import Qwen3Config, load_hf_config, padded_vocab_size
-from tests.dist_workers import env_worker, logits_worker, te_extra_state_worker
+from tests.dist_workers import env_worker, logits_worker, te_extra_state_worker, tp_attributes_worker
 from tests.references import hf_logits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,6 +258,24 @@ def test_spawned_child_env_and_group_timeouts(tmp_path):
     seen = torch.load(out)
     assert seen["cuda_visible"] == "" and seen["gpus"] == 0
     assert seen["timeouts"] == {"world": 123 * 60.0, "tp": 123 * 60.0, "dp": 123 * 60.0}
+
+
+def test_weights_loaded_after_the_build_are_marked_tensor_parallel(hf_models, tmp_path):
+    """Built without Megatron's random init (the weights loaded next), every split weight still
+    says how it is split, as after the init: the gradient norm and its clipping count all of it
+    (else a run from HF weights and its resumed run clip differently at TP > 1)."""
+    out = tmp_path / "attrs"
+    spawn(tp_attributes_worker, 2, str(hf_models["gqa1_untied"]), str(out))
+    for rank in (0, 1):
+        seen = torch.load(f"{out}.{rank}")
+        assert seen[False] == seen[True]
+        linears = ("linear_qkv.weight", "linear_fc1.weight", "linear_proj.weight", "linear_fc2.weight")
+        split = {n: a for n, a in seen[True].items() if a[0]}
+        assert set(split) == {n for n in seen[True] if n.endswith(linears) or n.startswith(("embedding", "output"))}
+        assert split["embedding.word_embeddings.weight"] == split["output_layer.weight"] == (True, 0, 1)
+        assert split["decoder.layers.0.self_attention.linear_qkv.weight"] == (True, 0, 1)
+        assert split["decoder.layers.0.self_attention.linear_proj.weight"] == (True, 1, 1)
+        assert split["decoder.layers.0.mlp.linear_fc1.weight"] == (True, 0, 2)  # [gate, up] interleaved
 
 
 def test_te_model_loads_a_local_spec_checkpoint(converted, tmp_path):

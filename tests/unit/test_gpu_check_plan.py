@@ -82,8 +82,10 @@ def test_a_step_past_its_limit_loses_every_process_it_started(tmp_path):
 
 @pytest.mark.parametrize(
     "script",
-    sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("tools/*.sh"), *ROOT.glob("slurm/*.sh"),
-                                              *ROOT.glob("slurm/*.sbatch")]),  # fmt: skip
+    sorted(
+        str(p.relative_to(ROOT))
+        for p in [*ROOT.glob("tools/*.sh"), *ROOT.glob("slurm/*.sh"), *ROOT.glob("slurm/*.sbatch")]
+    ),  # fmt: skip
 )
 def test_every_shell_tool_answers_help(script, tmp_path):
     """``--help`` prints what the tool does and starts nothing (no venv, no job, no check)."""

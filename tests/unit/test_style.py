@@ -35,6 +35,7 @@ LAYERS = {
     "ops": 1,
     "rewards": 1,
     "models": 2,
+    "evals": 2,
     "checkpoint": 3,
     "inference": 4,
     "sync": 5,
