@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_klear import __version__
+from megatron_klear.cli import OneLineParser
 from megatron_klear.errors import KlearError
 from megatron_klear.launch.slurm import ENTRIES, check_world, load_entry_config
 from megatron_klear.pipeline import rl_main
@@ -58,17 +59,8 @@ LAUNCHER_FLAGS = [
 USAGE = "megatron-klear {sft,rl,convert,eval} ... (megatron-klear --help)"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit code 2."""
-
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _train_parser(entry: str) -> _Parser:
-    p = _Parser(prog=f"megatron-klear {entry}", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def _train_parser(entry: str) -> OneLineParser:
+    p = OneLineParser(prog=f"megatron-klear {entry}", description=__doc__)
     launcher = p.add_argument_group("launcher (torchrun) flags")
     for flag, kind, meaning in LAUNCHER_FLAGS:
         spellings = sorted({flag, "--" + flag[2:].replace("-", "_")})  # torchrun takes --nproc_per_node too
@@ -94,7 +86,7 @@ def launcher_args(a: argparse.Namespace) -> list[str]:
     return out + ["--standalone"] * a.standalone
 
 
-def check_launcher_flags(a: argparse.Namespace, p: _Parser) -> None:
+def check_launcher_flags(a: argparse.Namespace, p: OneLineParser) -> None:
     """The values torchrun would reject, rejected here in one line."""
     nproc, nnodes = a.nproc_per_node, a.nnodes
     if nproc is not None and not (nproc in ("gpu", "cpu", "auto") or (nproc.isdigit() and int(nproc) > 0)):

@@ -71,6 +71,10 @@ def test_bad_values_are_one_line_and_exit_2_before_torchrun(tmp_path):
             "rollout.sglang.base_gpu_id=0 starts engines on the trainer's GPU 0",
         ),  # fmt: skip
         (["convert", "sideways"], "say to-megatron (HF -> Megatron) or to-hf"),
+        (["convert", "to-megatron", "--tp", "two"], "argument --tp: invalid int value: 'two'"),
+        (["eval", "--k", "abc", "--prompt", "hi"], "argument --k: invalid int value: 'abc'"),
+        (["eval", "--model", str(tmp_path / "none"), "--prompt", "hi"], "no config.json"),
+        (["sft", "--config", "examples/tiny/sft.yaml", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["convert", "to-hf", "--load", str(tmp_path / "none"), "--out", str(tmp_path / "o")], "error:"),
     ]:
         r = run_job(klear() + args, env(), timeout=120)
