@@ -68,3 +68,30 @@ def test_rollout_extra_resolves_in_its_own_venv(pip):
     # the CPU test venv (.venv-sglang, tools/setup_env.sh) installs the same pins
     text = (ROOT / "tools" / "setup_env.sh").read_text()
     assert re.search(r"SGLANG_PINS=\((.*)\)", text).group(1).split() == [f"{k}{v}" for k, v in pins.items()]
+
+
+def test_cluster_env_script_builds_rollout_first_and_gives_the_trainer_its_torch(tmp_path):
+    """tools/setup_cluster_envs.sh --print (nothing installed): the rollout venv resolves first and
+    decides torch; the trainer gets that torch before our extra (so the extra never picks one),
+    then Transformer Engine's torch extension against it; RL is told the rollout Python."""
+    import subprocess
+
+    trainer, rollout = tmp_path / "t", tmp_path / "r"
+    cmd = ["bash", "tools/setup_cluster_envs.sh", "--print", "--trainer", str(trainer), "--rollout", str(rollout)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    steps = [line[2:] for line in r.stderr.splitlines() if line.startswith("+ ")]
+    order = [
+        f"{rollout}/bin/python -m pip install {ROOT}[rollout]",
+        f"{trainer}/bin/python -m pip install torch==<the rollout venv's torch>",
+        f"{trainer}/bin/python -m pip install -e {ROOT}[trainer,wandb]",
+        f"{trainer}/bin/python -m pip install --no-build-isolation transformer-engine-torch==",
+    ]
+    at = [next(i for i, s in enumerate(steps) if s.startswith(o)) for o in order]
+    assert at == sorted(at), steps
+    assert f"rollout.sglang.python={rollout}/bin/python" in r.stderr
+    assert not trainer.exists() and not rollout.exists()
+    keep = subprocess.run([*cmd, "--torch", "keep"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert keep.returncode == 0 and "pip install torch" not in keep.stderr, keep.stderr
+    bad = subprocess.run([*cmd, "--bogus"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown argument --bogus" in bad.stderr
