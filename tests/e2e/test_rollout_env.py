@@ -3,7 +3,8 @@ the SGLang venv of the tests (``KLEAR_SGLANG_PYTHON``, tools/setup_env.sh: torch
 trainer's) is accepted, and a venv with torch 2.14.1 (the torch SGLang 0.5.23 pins, PyPI's CUDA 13
 build: NCCL 2.30.7, which its import reports without a GPU) is refused in one line naming both.
 
-That venv is the real thing and not small: about 5.4 GB and 2 minutes to build, once; it is kept
+That venv is the real thing and not small: 5.4 GB, built once (229 s measured on a loaded 2-core
+machine, 2026-12-07); it is kept
 under ``$KLEAR_CACHE`` (default ~/.cache/megatron-klear) for later runs. No CPU build of another
 torch is reachable from our machines (download.pytorch.org is not), and PyPI's Linux torch imports
 only with its CUDA libraries."""

@@ -4,7 +4,11 @@ newest one, each installed into a side folder on top of this environment (cached
 exported, the export loaded by transformers, the HF engine's sampling contract) with
 DeprecationWarning and FutureWarning as errors and transformers' own deprecation notices
 counted. A transformers that announces the removal of something we use fails here, long before
-the release that removes it."""
+the release that removes it.
+
+Cost (2026-12-07, a loaded 2-core machine): the side folder for 4.56 is 133 MB and 10 s to
+install, once; the installed transformers (5.25) needs none; the test takes about 3 minutes,
+nearly all of it the two worker runs."""
 
 from __future__ import annotations
 
