@@ -3,18 +3,22 @@
     python -m megatron_klear.sft --config FILE [key=value ...]   train (under torchrun or srun)
                                  --list-keys                      every key: type, default, meaning
                                  --config FILE --print-config     the resolved config as YAML
-                                 --config FILE --dry-run          check everything, start nothing
+                                 --config FILE --dry-run [--world-size N]   check everything, start nothing
 
-Console lines carry the time and the rank; children forked by a rank die with it.
+A dry run checks for the world size it is given (``--world-size 64`` for a 64-GPU job), else
+``WORLD_SIZE`` or Slurm's ``SLURM_NTASKS`` if set, else 1; it runs every check even after one
+failed and lists every problem, one per line, before exiting 2. Console lines carry the time and
+the rank; children forked by a rank die with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import traceback
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from megatron_klear import console
 from megatron_klear.config import list_keys, load_config, to_yaml
@@ -26,8 +30,21 @@ def _exit_on_signal(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``PROG: error: ...``) and exit code 2, like every
+    other user error of our commands, instead of the usage block; ``--help`` still prints it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser(doc: str, prog: Optional[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=prog, description=doc)
     p.add_argument("--config", help="YAML run config (relative paths in it resolve against its folder)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5 (see --list-keys)")
     what = p.add_mutually_exclusive_group()
@@ -36,10 +53,40 @@ def _parser(doc: str, prog: Optional[str]) -> argparse.ArgumentParser:
     what.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the config, data files, model, output dir, optional packages (and for RL the sandbox); "
-        "start nothing",
+        help="validate the config, data files, model, output dir, optional packages (and for RL the sandbox) "
+        "for the job's world size; start nothing",
     )
+    p.add_argument("--world-size", type=int, help="--dry-run: the job's processes (default: WORLD_SIZE, else 1)")
     return p
+
+
+class DryRun:
+    """What a ``--dry-run`` found: every check runs (``check``), even after another one failed,
+    and every problem is kept; ``world_size`` is the job's, as the flag or environment says."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.problems: list[str] = []
+
+    def check(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)``; a user error (``KlearError``) is recorded and None returned."""
+        try:
+            return fn(*args)
+        except KlearError as e:
+            self.problems.append(str(e))
+            return None
+
+
+def job_world_size(flag: Optional[int]) -> int:
+    """The world size a dry run checks: the flag, else ``WORLD_SIZE``, else ``SLURM_NTASKS``, else 1."""
+    if flag is not None:
+        if flag < 1:
+            raise ConfigError(f"--world-size must be >= 1, got {flag}")
+        return flag
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
 
 
 def run_config_entry(
@@ -66,6 +113,8 @@ def run_config_entry(
         return 0
     if not a.config:
         parser.error("--config is required (or use --list-keys)")
+    if a.world_size is not None and not a.dry_run:
+        parser.error("--world-size goes with --dry-run (a run takes its world size from torchrun or srun)")
     if not a.print_config:  # the printed YAML stays plain
         console.install(DistEnv.from_environ().rank)
     # SIGTERM (torchrun stopping its workers, scancel) unwinds like an exception, so the
@@ -78,9 +127,15 @@ def run_config_entry(
         if a.print_config:
             sys.stdout.write(to_yaml(cfg))
         elif a.dry_run:
+            report = DryRun(job_world_size(a.world_size))
             if dry_run is not None:
-                dry_run(cfg)
-            print("dry run: everything checked is in order; nothing was started", flush=True)
+                dry_run(cfg, report)
+            if report.problems:
+                for problem in report.problems:
+                    print(f"problem: {problem}", file=sys.stderr)
+                print(f"dry run: {len(report.problems)} problem(s); nothing was started", file=sys.stderr)
+                return 2
+            print(f"dry run: everything checked is in order for world size {report.world_size}; nothing was started")
         else:
             train(cfg)
     except ConfigError as e:

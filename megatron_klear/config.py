@@ -78,6 +78,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)
     if origin in (list, Sequence, typing.Sequence) or tp is list:
+        if value is None:  # `key=null` for a list: none (data.valid=null: no validation set)
+            return []
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else Any

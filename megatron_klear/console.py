@@ -45,6 +45,12 @@ class _Prefixed:
         return getattr(self._stream, name)
 
 
+def installed_rank() -> Optional[int]:
+    """The rank this process's console lines carry, or None when ``install`` was not called
+    (a spawned helper installs the same one: ``distributed.spawn``)."""
+    return sys.stdout._rank if isinstance(sys.stdout, _Prefixed) else None
+
+
 def install(rank: int) -> None:
     """Prefix this process's stdout and stderr lines with time and ``rank`` (once)."""
     for name in ("stdout", "stderr"):
@@ -58,7 +64,8 @@ def progress_period() -> float:
     return float(os.environ.get(PROGRESS_ENV, "30"))
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min``, ``2.1 h``."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -95,9 +102,9 @@ class Progress:
         frac = self.fraction if self.fraction is not None else self.done / self.total if self.total else None
         if frac is not None:
             text += f" ({100 * min(frac, 1.0):.0f}%{' of ' + self.of_what if self.of_what else ''})"
-        text += f", {_duration(elapsed)} elapsed"
+        text += f", {duration(elapsed)} elapsed"
         if frac is not None and 0 < frac < 1:
-            text += f", ~{_duration(elapsed * (1 - frac) / frac)} left"
+            text += f", ~{duration(elapsed * (1 - frac) / frac)} left"
         return text
 
     def update(self, done: float, fraction: Optional[float] = None) -> None:
@@ -110,7 +117,7 @@ class Progress:
 
     def finish(self) -> None:
         text = f"{self.desc}: done, {self.done:,.0f} {self.unit}".rstrip()
-        print(f"{text} in {_duration(time.time() - self.start)}", flush=True)
+        print(f"{text} in {duration(time.time() - self.start)}", flush=True)
 
 
 @contextmanager
@@ -123,7 +130,7 @@ def heartbeat(desc: str, period: Optional[float] = None) -> Iterator[None]:
 
     def beat() -> None:
         while not stop.wait(period):
-            print(f"{desc}: {_duration(time.time() - start)} elapsed", flush=True)
+            print(f"{desc}: {duration(time.time() - start)} elapsed", flush=True)
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()

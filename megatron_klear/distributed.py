@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+from megatron_klear import console
 from megatron_klear.compat import install_cpu_compat, install_megatron_compat
 from megatron_klear.errors import ConfigError, KlearError, LaunchError
 
@@ -273,9 +274,19 @@ NO_GPU_ENV = {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def _child(
-    rank: int, fn: Callable[..., Any], world_size: int, port: int, parent: int, errors, args: tuple, env: dict
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    parent: int,
+    errors,
+    args: tuple,
+    env: dict,
+    stamp: Optional[int] = None,
 ) -> None:
     die_with_parent(parent)
+    if stamp is not None:  # the parent's console stamp (time and its rank) on this helper's lines too
+        console.install(stamp)
     for key in [k for k in os.environ if k.startswith(_LAUNCHER_VARS)]:
         del os.environ[key]
     # Before anything initialises CUDA (torch reads CUDA_VISIBLE_DEVICES at its first CUDA call).
@@ -307,7 +318,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, env: Optional[dic
     try:
         mp.start_processes(
             _child,
-            args=(fn, world_size, free_port(), os.getpid(), errors, args, dict(env or {})),
+            args=(fn, world_size, free_port(), os.getpid(), errors, args, dict(env or {}), console.installed_rank()),
             nprocs=world_size,
             start_method="spawn",
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from megatron_klear.cli import run_config_entry
+from megatron_klear.cli import DryRun, run_config_entry
 from megatron_klear.config import load_config, read_yaml
 from megatron_klear.distributed import destroy_distributed, is_main
 from megatron_klear.errors import ConfigError
@@ -53,12 +53,12 @@ def run_rl(cfg: RLConfig) -> dict:
     return rl.train(cfg)
 
 
-def rl_dry_run(cfg: RLConfig) -> None:
+def rl_dry_run(cfg: RLConfig, report: DryRun) -> None:
     """``--dry-run`` of an RL run, and of its bootstrap stage's config when that runs first."""
-    rl.dry_run(cfg)
+    rl.dry_run(cfg, report)
     if cfg.bootstrap is not None and cfg.model.hf is not None and not (Path(cfg.model.hf) / "config.json").is_file():
-        stage_config(cfg.bootstrap)
-        print(f"bootstrap {cfg.bootstrap}: config loads (it runs first: model.hf is not there yet)", flush=True)
+        if report.check(stage_config, cfg.bootstrap) is not None:
+            print(f"bootstrap {cfg.bootstrap}: config loads (it runs first: model.hf is not there yet)", flush=True)
 
 
 def rl_main(argv: Optional[list[str]] = None) -> int:

@@ -3,6 +3,9 @@
 #
 # Python: $KLEAR_VENV (default: the repo's .venv when it exists; otherwise whatever `python`
 # is on PATH, e.g. a module or conda env activated before sbatch).
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run, not sourced: the usage above
+  case "${1:-}" in -h | --help) sed -n '1,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+fi
 KLEAR_ROOT=${KLEAR_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 export KLEAR_ROOT
 if [ -n "${KLEAR_VENV:-}" ]; then

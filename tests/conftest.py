@@ -18,6 +18,7 @@ os.environ.setdefault("MEGATRON_KLEAR_DEBUG", "1")
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from megatron_klear import known_warnings  # noqa: E402
 from megatron_klear.checkpoint.convert import hf_to_megatron  # noqa: E402
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model  # noqa: E402
 
@@ -83,6 +84,8 @@ def pytest_configure(config) -> None:
         "markers", "real_sglang: drives a real SGLang server and sglang-router (installed by tools/test.sh)"
     )
     config.addinivalue_line("markers", "gpu: needs CUDA, skipped without it (tests/gpu, run by tools/gpu_check.sh)")
+    for line in known_warnings.pytest_filters():  # the known third-party noise, as everywhere else
+        config.addinivalue_line("filterwarnings", line)
     config.addinivalue_line(
         "markers",
         "multinode: Slurm jobs on a cluster of network-namespaced nodes (tools/local_slurm.sh start --nodes 2)",

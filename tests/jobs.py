@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +33,10 @@ def marked_processes(mark: str) -> list[int]:
     return found
 
 
+def _raise_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_job(cmd: list[str], env: dict, timeout: int = 300, orphan_grace_s: float = 0.0) -> subprocess.CompletedProcess:
     """Run a launcher like a job scheduler does: its own session, output to files, and every
     process of the job killed once the launcher exits (found by an environment mark: torchrun
@@ -45,6 +50,10 @@ def run_job(cmd: list[str], env: dict, timeout: int = 300, orphan_grace_s: float
             cmd, cwd=ROOT, env=dict(env, **{JOB_MARK: mark}), stdout=out, stderr=err, start_new_session=True
         )
         leftover: list[tuple[int, str]] = []
+        # SIGTERM to this process (a step limit of tools/gpu_check.sh, a CI timeout) unwinds
+        # through ``finally``, which kills the job: its torchrun workers must not keep a GPU.
+        main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if main else None
         try:
             rc = proc.wait(timeout=timeout)
             deadline = time.time() + orphan_grace_s
@@ -66,6 +75,8 @@ def run_job(cmd: list[str], env: dict, timeout: int = 300, orphan_grace_s: float
                 except ProcessLookupError:
                     pass
             proc.wait()
+            if main:
+                signal.signal(signal.SIGTERM, previous)
         out.seek(0)
         err.seek(0)
         result = subprocess.CompletedProcess(cmd, rc, out.read(), err.read())

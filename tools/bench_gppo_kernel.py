@@ -9,6 +9,11 @@ Triton kernel. Shapes: tokens in {4096, 16384, 32768} x local vocab in {151936, 
 (Qwen3 at TP=1 and TP=4), bf16 logits. Reports achieved bytes/s against the floor of
 6 bytes per logit element (logits read twice, bf16 gradient written once) at the measured
 device-to-device copy bandwidth, and peak memory beyond logits and gradient.
+
+Every row's memory estimate (``training.memory.logprob_kernel_memory``) is printed before it
+runs; a row above the GPU's free memory (``--free-gib``, default: what is free now) is recorded
+as "does not fit" and not run, and one that runs out of memory anyway as "out of memory"; both
+are rows of the table, not failures. Any other error stops the script with its traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_klear.ops.logprobs import vocab_parallel_logprobs
 from megatron_klear.ops.loss import policy_loss
+from megatron_klear.training.memory import logprob_kernel_memory
 
 
 def make_step(impl: str):
@@ -91,9 +97,7 @@ def bench_one(impl, tokens, vocab, device, iters):
             bwd.append(b)
     extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
     f, b = statistics.median(fwd), statistics.median(bwd)
-    return dict(
-        impl=impl, tokens=tokens, vocab=vocab, fwd_ms=f * 1e3, bwd_ms=b * 1e3, total_ms=(f + b) * 1e3, extra_mib=extra
-    )
+    return dict(fwd_ms=f * 1e3, bwd_ms=b * 1e3, total_ms=(f + b) * 1e3, extra_mib=extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", nargs="+", default=["eager", "compile", "triton"])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--json", default="bench_gppo_kernel.json")
+    p.add_argument("--free-gib", type=float, default=None, help="GPU memory a row may use (default: free now)")
     a = p.parse_args(argv)
     if a.device is None:
         print(
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.device == "cpu" and "triton" in a.impls:
         p.error("the Triton kernel runs on CPU only under the interpreter (correctness, not speed)")
+    free = a.free_gib
+    if free is None and a.device == "cuda":
+        free = torch.cuda.mem_get_info()[0] / 2**30
     bw = copy_bandwidth(a.device)
     rows = []
 
@@ -122,11 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     for tokens in a.tokens:
         for vocab in a.vocab:
             for impl in a.impls:
+                need = logprob_kernel_memory(tokens, vocab, impl).gib
+                print(f"{impl} tokens={tokens} vocab={vocab}: needs ~{need:.1f} GiB", flush=True)
+                row = dict(impl=impl, tokens=tokens, vocab=vocab, estimate_gib=need)
+                if free is not None and need > free:
+                    rows.append(dict(row, status="does not fit", free_gib=free))
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 try:
-                    r = bench_one(impl, tokens, vocab, a.device, a.iters)
+                    r = dict(row, status="ok", **bench_one(impl, tokens, vocab, a.device, a.iters))
+                except torch.OutOfMemoryError as e:  # an estimate too low: a row, and the next one runs
+                    rows.append(dict(row, status="out of memory", error=str(e).splitlines()[0][:300]))
+                    print(json.dumps(rows[-1]), flush=True)
+                    torch.cuda.empty_cache()
+                    continue
                 except Exception as e:
-                    # No "error" row: a failing kernel (or a baseline out of memory) stops the
-                    # benchmark with its traceback; the rows measured so far are kept in the JSON.
+                    # A failing kernel stops the benchmark with its traceback; the rows measured so
+                    # far are kept in the JSON.
                     write_json()
                     raise RuntimeError(f"{impl} failed at tokens={tokens} vocab={vocab}: {type(e).__name__}") from e
                 floor_s = 6 * tokens * vocab / bw
@@ -142,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| tokens | vocab | impl | fwd ms | bwd ms | total ms | floor ms | x floor | GB/s | extra MiB |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if r["status"] != "ok":
+            print(f"| {r['tokens']} | {r['vocab']} | {r['impl']} | {r['status']} (~{r['estimate_gib']:.0f} GiB) |")
+            continue
         extra = "n/a" if r["extra_mib"] is None else f"{r['extra_mib']:.0f}"
         print(
             f"| {r['tokens']} | {r['vocab']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "

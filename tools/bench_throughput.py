@@ -51,11 +51,13 @@ from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import Qwen3Config, validate_training_layout
 from megatron_klear.models.hf_mapping import active_params, num_params
 from megatron_klear.models.qwen3 import (
+    FP8_FORMATS,
     FP8_RECIPES,
     RECOMPUTE,
     RECOMPUTE_METHODS,
     RECOMPUTE_MODULES,
     ModelOptions,
+    fp8_sequence_multiple,
     have_transformer_engine,
 )
 from megatron_klear.models.shapes import QWEN3_SHAPES, qwen3_config_dict
@@ -266,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None)
     p.add_argument("--recompute-method", choices=RECOMPUTE_METHODS, default="uniform")
     p.add_argument("--recompute-num-layers", type=int, default=None)
-    p.add_argument("--fp8", choices=FP8_RECIPES, default=None, help="Transformer Engine FP8 recipe")
+    p.add_argument("--fp8", choices=FP8_FORMATS, default=None, help="Transformer Engine FP8 format")
+    p.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="tensorwise", help="FP8 scaling recipe")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--logprob-impl", default="torch", choices=["torch", "triton"])
     p.add_argument("--peak-tflops", type=float, default=None, help="per device, for MFU (H100 SXM bf16: 989)")
@@ -300,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ModelOptions(
         use_te=have_transformer_engine(),
         fp8=a.fp8,
+        fp8_recipe=a.fp8_recipe,
         recompute=a.recompute,
         recompute_method=a.recompute_method,
         recompute_num_layers=a.recompute_num_layers,
@@ -312,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         par.validate()
         opts.validate()
         check_sequence_layout(L, par, "--seq-len")
+        multiple = fp8_sequence_multiple(a.tp, a.sequence_parallel, a.cp)
+        if a.fp8 and L % multiple:
+            raise ConfigError(f"--seq-len {L} must be a multiple of {multiple} with --fp8 (FP8 GEMM alignment)")
         validate_training_layout(hf, par)
     except ConfigError as e:
         p.error(str(e))
@@ -370,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         recompute_method=a.recompute_method if a.recompute == "full" else None,
         recompute_num_layers=a.recompute_num_layers,
         fp8=a.fp8,
+        fp8_recipe=a.fp8_recipe if a.fp8 else None,
         documents=lengths.tolist(),
         devices=world,
         dtype=dtype,
@@ -387,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{a.shape} ({num_params(hf) / 1e6:.2f}M params) seq {L} x {a.micro_batches} micro-batches, "
             f"tp={a.tp} pp={a.pp} cp={a.cp} ep={a.ep} etp={a.etp} dp={dp} sp={a.sequence_parallel} "
-            f"recompute={a.recompute} "
-            f"{a.recompute_modules or ''} fp8={a.fp8} on {result['device']}, {dtype}, TE={use_te}"
+            f"recompute={a.recompute} {a.recompute_modules or ''} "
+            f"fp8={a.fp8}{'/' + a.fp8_recipe if a.fp8 else ''} on {result['device']}, {dtype}, TE={use_te}"
         )
         print("| step s | fwd+bwd s | optimizer s | tokens/s/device | model TFLOP/s/device | MFU |")
         print("|---:|---:|---:|---:|---:|---:|")

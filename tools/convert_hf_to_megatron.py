@@ -10,18 +10,18 @@ processes (--ep: each holds 1/N of the experts).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_klear.checkpoint.convert import hf_to_megatron
+from megatron_klear.cli import OneLineParser
 from megatron_klear.errors import KlearError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output Megatron checkpoint directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write with")

@@ -9,18 +9,18 @@ loads offline with transformers. A round trip HF -> Megatron -> HF is bit-identi
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_klear.checkpoint.convert import megatron_to_hf
+from megatron_klear.cli import OneLineParser
 from megatron_klear.errors import KlearError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("--load", required=True, help="Megatron checkpoint directory")
     p.add_argument("--out", required=True, help="output HF model directory")
     p.add_argument(

@@ -50,6 +50,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatron_klear.cli import OneLineParser
 from megatron_klear.config import from_dict, load_config
 from megatron_klear.console import heartbeat
 from megatron_klear.data.chat import decode_response, render_prompt, stop_token_ids
@@ -71,9 +72,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS
-    )
+    p = OneLineParser(description=__doc__, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML file of these options (flags given here win)")
     p.add_argument("--model", help="HF model directory (weights + tokenizer)")
     p.add_argument("--benchmark", help=f"one of {', '.join(BENCHMARKS)}; default: prompt files in our RL schema")

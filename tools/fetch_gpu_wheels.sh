@@ -7,6 +7,7 @@
 # math-verify with its parsers (the RL math reward). Versions are the ones our CPU tests use.
 # Everything that travels with the tree must stay under 64 MiB; these are about 3 MB.
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=(megatron-core==0.16.1 math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2)

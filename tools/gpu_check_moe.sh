@@ -3,9 +3,9 @@
 #
 #   bash tools/gpu_check_moe.sh [OUTDIR]          # default OUTDIR: runs/gpu_check/moe
 #
-# tools/gpu_check.sh takes it as one step, after its wheel install (megatron-core in /tmp/site):
-#
-#   step moe 170 bash tools/gpu_check_moe.sh "$OUT/moe"
+# Not a step of tools/gpu_check.sh (whose steps fill the GPU machine's 480 s): a call of its own,
+# with .whl carried (tools/fetch_gpu_wheels.sh); it installs them into /tmp/site as gpu_check.sh
+# does when that folder is not there yet (docs/benchmarks.md).
 #
 # 1. tests/gpu/test_moe_gpu.py (marked gpu; skipped without CUDA): a tiny Qwen3-MoE on CUDA
 #    against transformers (the all-to-all dispatcher, sequential experts, the router's
@@ -19,6 +19,7 @@
 # About 2.5 minutes (the tests ~60 s, the benchmark ~60 s); MOE_CHECK_BUDGET_S caps the whole.
 # GPU_CHECK_SMOKE=1: the same commands at tiny sizes on a CPU (tests/e2e/test_gpu_check_moe.py).
 set -uo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${1:-runs/gpu_check/moe}
@@ -30,9 +31,13 @@ PY=${PYTHON:-python3}
 BUDGET=${MOE_CHECK_BUDGET_S:-170}
 SMOKE=${GPU_CHECK_SMOKE:-0}
 START=$(date +%s)
-[ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"  # gpu_check.sh's wheels
+if [ "$SMOKE" != 1 ] && [ ! -d /tmp/site ] && compgen -G ".whl/*.whl" >/dev/null; then
+  # a machine gpu_check.sh has not prepared: the carried wheels (tools/fetch_gpu_wheels.sh), as it does
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
+fi
+[ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"  # the carried wheels
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export PYTHONWARNINGS=ignore PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # known third-party warnings: megatron_klear.known_warnings
 STEPS=()
 
 run() {  # run NAME LIMIT_S CMD... under min(LIMIT_S, budget left)

@@ -554,6 +554,7 @@ case "${1:-}" in
     ;;
   stop) stop ;;
   env) echo "export SLURM_CONF=$CONF" ;;
+  -h | --help) sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' ;;
   nodes) nodes ;;
   kill-node) kill_node "${2:?usage: kill-node NAME}" ;;
   revive-node) revive_node "${2:?usage: revive-node NAME}" ;;

@@ -2,6 +2,9 @@
 # Sourced by tools/test.sh and tools/demo.sh: make .venv ready and activate it.
 # A stamp of the install inputs makes the second run a no-op.
 set -euo pipefail
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run, not sourced: the usage above
+  case "${1:-}" in -h | --help) sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv"
 PY=${PYTHON:-python3}

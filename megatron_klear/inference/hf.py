@@ -1,9 +1,12 @@
 """In-process HF transformers engine: CPU for tests and the demo, one GPU for small models.
 
 Sampling is our own loop over the model's KV cache (left-padded batches), so the log-prob of
-every sampled token is exactly log softmax(logits / T) at the step it was drawn, and weight
-updates are copied into the live parameters by the hub checkpoint's names (a Qwen3-MoE model's
-fused experts through per-expert views, ``hf_mapping.hub_views``).
+every sampled token is exactly log softmax(logits / T) at the step it was drawn (before top-k /
+top-p truncation), a call's ``seed`` fixes its samples, and generation stops at the given stop
+ids; weight updates are copied into the live parameters by the hub checkpoint's names (a Qwen3-MoE
+model's fused experts through per-expert views, ``hf_mapping.hub_views``). The cache goes in and
+out under the name the installed transformers uses (``cache_keyword``): the loop runs on the whole
+declared transformers range without a deprecated argument.
 
 Long context: ``rope_scaling`` applies YaRN over the model's config as the SGLang engine does
 (``models.config.served_config``); transformers has no context limit of its own.
@@ -17,6 +20,7 @@ the generations in flight stop at their next token with an ``EngineError`` (shut
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Iterator, Optional, Sequence
 
@@ -40,6 +44,13 @@ def filter_logits(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logp = logp.masked_fill(drop, float("-inf"))
     return logp
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name of the KV cache in the model's ``forward`` and in its output: ``cache`` since
+    transformers 5.24 (where ``past_key_values`` is deprecated, to be removed in 5.40),
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class HFEngine(InferenceEngine):
@@ -69,6 +80,7 @@ class HFEngine(InferenceEngine):
         else:  # a Megatron checkpoint directory: config only; the first sync brings the weights
             model = AutoModelForCausalLM.from_config(config, **kw)
         self.model = model.to(device).eval()
+        self.cache_kw = cache_keyword(self.model)
         self.device = device
         self.max_batch = max_batch
         cfg = self.model.config
@@ -203,13 +215,8 @@ class HFEngine(InferenceEngine):
             nxt = torch.where(done, torch.tensor(self.pad_id), tok).to(self.device)
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=1)
             pos = pos[:, -1:] + 1
-            out = self.model(
-                input_ids=nxt[:, None],
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
+            cache = {self.cache_kw: getattr(out, self.cache_kw)}
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **cache)
         for i in range(b):  # cut by an interrupt, or the loop ran out (every row has its limit)
             if not done[i]:
                 yield i, Completion(tokens[i], logps[i], "abort" if cut else "length")

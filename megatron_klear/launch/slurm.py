@@ -29,12 +29,19 @@ Inside an allocation (``sbatch``), ``python -m megatron_klear.launch.slurm sft|r
    failed node's status instead of holding the allocation until Slurm declares the node down.
    A requeued job (``--requeue``; ``scontrol requeue``) simply starts again: the trainers
    resume from the latest checkpoint.
+6. the time limit: the job scripts ask Slurm for ``SIGUSR1`` some minutes before it
+   (``#SBATCH --signal=B:USR1@600``, to this process, the batch shell). On it the launcher asks
+   the trainer to stop (``OUTPUT_DIR/stop_requested``): the trainer checkpoints at the end of
+   its step and exits (``training.lifecycle``), and the launcher requeues the job
+   (``scontrol requeue``), which resumes from that checkpoint. A 48 h limit no longer ends a
+   59 h run; the warning must leave time for one step and one checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import shlex
 import shutil
@@ -54,6 +61,7 @@ from megatron_klear.inference.http import wait_healthy
 from megatron_klear.inference.sglang_servers import router_command, server_command, server_environment, spawn_logged
 from megatron_klear.launch.network import choose_socket_ifname
 from megatron_klear.launch.node import exit_file
+from megatron_klear.training.lifecycle import STOP_FILE, STOPPED_FILE
 
 # entry -> (trainer module, "module:ConfigClass")
 ENTRIES = {
@@ -420,10 +428,38 @@ class _Children:
         sys.exit(128 + signum)
 
 
+def ask_to_stop(output_dir: Path, why: str) -> None:
+    """Ask the trainer to checkpoint and stop at the end of its step (``training.lifecycle``)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / STOP_FILE).write_text(why + "\n")
+    print(f"[launch] {why}: asking the trainer to checkpoint and stop ({output_dir / STOP_FILE})", flush=True)
+
+
+def stopped_since(output_dir: Path, since: float) -> bool:
+    """The trainer stopped on request (``stopped.json``) after ``since``: the run is not done."""
+    marker = output_dir / STOPPED_FILE
+    return marker.is_file() and marker.stat().st_mtime >= since
+
+
+def requeue(job: SlurmJob, output_dir: Path) -> int:
+    """``scontrol requeue`` this job: it starts again and resumes from the stop's checkpoint."""
+    step = json.loads((output_dir / STOPPED_FILE).read_text()).get("step")
+    print(f"[launch] the trainer stopped at step {step} and saved it: requeueing job {job.job_id}", flush=True)
+    r = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:  # the checkpoint is intact: resubmitting the same command resumes
+        print(f"[launch] scontrol requeue {job.job_id} failed: {(r.stderr or r.stdout).strip()}", flush=True)
+        return 1
+    return 0
+
+
 def launch(plan: LaunchPlan, job: SlurmJob) -> int:
-    """Run the job (engines first when they have their own nodes); the training step's status."""
+    """Run the job (engines first when they have their own nodes); the training step's status.
+    On SIGUSR1 (the time limit nears) the trainer is asked to stop, and the job requeued."""
     logs = plan.output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    (plan.output_dir / STOP_FILE).unlink(missing_ok=True)  # a request of an earlier allocation
+    started = time.time()
+    signal.signal(signal.SIGUSR1, lambda *_: ask_to_stop(plan.output_dir, "the job's time limit is near (SIGUSR1)"))
     silent: list[str] = []
     print(
         f"[launch] job {job.job_id}{f' (restart {job.restart_count})' if job.restart_count else ''}: "
@@ -447,6 +483,8 @@ def launch(plan: LaunchPlan, job: SlurmJob) -> int:
         trainer = children.start(trainer_command(plan, job))
         rc, silent = wait_for_step(trainer, status, plan.trainer_hosts)
         print(f"[launch] training step exited with {rc}; logs in {logs}", flush=True)
+        if rc == 0 and stopped_since(plan.output_dir, started):
+            return requeue(job, plan.output_dir)
         if rc != 0:
             print(
                 f"[launch] the job can resume from {plan.output_dir / 'checkpoints'}: requeue it "

@@ -22,6 +22,7 @@ fusion is off under YaRN.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,7 +32,14 @@ import torch.nn.functional as F
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import DTYPES, Qwen3Config, YarnScaling, padded_vocab_size, validate_parallel
 
-FP8_RECIPES = ("hybrid", "e4m3")
+FP8_FORMATS = ("hybrid", "e4m3")
+# Megatron-Core's FP8 scaling recipes. "tensorwise" (per-tensor current scaling) is NVIDIA's
+# recommendation on Hopper with Transformer Engine >= 2.2, hence the default; "delayed" takes the
+# scale from an amax history (fp8_amax_history_len, 1024 by default here: Megatron's own default of
+# 1 makes delayed scaling follow a single step's outliers); "blockwise" needs TE >= 2.3; "mxfp8"
+# is for Blackwell GPUs.
+FP8_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
+FP8_AMAX_ALGOS = ("max", "most_recent")
 RECOMPUTE = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # Megatron-Core 0.16's recompute_modules that exist in a dense model (the others are MoE / MLA).
@@ -46,7 +54,10 @@ class ModelOptions:
 
     params_dtype: Optional[str] = None  # default: the HF config's dtype
     use_te: Optional[bool] = None  # default: when Transformer Engine is importable
-    fp8: Optional[str] = None  # "hybrid" or "e4m3"; Transformer Engine only
+    fp8: Optional[str] = None  # FP8 format, "hybrid" or "e4m3" (SFT, Transformer Engine only); null: bf16
+    fp8_recipe: str = "tensorwise"  # FP8 scaling: "tensorwise" (current scaling), "delayed", "blockwise", "mxfp8"
+    fp8_amax_history_len: int = 1024  # fp8_recipe=delayed: steps of amax history the scale is taken from
+    fp8_amax_compute_algo: str = "max"  # fp8_recipe=delayed: "max" over the history, or "most_recent"
     # Activation recompute: None, "full" (whole layers) or "selective" (recompute_modules).
     recompute: Optional[str] = None
     # "full": "uniform" recomputes every layer in units of recompute_num_layers (default 1);
@@ -65,8 +76,16 @@ class ModelOptions:
     def validate(self, where: str = "model") -> None:
         if self.params_dtype is not None and self.params_dtype not in DTYPES:
             raise ConfigError(f"{where}.params_dtype must be one of {sorted(DTYPES)}, got {self.params_dtype!r}")
-        if self.fp8 is not None and self.fp8 not in FP8_RECIPES:
-            raise ConfigError(f"{where}.fp8 must be null or one of {FP8_RECIPES}, got {self.fp8!r}")
+        if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
+            raise ConfigError(f"{where}.fp8 must be null or one of {FP8_FORMATS}, got {self.fp8!r}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"{where}.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+        if self.fp8_amax_compute_algo not in FP8_AMAX_ALGOS:
+            raise ConfigError(
+                f"{where}.fp8_amax_compute_algo must be one of {FP8_AMAX_ALGOS}, got {self.fp8_amax_compute_algo!r}"
+            )
+        if self.fp8_amax_history_len < 1:
+            raise ConfigError(f"{where}.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
         if self.recompute is not None and self.recompute not in RECOMPUTE:
             raise ConfigError(f"{where}.recompute must be null, 'full' or 'selective', got {self.recompute!r}")
         if self.recompute_method not in RECOMPUTE_METHODS:
@@ -86,8 +105,10 @@ class ModelOptions:
                     f"{where}.recompute_modules must be a non-empty list of {RECOMPUTE_MODULES}, got "
                     f"{self.recompute_modules!r}"
                 )
-            if self.fp8 and "layernorm" in self.recompute_modules:  # Megatron: not with delayed scaling
-                raise ConfigError(f"{where}.recompute_modules 'layernorm' does not work with {where}.fp8")
+            if self.fp8 and self.fp8_recipe == "delayed" and "layernorm" in self.recompute_modules:  # Megatron's rule
+                raise ConfigError(
+                    f"{where}.recompute_modules 'layernorm' does not work with {where}.fp8_recipe=delayed"
+                )
         if self.moe_aux_loss_coef is not None and not self.moe_aux_loss_coef >= 0:
             raise ConfigError(f"{where}.moe_aux_loss_coef must be >= 0 (or null), got {self.moe_aux_loss_coef}")
         if self.moe_token_dispatcher not in MOE_DISPATCHERS:
@@ -136,6 +157,8 @@ def transformer_config(
     use_te = uses_transformer_engine(opts)
     if opts.fp8 and not use_te:
         raise ConfigError("model.fp8 needs Transformer Engine, which is not installed")
+    if opts.fp8:
+        check_fp8_recipe(opts)
     if sequence_parallel and not use_te:
         raise ConfigError("parallel.sequence_parallel needs Transformer Engine layers")
     if cp > 1 and not use_te:  # Megatron's torch-native attention has no context-parallel path
@@ -175,6 +198,9 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         perform_initialization=init_weights,
         fp8=opts.fp8,
+        fp8_recipe=opts.fp8_recipe,
+        fp8_amax_history_len=opts.fp8_amax_history_len,
+        fp8_amax_compute_algo=opts.fp8_amax_compute_algo,
         **recompute,
         **moe_options(cfg, opts, ep, etp),
     )
@@ -226,6 +252,30 @@ def set_yarn_fields(tcfg, scaling: YarnScaling) -> None:
     tcfg.yarn_mscale = scaling.mscale if both else 1.0
     tcfg.yarn_mscale_all_dim = scaling.mscale_all_dim if both else 0.0
     tcfg.yarn_correction_range_round_to_int = scaling.truncate
+
+
+# The Transformer Engine each recipe needs (Megatron-Core 0.16's fp8_utils.get_fp8_recipe).
+_FP8_MIN_TE = {"tensorwise": "2.2.0.dev0", "blockwise": "2.3.0.dev0", "mxfp8": "2.1.0.dev0"}
+
+
+def check_fp8_recipe(opts: ModelOptions) -> None:
+    """The installed Transformer Engine can run ``model.fp8_recipe`` (Megatron would assert)."""
+    from megatron.core.utils import get_te_version, is_te_min_version
+
+    need = _FP8_MIN_TE.get(opts.fp8_recipe)
+    if need and not is_te_min_version(need):
+        raise ConfigError(
+            f"model.fp8_recipe={opts.fp8_recipe} needs Transformer Engine >= {need.split('.dev')[0]}, this one is "
+            f"{get_te_version()}: upgrade it or set model.fp8_recipe=delayed"
+        )
+
+
+def fp8_sequence_multiple(tp: int, sequence_parallel: bool, cp: int = 1) -> int:
+    """What a packed sequence's length must be a multiple of for FP8 GEMMs: they take token counts
+    that are multiples of 16 (TE's FP8 GEMM alignment), and under sequence parallel each TP rank's
+    share must be a multiple of 8; context parallel splits the sequence over ``cp`` ranks first."""
+    base = math.lcm(16, 8 * tp) if sequence_parallel else 16
+    return cp * base
 
 
 def recompute_options(opts: ModelOptions, layers_per_stage: int) -> dict:

@@ -23,17 +23,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_klear.cli import DryRun
 from megatron_klear.data.chat import render_prompt
 from megatron_klear.data.rl import CurationConfig, RLPrompt, load_rl_prompts
-from megatron_klear.distributed import DistEnv, broadcast_object, is_main
+from megatron_klear.distributed import broadcast_object, is_main
 from megatron_klear.errors import ConfigError, EngineError, SandboxError, StaleEngineError
 from megatron_klear.inference.base import InferenceEngine
 from megatron_klear.inference.hf import HFEngine
+from megatron_klear.inference.rollout_env import check_rollout_env
 from megatron_klear.inference.sglang import SGLangEngine
 from megatron_klear.inference.sglang_servers import check_training_positions
 from megatron_klear.models.config import Qwen3Config, validate_training_layout
@@ -47,7 +50,7 @@ from megatron_klear.rl.update import update_policy
 from megatron_klear.sync.weights import probe_logprob_diff, sync_into_engine
 from megatron_klear.training.guards import maybe_crash
 from megatron_klear.training.lifecycle import RunInputs, TrainingRun
-from megatron_klear.training.run import preflight, starting_config
+from megatron_klear.training.run import check_data_files, starting_config
 from megatron_klear.training.run_state import DataPosition
 from megatron_klear.training.rundir import writable_problem
 
@@ -147,6 +150,10 @@ class RLRun(TrainingRun):
 
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
+    def check_environment(self) -> None:
+        if self.cfg.rollout.engine == "sglang":  # before any server starts: the rollout Python, the GPUs
+            check_sglang_launch(self.cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
     def check_model(self, hf_cfg: Qwen3Config) -> None:
         check_model_fits(self.cfg, hf_cfg)
 
@@ -221,6 +228,8 @@ class RLRun(TrainingRun):
             self.log_step(metrics, time.time() - t0)
             maybe_crash("step", self.step)
             self.save_on_interval()
+            if self.stop_requested():  # checkpointed: the time limit is near (training.lifecycle)
+                return metrics
         self.finish()  # final_eval.json
         return metrics
 
@@ -398,33 +407,45 @@ class RLRun(TrainingRun):
             (self.out / "final_eval.json").write_text(json.dumps(dict(step=self.step, **final), indent=1))
 
 
-def dry_run(cfg: RLConfig) -> None:
-    """``--dry-run``: everything an RL run checks before it starts, without starting anything
-    (no process group, model, engine or server)."""
+def dry_run(cfg: RLConfig, report: DryRun) -> None:
+    """``--dry-run``: everything an RL run checks before it starts, for the job's world size,
+    without starting anything (no process group, model, engine or server); every problem goes
+    into ``report``."""
     d = cfg.data
-    preflight(cfg, d.train + d.eval, d.generate, model_will_exist=cfg.bootstrap is not None)
+    report.check(cfg.log.check_imports)
+    report.check(check_data_files, d.train + d.eval, d.generate)
     problem = writable_problem(Path(cfg.output_dir))
     if problem:
-        raise ConfigError(f"output_dir {cfg.output_dir}: {problem}")
-    world = DistEnv.from_environ().world_size
-    cfg.parallel.data_parallel_size(world)
-    hf_cfg = starting_config(cfg.model, may_be_missing=cfg.model.create_tiny is not None or cfg.bootstrap is not None)
+        report.problems.append(f"output_dir {cfg.output_dir}: {problem}")
+    report.check(cfg.parallel.data_parallel_size, report.world_size)
+    may_be_missing = cfg.model.create_tiny is not None or cfg.bootstrap is not None
+    hf_cfg = report.check(starting_config, cfg.model, may_be_missing)
     if hf_cfg is not None:
-        check_model_fits(cfg, hf_cfg)
+        report.check(check_model_fits, cfg, hf_cfg)
     if all(Path(f).is_file() for f in d.train + d.eval):
-        train_prompts, evals, stats = load_prompts(cfg)
-        print(f"prompts: {len(train_prompts)} for training {stats}, {len(evals)} for evaluation", flush=True)
-        if any(p.ability == "code" for p in train_prompts + evals):
-            check_code_sandbox(cfg.reward.code, train_prompts + evals)
-            print(f"sandbox: a known-good program passes, a known-bad one fails ({cfg.reward.code})", flush=True)
-    else:
+        loaded = report.check(load_prompts, cfg)
+        if loaded is not None:
+            train_prompts, evals, stats = loaded
+            print(f"prompts: {len(train_prompts)} for training {stats}, {len(evals)} for evaluation", flush=True)
+            if any(p.ability == "code" for p in train_prompts + evals):
+                if report.check(check_code_sandbox, cfg.reward.code, train_prompts + evals) is None:
+                    print(f"sandbox: a known-good program passes, a known-bad one fails ({cfg.reward.code})")
+    elif d.generate is not None:
         print(f"data: written by data.generate={d.generate} first; not read now", flush=True)
-    if cfg.rollout.engine == "sglang":
-        sg = cfg.sglang_config()
-        if sg.launch and sg.python and shutil.which(sg.python) is None:
-            raise ConfigError(f"rollout.sglang.python={sg.python} is not an executable")
-        if sg.launch and not sg.python and importlib.util.find_spec("sglang") is None:
-            raise ConfigError(
-                "rollout.engine=sglang launches servers but sglang is not installed here (the gpu extra; "
-                "or set rollout.sglang.python to an interpreter that has it)"
-            )
+    if cfg.rollout.engine == "sglang":  # the trainer's GPUs per node: LOCAL_WORLD_SIZE if set, else up to 8
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or min(report.world_size, 8))
+        report.check(check_sglang_launch, cfg, per_node)
+
+
+def check_sglang_launch(cfg: RLConfig, trainer_gpus_per_node: int) -> None:
+    """The SGLang servers can start as configured: an interpreter that has SGLang, engine GPUs
+    that fit the trainer's, a rollout torch that reads the trainer's payloads (``rollout_env``)."""
+    sg = cfg.sglang_config()
+    if sg.launch and sg.python and shutil.which(sg.python) is None:
+        raise ConfigError(f"rollout.sglang.python={sg.python} is not an executable")
+    if sg.launch and not sg.python and importlib.util.find_spec("sglang") is None:
+        raise ConfigError(
+            "rollout.engine=sglang launches servers but sglang is not installed here (it lives in the rollout "
+            "venv: pip install '.[rollout]' there, and set rollout.sglang.python to its interpreter)"
+        )
+    check_rollout_env(sg, trainer_gpus_per_node)

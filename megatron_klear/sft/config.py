@@ -13,6 +13,7 @@ from typing import Optional
 from megatron_klear.data.sft import SFTDataConfig
 from megatron_klear.distributed import ParallelConfig
 from megatron_klear.errors import ConfigError
+from megatron_klear.models.qwen3 import fp8_sequence_multiple
 from megatron_klear.training.run import RunConfig
 
 
@@ -29,6 +30,21 @@ def check_sequence_layout(seq_len: int, par: ParallelConfig, where: str = "data.
         raise ConfigError(
             f"{where} / parallel.context_parallel = {seq_len // cp} must be a multiple of parallel.tp={par.tp} "
             "with parallel.sequence_parallel"
+        )
+
+
+def check_fp8_sequence(seq_len: int, par: ParallelConfig, where: str = "data.seq_len") -> None:
+    """FP8 GEMMs take token counts that are multiples of 16 (and of 8 per TP rank under sequence
+    parallel): a packed sequence of ``seq_len`` must split into such shares
+    (``models.qwen3.fp8_sequence_multiple``); the error names the key and the nearest lengths."""
+    m = fp8_sequence_multiple(par.tp, par.sequence_parallel, par.context_parallel)
+    if seq_len % m:
+        lower, upper = seq_len // m * m, (seq_len // m + 1) * m
+        raise ConfigError(
+            f"{where}={seq_len} must be a multiple of {m} with model.fp8 (FP8 GEMMs take multiples of 16 tokens"
+            f"{', 8 per TP rank under parallel.sequence_parallel' if par.sequence_parallel else ''}"
+            f"{', after parallel.context_parallel splits it' if par.context_parallel > 1 else ''}): "
+            f"use {lower or upper} or {upper}"
         )
 
 
@@ -50,6 +66,8 @@ class SFTConfig(RunConfig):
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         check_sequence_layout(d.seq_len, par)
+        if self.model.fp8 is not None:
+            check_fp8_sequence(d.seq_len, par)
 
     def batch_layout(self, dp: int) -> tuple[int, int]:
         """(sequences per global batch, micro-batches per rank); errors name the numbers."""

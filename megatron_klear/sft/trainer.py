@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_klear.cli import run_config_entry
+from megatron_klear.cli import DryRun, run_config_entry
 from megatron_klear.data.sft import SFTDataset, check_sft_rows
-from megatron_klear.distributed import DistEnv, comm_device, rank0_first
+from megatron_klear.distributed import comm_device, rank0_first
 from megatron_klear.errors import ConfigError
 from megatron_klear.models.config import Qwen3Config, validate_training_layout
 from megatron_klear.models.qwen3 import uses_transformer_engine
@@ -32,7 +32,7 @@ from megatron_klear.training.batches import BatchStream, GlobalBatch
 from megatron_klear.training.guards import maybe_crash, stop_on_nonfinite
 from megatron_klear.training.lifecycle import RunInputs, TrainingRun
 from megatron_klear.training.metrics import model_flops
-from megatron_klear.training.run import EVAL_TEMPERATURE, EVAL_TOP_P, preflight, starting_config
+from megatron_klear.training.run import EVAL_TEMPERATURE, EVAL_TOP_P, check_data_files, starting_config
 from megatron_klear.training.run_state import DataPosition
 from megatron_klear.training.rundir import writable_problem
 from megatron_klear.training.step import forward_backward, moe_aux_loss, optimizer_step, reduce_reports
@@ -142,6 +142,8 @@ class SFTRun(TrainingRun):
             self.log(metrics)
             maybe_crash("step", self.step)
             self.save_on_interval()
+            if self.stop_requested():  # checkpointed: the time limit is near (training.lifecycle)
+                break
         return metrics
 
     def train_step(self, batch: GlobalBatch) -> dict:
@@ -214,26 +216,31 @@ def train(cfg: SFTConfig) -> dict:
         return run.train()
 
 
-def dry_run(cfg: SFTConfig) -> None:
-    """``--dry-run``: everything an SFT run checks before it trains, without starting anything."""
+def dry_run(cfg: SFTConfig, report: DryRun) -> None:
+    """``--dry-run``: everything an SFT run checks before it trains, for the job's world size,
+    without starting anything; every problem goes into ``report``."""
     d = cfg.data
-    preflight(cfg, d.train + d.valid, d.generate)
+    report.check(cfg.log.check_imports)
+    report.check(check_data_files, d.train + d.valid, d.generate)
     problem = writable_problem(Path(cfg.output_dir))
     if problem:
-        raise ConfigError(f"output_dir {cfg.output_dir}: {problem}")
-    world = DistEnv.from_environ().world_size
-    cfg.batch_layout(cfg.parallel.data_parallel_size(world))
-    hf_cfg = starting_config(cfg.model, may_be_missing=cfg.model.create_tiny is not None)
+        report.problems.append(f"output_dir {cfg.output_dir}: {problem}")
+    world = report.world_size
+    layout = report.check(lambda: cfg.batch_layout(cfg.parallel.data_parallel_size(world)))
+    hf_cfg = report.check(starting_config, cfg.model, cfg.model.create_tiny is not None)
     if hf_cfg is not None:
-        check_model_fits(cfg, hf_cfg)
+        report.check(check_model_fits, cfg, hf_cfg)
     for path in d.train + d.valid:
         if Path(path).is_file():
-            print(f"{path}: {check_sft_rows(path, d)}", flush=True)
-        else:
+            rows = report.check(check_sft_rows, path, d)
+            if rows is not None:
+                print(f"{path}: {rows}", flush=True)
+        elif d.generate is not None:
             print(f"{path}: written by data.generate={d.generate} first; not read now", flush=True)
-    if hf_cfg is None:
+    if hf_cfg is None and cfg.model.create_tiny is not None:
         print(f"model.hf={cfg.model.hf}: created by model.create_tiny first; not read now", flush=True)
-    print(f"world size {world}: {cfg.batch_layout(cfg.parallel.data_parallel_size(world))[0]} sequences per step")
+    if layout is not None:
+        print(f"world size {world}: {layout[0]} sequences per step, {layout[1]} micro-batches per rank", flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

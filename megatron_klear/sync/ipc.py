@@ -23,11 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
+from typing import Callable, Optional
 
 import torch
+from torch.multiprocessing import reductions
 
 from megatron_klear import debug
-from megatron_klear.errors import ArgumentError
+from megatron_klear.errors import ArgumentError, EngineError
 from megatron_klear.inference import sglang_api as api
 from megatron_klear.inference.base import Bucket
 from megatron_klear.inference.sglang_servers import Server, ServerPool
@@ -45,12 +47,15 @@ class ColocatedTarget:
 def serialize_payload(flat: torch.Tensor, meta: list[SimpleNamespace]) -> str:
     """SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)`` of
     ``{"flattened_tensor": flat, "metadata": meta}``: base64 of a ForkingPickler dump, in which
-    a CUDA tensor travels as an IPC handle (and a CPU tensor as shared memory: the process
-    must use ``torch.multiprocessing.set_sharing_strategy("file_system")``, see
-    ``share_cpu_tensors``). Keep ``flat`` alive until the server has answered. In debug mode
-    (``megatron_klear.debug``) the payload's globals are checked against SGLang's allow-list."""
+    a CUDA tensor travels as an IPC handle naming its GPU by UUID (``device_uuid_args``) and a
+    CPU tensor as shared memory (the process must use
+    ``torch.multiprocessing.set_sharing_strategy("file_system")``, see ``share_cpu_tensors``).
+    Keep ``flat`` alive until the server has answered. In debug mode (``megatron_klear.debug``)
+    the payload's globals are checked against SGLang's allow-list."""
     buf = io.BytesIO()
-    ForkingPickler(buf).dump({"flattened_tensor": flat, "metadata": meta})
+    pickler = ForkingPickler(buf)
+    pickler.dispatch_table[torch.Tensor] = _reduce_tensor_by_uuid  # this pickler's own table
+    pickler.dump({"flattened_tensor": flat, "metadata": meta})
     payload = base64.b64encode(buf.getvalue()).decode("utf-8")
     if debug.enabled():
         check_payload(payload)
@@ -88,6 +93,56 @@ def check_payload(payload: str) -> None:
     extra = sorted(payload_globals(payload) - PAYLOAD_GLOBALS)
     if extra:
         raise ArgumentError(f"a weight payload names globals SGLang's unpickler refuses: {extra}")
+
+
+# Argument 6 of torch's ``rebuild_cuda_tensor`` (``reduce_tensor``'s output): the device.
+CUDA_DEVICE_ARG = 6
+
+
+def device_uuid_args(args: tuple, uuid_of: Callable[[int], str]) -> tuple:
+    """``rebuild_cuda_tensor``'s arguments with the device index replaced by the GPU's UUID
+    (``uuid_of(index)``), as SGLang's own senders write them (``patch_torch``, SGLang 0.5.x): its
+    receivers map the UUID back to their own index before rebuilding, so a server whose
+    ``CUDA_VISIBLE_DEVICES`` numbers the GPUs differently still opens the handle on the right
+    one, where a bare index would name another GPU. An argument that is not an index already
+    names its GPU and stays."""
+    device = args[CUDA_DEVICE_ARG]
+    if not isinstance(device, int):
+        return args
+    return (*args[:CUDA_DEVICE_ARG], uuid_of(device), *args[CUDA_DEVICE_ARG + 1 :])
+
+
+def _reduce_tensor_by_uuid(t: torch.Tensor):
+    rebuild, args = reductions.reduce_tensor(t)
+    if t.is_cuda:
+        args = device_uuid_args(args, lambda i: str(torch.cuda.get_device_properties(i).uuid))
+    return rebuild, args
+
+
+def load_payload(payload: str, devices_sent: Optional[list] = None) -> dict:
+    """What an SGLang TP rank does with its payload, for our checks of the sending side (SGLang
+    is not on our GPU test machine): base64-decode and unpickle it, a GPU named by UUID mapped
+    back to this process's device index first, as SGLang's patched torch does. ``devices_sent``
+    collects the device argument of every CUDA handle as it was sent."""
+
+    def rebuild_cuda_tensor(*args):
+        device = args[CUDA_DEVICE_ARG]
+        if devices_sent is not None:
+            devices_sent.append(device)
+        if isinstance(device, str):
+            uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+            if device not in uuids:
+                raise EngineError(f"no GPU visible here has the UUID {device} (visible: {uuids})")
+            args = (*args[:CUDA_DEVICE_ARG], uuids.index(device), *args[CUDA_DEVICE_ARG + 1 :])
+        return reductions.rebuild_cuda_tensor(*args)
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+                return rebuild_cuda_tensor
+            return super().find_class(module, name)
+
+    return _Unpickler(io.BytesIO(base64.b64decode(payload))).load()
 
 
 def payload_globals(payload: str) -> set[str]:

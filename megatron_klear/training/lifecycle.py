@@ -19,6 +19,12 @@ after the model is built):
   7. logs        ``config.json``, metric rows cut back to the resumed step, the metrics logger;
                  then the run's own start (``started``: an inference engine, a data stream).
 
+Between steps the loop asks ``stop_requested``: a file ``output_dir/stop_requested`` (the Slurm
+launcher writes it when the job's time limit nears, on ``--signal=B:USR1@...``; anyone may touch
+it) makes the run checkpoint that step, write ``output_dir/stopped.json`` (the step and why),
+remove the request and return: a stopped run is not finished, so it is not exported, and the
+next start resumes exactly there (the launcher requeues the job).
+
 Leaving, however the run ends: the logs are flushed and closed, the run's resources are
 closed (``closing``: engine servers stopped); after a run that ended well, the HF export of
 the last checkpoint (rank 0) and a barrier; and in every case the output directory's lock is
@@ -27,6 +33,8 @@ released. Every method here is collective: every rank calls it.
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -35,7 +43,7 @@ import torch.distributed as dist
 
 from megatron_klear.config import to_dict
 from megatron_klear.data.synthetic import SyntheticDataConfig
-from megatron_klear.distributed import init_distributed, is_main
+from megatron_klear.distributed import broadcast_object, init_distributed, is_main
 from megatron_klear.models.config import Qwen3Config
 from megatron_klear.training.checkpoint import Resume, export_hf, load_first, save_checkpoint
 from megatron_klear.training.metrics import MetricsLogger
@@ -43,6 +51,9 @@ from megatron_klear.training.run import RunConfig, model_source, preflight, prep
 from megatron_klear.training.run_state import RunState
 from megatron_klear.training.rundir import RunLock, open_run, start_logs
 from megatron_klear.training.state import TrainState, build_train_state
+
+STOP_FILE = "stop_requested"  # in output_dir: checkpoint and stop at the next step boundary
+STOPPED_FILE = "stopped.json"  # in output_dir: the run stopped on request at this step (not finished)
 
 
 @dataclass
@@ -73,11 +84,17 @@ class TrainingRun:
         self.hf_cfg: Optional[Qwen3Config] = None
         self.train_state: Optional[TrainState] = None
         self.rank0 = False
+        self.saved_step = -1  # the step of the last checkpoint this process wrote
+        self.stopped = False  # stopped on request (stop_requested): not finished, not exported
 
     # -- hooks ---------------------------------------------------------------------------
     def inputs(self) -> RunInputs:
         """The data files the run reads (and whether the config generates them)."""
         raise NotImplementedError
+
+    def check_environment(self) -> None:
+        """On every rank before the process groups: what the run needs beside its own files
+        (RL: the rollout Python's torch and the engines' GPUs)."""
 
     def check_layout(self) -> None:
         """After the process groups exist, before the lock: layout checks (batch divisibility)."""
@@ -120,11 +137,14 @@ class TrainingRun:
         """Steps 1 to 7 of the module docstring; on any failure, what was opened is closed."""
         cfg, inputs = self.cfg, self.inputs()
         preflight(cfg, inputs.files, inputs.generate, model_will_exist=inputs.model_will_exist)
+        self.check_environment()
         init_distributed(cfg.parallel, seed=cfg.seed)
         self.rank0 = is_main()
         self.check_layout()
         self.lock, resume = open_run(cfg)
         try:
+            if self.rank0:
+                (self.out / STOPPED_FILE).unlink(missing_ok=True)  # this start continues that run
             prepare_assets(cfg.model, inputs.generate, inputs.train_files, inputs.synthetic)
             self.hf_cfg, init_weights = model_source(cfg.model)
             self.check_model(self.hf_cfg)
@@ -144,7 +164,7 @@ class TrainingRun:
                 self.total_steps(),
                 self.step,
                 tensorboard=cfg.log.tensorboard,
-                wandb_project=cfg.log.wandb_project,
+                wandb=cfg.log.wandb(),
                 run_name=self.out.name,
                 config=to_dict(cfg),
                 desc=self.kind,
@@ -166,11 +186,33 @@ class TrainingRun:
         """A checkpoint of the train state and the run state at this step."""
         ck = self.cfg.checkpoint
         save_checkpoint(self.train_state, self.ckpt_root, self.state, ck.keep_last, to_dict(self.cfg))
+        self.saved_step = self.step
 
     def save_on_interval(self) -> None:
         """A checkpoint every ``checkpoint.save_interval`` steps and after the last one."""
         if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == self.total_steps():
             self.save()
+
+    def stop_requested(self) -> bool:
+        """Collective, between steps: True when ``output_dir/stop_requested`` exists, after this
+        step is checkpointed (unless it just was), ``stopped.json`` written and the request
+        removed (module doc); the loop then returns."""
+        if not broadcast_object(self.rank0 and (self.out / STOP_FILE).exists()):
+            return False
+        if self.saved_step != self.step:
+            self.save()
+        if self.rank0:
+            request = self.out / STOP_FILE
+            why = request.read_text().strip() if request.exists() else ""
+            record = {"step": self.step, "time": round(time.time(), 3), "why": why or "stop requested"}
+            (self.out / STOPPED_FILE).write_text(json.dumps(record) + "\n")
+            request.unlink(missing_ok=True)
+            print(f"stopped at step {self.step} on request ({record['why']}); checkpoint saved, resume to go on",
+                  flush=True)  # fmt: skip
+        self.stopped = True
+        if dist.is_initialized():
+            dist.barrier()
+        return True
 
     def log(self, metrics: dict) -> None:
         """The step's row (a console line every ``log.interval`` steps and after the last)."""
@@ -185,7 +227,7 @@ class TrainingRun:
             if self.logger is not None:
                 self.logger.close()
             self.closing()
-            if ok:
+            if ok and not self.stopped:
                 self.export()
         finally:
             if self.lock is not None:

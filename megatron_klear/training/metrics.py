@@ -1,9 +1,16 @@
 """Run observability: metrics.jsonl, a console line, TensorBoard, Weights & Biases, progress bar.
 
-Only global rank 0 writes. W&B follows its own environment (``WANDB_MODE``, ``WANDB_API_KEY``,
-``wandb login``) and runs offline only when none of them is set, so nothing needs a network
-by default. A resumed run's TensorBoard drops the events of the steps it re-runs. The
-metrics are listed, with their verl / slime names, in docs/metrics.md.
+Only global rank 0 writes. Every step's full metrics go to ``metrics.jsonl`` (and TensorBoard,
+W&B); the console line is short: ``[step 12/400] loss=... lr=... | 0.21 s/step, ETA 1.4 min``
+with the keys of ``CONSOLE_KEYS`` that the step has, the step count and the time left, also
+outside a terminal (log files, Slurm output), where no progress bar is drawn.
+
+W&B follows its own environment (``WANDB_MODE``, ``WANDB_API_KEY``, ``wandb login``) and runs
+offline only when none of them is set, so nothing needs a network by default. The run's W&B id is
+kept in ``output_dir/wandb_id`` and every start of the run (a restart, a Slurm requeue) resumes
+that W&B run (``resume="allow"``) instead of starting a new one. A resumed run's TensorBoard drops
+the events of the steps it re-runs. The metrics are listed, with their verl / slime names, in
+docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -14,11 +21,59 @@ import netrc
 import os
 import sys
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from megatron_klear.console import duration
 from megatron_klear.distributed import is_main
 from megatron_klear.errors import ConfigError
+
+# What a console step line shows when the step has it (SFT, RL, evaluation); the rest is in
+# metrics.jsonl. "eval/avg@" and "eval/pass@" match any k.
+CONSOLE_KEYS = (
+    "loss", "val_loss", "grad_norm", "lr", "tokens_per_s_per_device", "mfu",
+    "reward/mean", "reward/accuracy", "response/length_mean", "rollout/groups_kept", "loss/pg",
+    "rollout/logprob_diff", "eval/avg@", "eval/pass@",
+)  # fmt: skip
+_SHORT = {"tokens_per_s_per_device": "tok/s/dev", "response/length_mean": "resp_len", "rollout/groups_kept": "kept",
+          "rollout/logprob_diff": "probe_diff"}  # fmt: skip
+WANDB_ID_FILE = "wandb_id"
+
+
+@dataclass
+class WandbSettings:
+    """Where a run logs in Weights & Biases (the ``log.wandb_*`` keys)."""
+
+    project: str
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+def console_line(step: int, total: int, metrics: dict, seconds_per_step: Optional[float]) -> str:
+    """The short console line of a step (module doc)."""
+    shown = []
+    for key in CONSOLE_KEYS:
+        for k in [k for k in metrics if k == key or (key.endswith("@") and k.startswith(key))]:
+            shown.append(f"{_SHORT.get(k, k)}={_fmt(metrics[k])}")
+    line = f"[step {step}/{total}] " + " ".join(shown)
+    if seconds_per_step is not None:
+        line += f" | {seconds_per_step:.3g} s/step, ETA {duration(seconds_per_step * max(total - step, 0))}"
+    return line
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """The W&B run id of the run in ``output_dir``: the one kept there, or a new one, kept."""
+    path = output_dir / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
 
 
 class MetricsLogger:
@@ -29,7 +84,7 @@ class MetricsLogger:
         start_step: int = 0,
         *,
         tensorboard: bool = True,
-        wandb_project: Optional[str] = None,
+        wandb: Optional[WandbSettings] = None,
         run_name: Optional[str] = None,
         config: Optional[dict] = None,
         desc: str = "train",
@@ -39,6 +94,7 @@ class MetricsLogger:
         self.tb = None
         self.wandb = None
         self.bar = None
+        self.total, self.start_step, self.started = total_steps, start_step, time.time()
         if not self.main:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -50,14 +106,8 @@ class MetricsLogger:
                 raise ConfigError("log.tensorboard is on but the tensorboard package is missing") from e
             # purge_step: events of the steps a resume re-runs are dropped, as in metrics.jsonl
             self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ConfigError("log.wandb_project is set but wandb is not installed (pip install wandb)") from e
-            self.wandb = wandb.init(
-                project=wandb_project, name=run_name, config=config, mode=wandb_mode(), dir=str(output_dir)
-            )
+        if wandb is not None:
+            self.wandb = start_wandb(wandb, output_dir, run_name, config)
         from tqdm import tqdm
 
         self.bar = tqdm(
@@ -71,7 +121,7 @@ class MetricsLogger:
         )
 
     def log(self, step: int, metrics: dict, console: bool = True) -> None:
-        """Record one step's metrics everywhere (rank 0 only)."""
+        """Record one step's metrics everywhere (rank 0 only); the console gets the short line."""
         if not self.main:
             return
         row = {"step": step, "time": round(time.time(), 3)}
@@ -84,8 +134,9 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if console:
-            shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
-            line = f"[step {step}] {shown}"
+            done = step - self.start_step
+            rate = (time.time() - self.started) / done if done > 0 else None
+            line = console_line(step, self.total, metrics, rate)
             if self.bar is not None and not self.bar.disable:
                 self.bar.write(line)
             else:
@@ -105,6 +156,27 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         self.file.close()
+
+
+def start_wandb(settings: WandbSettings, output_dir: Path, name: Optional[str], config: Optional[dict]):
+    """``wandb.init`` of the run in ``output_dir``: the same W&B run on every start (its id kept
+    there, ``resume="allow"``), offline unless W&B is configured (``wandb_mode``)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError("log.wandb_project is set but wandb is not installed (pip install wandb)") from e
+    return wandb.init(
+        project=settings.project,
+        entity=settings.entity,
+        group=settings.group,
+        tags=list(settings.tags) or None,
+        name=name,
+        config=config,
+        id=wandb_run_id(output_dir),
+        resume="allow",
+        mode=wandb_mode(),
+        dir=str(output_dir),
+    )
 
 
 def wandb_mode() -> str | None:

@@ -28,6 +28,7 @@ from megatron_klear.models.config import Qwen3Config, load_hf_config
 from megatron_klear.models.qwen3 import ModelOptions
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
 from megatron_klear.models.weights import load_hf_weights
+from megatron_klear.training.metrics import WandbSettings
 from megatron_klear.training.state import OptimConfig
 
 LOGPROB_IMPLS = ("torch", "triton")
@@ -92,13 +93,25 @@ class LogConfig:
     eval_batches: int = 8  # global batches of the validation set per SFT evaluation
     tensorboard: bool = True  # write output_dir/tensorboard
     wandb_project: Optional[str] = None  # log to Weights & Biases (the wandb extra; offline unless configured)
+    wandb_entity: Optional[str] = None  # W&B team or user (default: the login's)
+    wandb_group: Optional[str] = None  # W&B group of related runs (e.g. an SFT and its RL stages)
+    wandb_tags: list[str] = field(default_factory=list)  # W&B tags of the run
     peak_tflops: Optional[float] = None  # per device, for MFU (989 for H100 SXM bf16 dense)
 
     def validate(self, where: str = "log") -> None:
         require_at_least(self, where, 1, "interval", "eval_batches")
         require_at_least(self, where, 0, "eval_interval")
+        unused = [k for k in ("wandb_entity", "wandb_group", "wandb_tags") if getattr(self, k)]
+        if unused and not self.wandb_project:
+            raise ConfigError(f"{where}.{unused[0]} needs {where}.wandb_project (the W&B project to log to)")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"{where}.peak_tflops must be > 0, got {self.peak_tflops}")
+
+    def wandb(self) -> Optional[WandbSettings]:
+        """The W&B settings of the run, or None when it does not log there."""
+        if not self.wandb_project:
+            return None
+        return WandbSettings(self.wandb_project, self.wandb_entity, self.wandb_group, list(self.wandb_tags))
 
     def check_imports(self, where: str = "log") -> None:
         """The optional packages this section asks for are installed (checked at start-up)."""
@@ -172,7 +185,12 @@ def preflight(
     config asks for, the starting model and the data files (unless the config creates them)."""
     cfg.log.check_imports()
     starting_config(cfg.model, may_be_missing=cfg.model.create_tiny is not None or model_will_exist)
-    if generate is None:
-        for f in data_files:
-            if not Path(f).is_file():
-                raise DataError(f"{f}: data file does not exist")
+    check_data_files(data_files, generate)
+
+
+def check_data_files(data_files: Sequence[str], generate: Optional[str]) -> None:
+    """Every data file exists (unless ``data.generate`` writes them first); the error names each
+    missing one."""
+    missing = [] if generate is not None else [f for f in data_files if not Path(f).is_file()]
+    if missing:
+        raise DataError("; ".join(f"{f}: data file does not exist" for f in missing))

@@ -154,8 +154,9 @@ def test_weight_gather_on_gpu(hf_model, tmp_path):
 def test_colocated_cuda_ipc_payloads_rebuild_in_another_process(hf_model, tmp_path):
     """The colocated SGLang sync's payloads (local buckets on this GPU, byte-flattened,
     ForkingPickler): another process on the GPU rebuilds every HF tensor exactly from the IPC
-    handles, and the pickle names only what SGLang's unpickler allows. (SGLang itself is not
-    on the GPU machine; its reading side is tested against the real server on CPU.)"""
+    handles, which name the GPU by UUID, and the pickle names only what SGLang's unpickler
+    allows. (SGLang itself is not on the GPU machine; its reading side is tested against the
+    real server on CPU.)"""
     from megatron_klear.sync import ipc
 
     out = str(tmp_path / "ipc.pt")
@@ -163,6 +164,7 @@ def test_colocated_cuda_ipc_payloads_rebuild_in_another_process(hf_model, tmp_pa
     sender, received = torch.load(out + ".sender"), torch.load(out)
     assert sender["exitcode"] == 0 and sender["sent"].startswith("cuda")
     assert received["devices"] and all(d.startswith("cuda") for d in received["devices"])
+    assert received["devices_sent"] == [sender["uuid"]]  # the GPU's UUID, as SGLang's senders write it
     assert set(sender["globals"]) <= ipc.PAYLOAD_GLOBALS, set(sender["globals"]) - ipc.PAYLOAD_GLOBALS
     ref = load_file(hf_model / "model.safetensors")
     assert sorted(received["tensors"]) == sorted(ref)

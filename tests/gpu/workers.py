@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, out: str) -> None:
-    """The Megatron model (torch-native spec) on CUDA: float32 logits and the gradients of
-    ``sum(logits * weights)`` w.r.t. two norm weights; bfloat16 logits of the same ids."""
+def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, out: str, use_te: bool = False) -> None:
+    """The Megatron model on CUDA (the torch-native spec, or Transformer Engine's with ``use_te``):
+    float32 logits and the gradients of ``sum(logits * weights)`` w.r.t. two norm weights;
+    bfloat16 logits of the same ids."""
     from megatron_klear.checkpoint.hf_io import HFReader
     from megatron_klear.distributed import ParallelConfig, destroy_distributed, init_distributed
     from megatron_klear.models.config import load_hf_config
@@ -20,7 +21,7 @@ def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, 
         cfg = load_hf_config(hf_dir)
         result = {}
         for dtype in ("float32", "bfloat16"):
-            opts = ModelOptions(params_dtype=dtype, use_te=False)  # the torch-native spec, TE or not
+            opts = ModelOptions(params_dtype=dtype, use_te=use_te)  # explicit: TE installed or not
             model = build_model(cfg, opts, init_weights=False)
             load_hf_weights(model, cfg, HFReader(hf_dir).get)
             dev = next(model.parameters()).device
@@ -40,19 +41,18 @@ def model_fwd_bwd_worker(hf_dir: str, ids: torch.Tensor, weights: torch.Tensor, 
 
 def ipc_receiver(payloads: list[str], out: str) -> None:
     """What an SGLang TP rank on the same GPU does with a colocated payload: unpickle it (the
-    flat CUDA tensor comes back from its IPC handle) and slice the tensors out of it
-    (``FlattenedTensorBucket.reconstruct_tensors``). Saves the tensors on the CPU."""
-    import base64
-    import pickle
+    flat CUDA tensor comes back from its IPC handle, its GPU named by UUID) and slice the tensors
+    out of it (``FlattenedTensorBucket.reconstruct_tensors``). Saves the tensors on the CPU."""
+    from megatron_klear.sync import ipc
 
-    got, devices = {}, set()
+    got, devices, sent = {}, set(), []
     for payload in payloads:
-        obj = pickle.loads(base64.b64decode(payload))
+        obj = ipc.load_payload(payload, sent)
         flat = obj["flattened_tensor"]
         devices.add(str(flat.device))
         for m in obj["metadata"]:
             got[m.name] = flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape).cpu()
-    torch.save(dict(tensors=got, devices=sorted(devices)), out)
+    torch.save(dict(tensors=got, devices=sorted(devices), devices_sent=sorted(set(map(str, sent)))), out)
 
 
 def ipc_sender_worker(hf_dir: str, out: str) -> None:
@@ -81,6 +81,8 @@ def ipc_sender_worker(hf_dir: str, out: str) -> None:
         receiver = torch.multiprocessing.get_context("spawn").Process(target=ipc_receiver, args=(payloads, out))
         receiver.start()
         receiver.join(120)
-        torch.save(dict(exitcode=receiver.exitcode, globals=sorted(names), sent=str(flats[0].device)), out + ".sender")
+        uuid = str(torch.cuda.get_device_properties(flats[0].device).uuid)
+        sender = dict(exitcode=receiver.exitcode, globals=sorted(names), sent=str(flats[0].device), uuid=uuid)
+        torch.save(sender, out + ".sender")
     finally:
         destroy_distributed()

@@ -259,7 +259,7 @@ def cli(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProces
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},  # every warning that is not known shows
     )
 
 

@@ -342,7 +342,7 @@ def tool(script: str, *args: str) -> subprocess.CompletedProcess:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},  # every warning that is not known shows
     )
 
 

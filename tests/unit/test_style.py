@@ -29,6 +29,7 @@ LAYERS = {
     "distributed": 0,
     "cli": 0,
     "console": 0,
+    "known_warnings": 0,
     "debug": 0,
     "data": 1,
     "ops": 1,
