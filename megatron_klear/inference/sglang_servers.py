@@ -82,6 +82,18 @@ class SGLangConfig:
     rope_scaling: Optional[dict] = None
     context_length: Optional[int] = None  # tokens a server accepts; default: what the model reaches
 
+    def check_apart_from_trainer(self, where: str = "rollout.sglang") -> None:
+        """Distributed engines of a training run must not start on the trainer's GPUs (an
+        evaluation has no trainer, so only RL's config calls this)."""
+        on_trainer_node = self.launch and self.nodes == 0 and self.device == "cuda"
+        if self.mode == "distributed" and on_trainer_node and not self.base_gpu_id:
+            # the trainer always holds GPU 0 (rollout_env.placement_problem checks the whole range at start-up)
+            raise ConfigError(
+                f"{where}.mode=distributed with {where}.nodes=0 and {where}.base_gpu_id=0 starts engines on the "
+                f"trainer's GPU 0: set {where}.base_gpu_id to the trainer's GPUs per node, give the engines nodes of "
+                f"their own ({where}.nodes), or use mode=colocated"
+            )
+
     def validate(self, where: str = "rollout.sglang") -> None:
         if self.mode not in ("colocated", "distributed"):
             raise ConfigError(f"{where}.mode must be 'colocated' or 'distributed', got {self.mode!r}")
@@ -95,14 +107,6 @@ class SGLangConfig:
             raise ConfigError(f"{where}.replicas and {where}.tp_size must be >= 1")
         if self.nodes < 0:
             raise ConfigError(f"{where}.nodes must be >= 0, got {self.nodes}")
-        on_trainer_node = self.launch and self.nodes == 0 and self.device == "cuda"
-        if self.mode == "distributed" and on_trainer_node and not self.base_gpu_id:
-            # the trainer always holds GPU 0 (rollout_env.placement_problem checks the whole range at start-up)
-            raise ConfigError(
-                f"{where}.mode=distributed with {where}.nodes=0 and {where}.base_gpu_id=0 starts engines on the "
-                f"trainer's GPU 0: set {where}.base_gpu_id to the trainer's GPUs per node, give the engines nodes of "
-                f"their own ({where}.nodes), or use mode=colocated"
-            )
         if self.python and self.launch and not Path(self.python).is_file():
             raise ConfigError(f"{where}.python={self.python!r} does not exist")
         if self.deterministic and self.device == "cpu":

@@ -126,6 +126,8 @@ class RolloutConfig:
     def validate(self, where: str = "rollout") -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"{where}.engine must be 'hf' or 'sglang', got {self.engine!r}")
+        if self.engine == "sglang":
+            self.sglang.check_apart_from_trainer(f"{where}.sglang")
         if self.n_samples < 2:
             raise ConfigError(f"{where}.n_samples must be >= 2 (group-relative advantages need a group)")
         if self.max_prompt_len < 1 or self.max_response_len < 1:

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from megatron_klear.config import from_dict
+from megatron_klear.inference.sglang_servers import SGLangConfig
 from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
 from tests import eval_fixtures as fx
 from tests.jobs import ROOT
@@ -125,3 +127,5 @@ def test_the_64k_example_config_loads():
     assert (cfg.context_length, cfg.max_new_tokens, cfg.engine) == (81920, 65536, "sglang")
     assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 32768}
     assert cfg.protocol().k == 8 and cfg.sglang["replicas"] == 8
+    # distributed servers on GPUs 0-7 of the node: an evaluation has no trainer to keep apart from
+    assert from_dict(SGLangConfig, cfg.sglang, "sglang").device == "cuda"

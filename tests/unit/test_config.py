@@ -96,7 +96,8 @@ def test_overlap_is_refused_at_load_for_engines_that_share_the_trainers_memory()
         load_config(RLConfig, RL, sglang + ["rollout.sglang.mode=colocated"])
     with pytest.raises(ConfigError, match="rollout.overlap=2 with rollout.release_memory=true"):
         load_config(RLConfig, RL, ["rollout.overlap=2", "rollout.release_memory=true"])
-    assert load_config(RLConfig, RL, sglang + ["rollout.sglang.mode=distributed"]).rollout.overlap == 1
+    apart = ["rollout.sglang.mode=distributed", "rollout.sglang.base_gpu_id=1"]
+    assert load_config(RLConfig, RL, sglang + apart).rollout.overlap == 1
     assert load_config(RLConfig, RL, ["rollout.overlap=1"]).rollout.engine == "hf"
     assert load_config(RLConfig, RL, []).rollout.overlap == 0  # today's behaviour by default
 

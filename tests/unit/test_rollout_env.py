@@ -26,10 +26,12 @@ def test_distributed_engines_never_share_the_trainers_gpus():
     assert placement_problem(SGLangConfig(mode="colocated", replicas=2, tp_size=4), 8) is None
     msg = placement_problem(SGLangConfig(mode="colocated", replicas=2, tp_size=4), 4)
     assert "puts engines on GPUs 0..7, but the trainer has GPUs 0..3" in msg
-    # the static case is refused as the config loads, before anything knows the GPU count
+    # the static case is refused as an RL config loads (RolloutConfig.validate), before anything
+    # knows the GPU count; an evaluation has no trainer, so SGLangConfig.validate alone accepts it
     with pytest.raises(ConfigError, match="base_gpu_id"):
-        SGLangConfig(mode="distributed").validate()
-    SGLangConfig(mode="distributed", base_gpu_id=8).validate()
+        SGLangConfig(mode="distributed").check_apart_from_trainer()
+    SGLangConfig(mode="distributed", base_gpu_id=8).check_apart_from_trainer()
+    SGLangConfig(mode="distributed").validate()
 
 
 def test_cuda_ipc_handles_name_the_gpu_by_uuid():
