@@ -30,7 +30,8 @@ if bash tools/local_slurm.sh start; then STARTED_SLURM=1; fi
 export KLEAR_SLURM_2N_DIR=${KLEAR_SLURM_2N_DIR:-/tmp/megatron-klear-slurm-2n}
 KLEAR_SLURM_DIR=$KLEAR_SLURM_2N_DIR bash tools/local_slurm.sh start --nodes 2 || true
 set +e
-python -m pytest tests -q -p no:cacheprovider "$@"
+# --durations: the slowest tests, in CI's log, to keep the suite inside its time
+python -m pytest tests -q -p no:cacheprovider --durations=30 "$@"
 rc=$?
 [ "$STARTED_SLURM" = 1 ] && bash tools/local_slurm.sh stop
 KLEAR_SLURM_DIR=$KLEAR_SLURM_2N_DIR bash tools/local_slurm.sh stop # also when a test started it
