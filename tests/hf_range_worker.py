@@ -81,7 +81,11 @@ def check_engine(export: Path, megatron_dir: Path) -> None:
     assert s.output_ids == [first] and s.finish_reason == "stop"
     empty = HFEngine(str(megatron_dir), dtype="float32")  # a Megatron checkpoint: config only
     empty.update_weights([[(n, t.detach().clone()) for n, t in engine.params.items()]], "v1")
-    assert empty.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=6)) == greedy
+    synced = empty.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=6))
+    assert [[(c.output_ids, c.logprobs) for c in g] for g in synced] == [
+        [(c.output_ids, c.logprobs) for c in g] for g in greedy
+    ]  # the same samples; each completion carries its engine's weight version ("v1" here)
+    assert {c.weight_version for g in synced for c in g} == {"v1"}
 
 
 def main(out: Path) -> None:
