@@ -77,6 +77,14 @@ class Completion:
 Bucket = list[tuple[str, torch.Tensor]]
 
 
+def in_prompt_order(stream: Iterable[tuple[int, list[Completion]]], n_prompts: int) -> list[list[Completion]]:
+    """The groups of a ``generate_stream`` in prompt order: ``generate`` for an engine that streams."""
+    out: list[list[Completion]] = [[] for _ in range(n_prompts)]
+    for i, group in stream:
+        out[i] = group
+    return out
+
+
 class InferenceEngine(ABC):
     """What the RL loop needs from an inference engine."""
 

@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from megatron_klear.errors import EngineError, EngineWeightError
-from megatron_klear.inference.base import Bucket, Completion, InferenceEngine, SamplingParams
+from megatron_klear.inference.base import Bucket, Completion, InferenceEngine, SamplingParams, in_prompt_order
 from megatron_klear.models.config import read_config_dict, served_config
 from megatron_klear.models.hf_mapping import hub_views
 
@@ -128,10 +128,7 @@ class HFEngine(InferenceEngine):
     def generate(
         self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
     ) -> list[list[Completion]]:
-        out: list[list[Completion]] = [[] for _ in prompts]
-        for i, group in self.generate_stream(prompts, params, budgets):
-            out[i] = group
-        return out
+        return in_prompt_order(self.generate_stream(prompts, params, budgets), len(prompts))
 
     @torch.no_grad()
     def generate_stream(

@@ -57,7 +57,7 @@ from typing import Optional, Protocol, Sequence
 from megatron_klear.errors import EngineError, StaleEngineError
 from megatron_klear.inference import http
 from megatron_klear.inference import sglang_api as api
-from megatron_klear.inference.base import Bucket, Completion, InferenceEngine, SamplingParams
+from megatron_klear.inference.base import Bucket, Completion, InferenceEngine, SamplingParams, in_prompt_order
 from megatron_klear.inference.sglang_servers import Server, ServerPool, SGLangConfig
 from megatron_klear.sync.broadcast import BroadcastTransport
 from megatron_klear.sync.ipc import ColocatedTarget, IPCTransport
@@ -201,10 +201,7 @@ class SGLangEngine(InferenceEngine):
     def generate(
         self, prompts: Sequence[list[int]], params: SamplingParams, budgets: Optional[Sequence[int]] = None
     ) -> list[list[Completion]]:
-        out: list[list[Completion]] = [[] for _ in prompts]
-        for i, group in self.generate_stream(prompts, params, budgets):
-            out[i] = group
-        return out
+        return in_prompt_order(self.generate_stream(prompts, params, budgets), len(prompts))
 
     def score(self, sequences: Sequence[list[int]], temperature: float = 1.0) -> list[list[float]]:
         """Input log-probs at temperature 1 only: SGLang ignores the temperature for them
