@@ -497,12 +497,17 @@ def moe_sglang_worker(hf_dir: str, engine_cfg: dict, out: str) -> None:
         engines.append(dist_engine)
         probe = list(range(20, 32))
 
-        def diff(engine) -> float:
-            return probe_logprob_diff(engine, state.module, cfg, probe, temperature=1.0, new_tokens=8, seed=3)
+        def diff(engine, max_diff: float | None = 2e-3) -> float:
+            # The run's own check: above max_diff, one re-probe (new samples: seeds have no effect
+            # on SGLang's CPU engine), then SyncError. A sampled token whose top-k routing is
+            # nearly tied in the trained model can lift one probe's mean to ~5e-3 (seen once).
+            return probe_logprob_diff(
+                engine, state.module, cfg, probe, temperature=1.0, new_tokens=8, seed=3, max_diff=max_diff
+            )
 
         result["initial"] = diff(dist_engine)  # the same weights on both sides: the engine's numerics
         train(2)
-        result["before_sync"] = diff(dist_engine)  # the server still has the initial weights
+        result["before_sync"] = diff(dist_engine, None)  # the server still has the initial weights
         stats = sync_weights(dist_engine, state.module, cfg, "step-2", bucket_bytes=20_000)
         result.update(distributed=diff(dist_engine), buckets=stats.buckets, tensors=stats.tensors)
         colo = None
