@@ -17,19 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_klear.distributed import spawn
-from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
 from megatron_klear.ops.logprobs import vocab_parallel_logprobs
 from tests.dist_workers import gather_worker
 from tests.gpu.workers import ipc_sender_worker, model_fwd_bwd_worker
 from tests.jobs import torchrun
 from tests.references import reference_f64
-
-TINY = TinyModelArgs(layers=4, hidden=128, heads=4, kv_heads=2, head_dim=32, ffn=256, seed=3)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("gpu") / "tiny", TINY)
 
 
 def test_megatron_model_matches_hf_on_cuda(hf_model, tmp_path):

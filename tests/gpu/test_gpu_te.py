@@ -18,18 +18,10 @@ import torch
 
 from megatron_klear.distributed import spawn
 from megatron_klear.models.qwen3 import have_transformer_engine
-from megatron_klear.models.tiny import TinyModelArgs, make_tiny_model
 from tests.gpu.workers import model_fwd_bwd_worker
 from tests.jobs import torchrun
 
 pytestmark = pytest.mark.skipif(not have_transformer_engine(), reason="needs Transformer Engine")
-# FP8 GEMMs need every dimension a multiple of 16: hidden, FFN, heads x head_dim, KV heads x head_dim
-TINY = TinyModelArgs(layers=4, hidden=128, heads=4, kv_heads=2, head_dim=32, ffn=256, seed=3)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("gpu_te") / "tiny", TINY)
 
 
 def test_te_model_matches_hf_on_cuda(hf_model, tmp_path):
